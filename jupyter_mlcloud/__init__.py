@@ -1,0 +1,57 @@
+"""jupyter_mlcloud: distributed PyTorch on Dask clusters, from Jupyter cells.
+
+    import jupyter_mlcloud as mlc
+    cluster = mlc.up(workers=2)        # LocalCUDACluster on GPUs, else LocalCluster
+    mlc.status()                       # every cluster this machine's Jupyter knows
+
+In IPython: ``%load_ext jupyter_mlcloud`` then ``%mlcloud up --workers 2``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .clusters import (
+    ClusterHandle,
+    adapt,
+    connect,
+    current,
+    down,
+    get,
+    list_clusters,
+    scale,
+    status,
+    up,
+)
+from .hardware import gpu_count
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClusterHandle",
+    "adapt",
+    "connect",
+    "current",
+    "down",
+    "get",
+    "gpu_count",
+    "list_clusters",
+    "scale",
+    "status",
+    "up",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext jupyter_mlcloud``: register the magics."""
+    from .magics import register
+
+    register(ipython)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    return [{"src": "labextension", "dest": "jupyter-mlcloud"}]
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    return [{"module": "jupyter_mlcloud.server"}]

@@ -1,0 +1,51 @@
+"""Live figures of a Dask scheduler: workers, threads, memory, GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+
+class Summary(TypedDict):
+    """Totals over a scheduler's workers."""
+
+    workers: int
+    threads: int
+    memory: int
+    gpus: int
+
+
+def summarize(workers: Mapping[str, Mapping[str, Any]]) -> Summary:
+    """Totals from a scheduler's ``workers`` mapping (``identity()`` or ``scheduler_info()``).
+
+    A worker counts as one GPU when it reports GPU metrics (Dask-CUDA runs one worker per GPU).
+    """
+    return Summary(
+        workers=len(workers),
+        threads=sum(int(w.get("nthreads") or 0) for w in workers.values()),
+        memory=sum(int(w.get("memory_limit") or 0) for w in workers.values()),
+        gpus=sum(1 for w in workers.values() if (w.get("metrics") or {}).get("gpu")),
+    )
+
+
+async def probe(address: str, timeout: float = 2.0) -> Summary | None:
+    """Ask the scheduler at ``address`` for its workers; None if it does not answer in time."""
+    from distributed.core import rpc
+
+    async def ask() -> dict[str, Any]:
+        async with rpc(address, timeout=timeout) as scheduler:
+            return await scheduler.identity()
+
+    try:
+        info = await asyncio.wait_for(ask(), timeout)
+    except Exception:
+        return None
+    return summarize(info.get("workers", {}))
+
+
+def probe_sync(address: str, timeout: float = 2.0) -> Summary | None:
+    """``probe`` from synchronous code, even inside a running event loop (a kernel)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, probe(address, timeout)).result()
