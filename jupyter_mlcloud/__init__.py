@@ -24,11 +24,15 @@ from .clusters import (
     up,
 )
 from .hardware import gpu_count
+from .train import Run, TrainContext, TrainingError, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClusterHandle",
+    "Run",
+    "TrainContext",
+    "TrainingError",
     "adapt",
     "connect",
     "current",
@@ -38,6 +42,7 @@ __all__ = [
     "list_clusters",
     "scale",
     "status",
+    "train",
     "up",
 ]
 

@@ -7,7 +7,7 @@ import shlex
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from . import clusters
@@ -82,8 +82,36 @@ def _build_parser() -> _Parser:
     return parser
 
 
+def _build_train_parser() -> _Parser:
+    p = _Parser(prog="%%distributed_train",
+                description="Run the cell data-parallel on the cluster's workers (ctx is given).")
+    p.add_argument("--workers", type=_int, help="ranks, one per worker (default: every free one)")
+    p.add_argument("--cluster", help="cluster name (default: the current one)")
+    p.add_argument("--backend", help="gloo or nccl (default: nccl on GPUs, else gloo)")
+    p.add_argument("--seed", type=_int, default=0, help="seed for python, numpy, torch (0)")
+    p.add_argument("--out", default="", help="comma-separated names to bring back from rank 0")
+    p.add_argument("--noblock", action="store_true", help="return a Run at once")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds for the rendezvous and each collective (300)")
+    p.add_argument("--epochs", type=_int, help="default count for ctx.epochs()")
+    p.add_argument("--strategy", default="ddp", help="how the model is distributed (ddp)")
+    p.add_argument("--checkpoint-dir", help="where checkpoints go")
+    p.add_argument("--compression", default="none", help="gradient compression (none)")
+    return p
+
+
 # Subparsers are made with the parent's class, so they raise UsageError too.
 _PARSER = _build_parser()
+_TRAIN_PARSER = _build_train_parser()
+
+
+def _parse(parser: _Parser, line: str) -> argparse.Namespace | None:
+    try:
+        return parser.parse_args(shlex.split(line))
+    except _HelpShown:
+        return None
+    except ValueError as e:  # shlex: unbalanced quotes
+        raise UsageError(f"{parser.prog}: cannot parse {line!r}: {e}.") from None
 
 
 @magics_class
@@ -93,16 +121,62 @@ class MLCloudMagics(Magics):
     @line_magic
     def mlcloud(self, line: str) -> Any:
         """%mlcloud up|status|scale N|adapt MIN MAX|down [--name N | --all]|connect ADDRESS"""
-        try:
-            args = _PARSER.parse_args(shlex.split(line))
-        except _HelpShown:
+        args = _parse(_PARSER, line)
+        if args is None:
             return None
-        except ValueError as e:  # shlex: unbalanced quotes
-            raise UsageError(f"%mlcloud: cannot parse {line!r}: {e}.") from None
         try:
             return getattr(self, f"_{args.command}")(args)
         except ValueError as e:
             raise UsageError(str(e)) from None
+
+    @cell_magic
+    def distributed_train(self, line: str, cell: str) -> Any:
+        """%%distributed_train [--workers N] [--out a,b] [--noblock] ...: the cell on every rank."""
+        from .train import launch
+        from .train.cell import prepare_cell
+        from .widgets import RunMonitor
+
+        args = _parse(_TRAIN_PARSER, line)
+        if args is None:
+            return None
+        out = [n.strip() for n in args.out.split(",") if n.strip()]
+        try:
+            payload = prepare_cell(cell, self.shell.user_ns, out)
+            run = launch(
+                payload,
+                cluster=args.cluster,
+                workers=args.workers,
+                backend=args.backend,
+                seed=args.seed,
+                out=out,
+                timeout=args.timeout,
+                epochs=args.epochs,
+                strategy=args.strategy,
+                checkpoint_dir=args.checkpoint_dir,
+                compression=args.compression,
+            )
+        except SyntaxError as e:
+            raise UsageError(
+                f"the cell has a syntax error on line {e.lineno}: {e.msg}; nothing was sent."
+            ) from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        monitor = RunMonitor(run)
+        display(monitor.widget)
+        if args.noblock:
+            monitor.follow_in_background()
+            return run
+        try:
+            monitor.follow()
+        except KeyboardInterrupt:
+            run.cancel()
+            monitor.refresh()
+            print(f"Run {run.id} cancelled: every rank stopped and the workers are free.")
+            return None
+        result = run.result()  # TrainingError shows the failing rank's traceback
+        for name in out:
+            self.shell.user_ns[name] = result[name]
+        return None
 
     def _up(self, args: argparse.Namespace) -> None:
         from .widgets import cluster_card

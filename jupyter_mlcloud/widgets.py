@@ -82,3 +82,86 @@ def cluster_card(handle: ClusterHandle, *, poll_seconds: float = 1.0) -> w.VBox:
     )
     card.add_class("mlcloud-cluster-card")
     return card
+
+
+class RunMonitor:
+    """Progress of a training run: step, epoch, last loss, steps/s and status, live.
+
+    Rank output is printed with its ``[rank N]`` prefix by :meth:`follow` (blocking cells) or
+    appended to an ``Output`` widget under the progress line (``--noblock``).
+    """
+
+    def __init__(self, run: Any) -> None:
+        import queue
+
+        self.run = run
+        self.label = w.HTML()
+        self.output = w.Output()
+        self.widget = w.VBox([self.label, self.output])
+        self.widget.add_class("mlcloud-run-monitor")
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._last: dict[str, Any] = {}
+        self._first: tuple[float, int] | None = None
+        self._rate = 0.0
+        run.add_listener(self._on_items)
+        self.refresh()
+
+    def _on_items(self, kind: str, items: list[dict[str, Any]]) -> None:
+        if kind == "logs":
+            for item in items:
+                self._lines.put(f"[rank {item['rank']}] {item['line']}")
+            return
+        for point in items:
+            if point.get("rank") != 0:
+                continue
+            self._last = point
+            if self._first is None:
+                self._first = (point["time"], point["step"])
+            elif point["time"] > self._first[0]:
+                self._rate = (point["step"] - self._first[1]) / (point["time"] - self._first[0])
+
+    def refresh(self) -> None:
+        p = self._last
+        parts = [f"<b>run {html.escape(self.run.id)}</b>", html.escape(self.run.status),
+                 f"{self.run.world_size} rank(s)"]
+        if p:
+            parts += [f"step {p['step']}", f"epoch {p.get('epoch')}"]
+            if "loss" in p:
+                parts.append(f"loss {p['loss']:.4g}")
+            if self._rate:
+                parts.append(f"{self._rate:.1f} steps/s")
+        self.label.value = " &middot; ".join(parts)
+
+    def drain(self, to_widget: bool = False) -> None:
+        """Show the rank lines received so far."""
+        import queue
+
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                return
+            if to_widget:
+                self.output.append_stdout(line + "\n")
+            else:
+                print(line, flush=True)
+
+    def follow(self, interval: float = 0.1) -> None:
+        """Until the run ends: print rank output as it arrives and refresh the progress line."""
+        while not self.run.wait(interval):
+            self.drain()
+            self.refresh()
+        self.drain()
+        self.refresh()
+
+    def follow_in_background(self, interval: float = 0.25) -> None:
+        """``follow`` for ``--noblock``: output goes to the widget, from a thread."""
+
+        def loop() -> None:
+            while not self.run.wait(interval):
+                self.drain(to_widget=True)
+                self.refresh()
+            self.drain(to_widget=True)
+            self.refresh()
+
+        threading.Thread(target=loop, name=f"monitor-{self.run.id}", daemon=True).start()

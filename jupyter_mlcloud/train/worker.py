@@ -1,0 +1,363 @@
+"""What runs on each worker during training: one rank, start to teardown.
+
+The worker process stays warm between runs (torch imported once), so everything a rank sets
+up (environment, stdout routing, process group, patched init/destroy) is undone in ``finally``,
+in an order that cannot wedge the worker: models first, then the process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import io
+import linecache
+import os
+import random
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import metrics
+
+PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
+@dataclass
+class RankSpec:
+    """Everything one rank needs to know, sent with its task."""
+
+    run_id: str
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    backend: str
+    timeout: float
+    seed: int
+    epochs: int | None = None
+    out: list[str] = field(default_factory=list)
+
+
+class RankFailed(Exception):
+    """A rank raised: carries its rank, worker and the rank-tagged traceback text."""
+
+    def __init__(self, rank: int, worker: str, text: str) -> None:
+        super().__init__(rank, worker, text)
+        self.rank, self.worker, self.text = rank, worker, text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class RunCancelled(Exception):
+    """Raised inside a rank's thread when its run is cancelled."""
+
+
+# ---------------------------------------------------------------- payloads
+
+
+@dataclass
+class FunctionPayload:
+    """``train(fn)``: call ``fn(ctx, *args, **kwargs)``."""
+
+    fn: Any
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, ctx: Any, out: list[str]) -> Any:
+        return self.fn(ctx, *self.args, **self.kwargs)
+
+
+@dataclass
+class CellPayload:
+    """``%%distributed_train``: execute the cell's source with the notebook names it uses."""
+
+    source: str
+    filename: str
+    namespace: dict[str, Any]
+
+    def run(self, ctx: Any, out: list[str]) -> Any:
+        lines = self.source.splitlines(keepends=True)
+        linecache.cache[self.filename] = (len(self.source), None, lines, self.filename)
+        ns = {**self.namespace, "ctx": ctx, "__name__": "__main__"}
+        try:
+            exec(compile(self.source, self.filename, "exec"), ns)
+            if ctx.rank != 0:
+                return None
+            missing = [n for n in out if n not in ns]
+            if missing:
+                raise NameError(
+                    f"--out names {missing} were not defined by the cell on rank 0."
+                )
+            return {name: ns[name] for name in out}
+        finally:
+            ns.clear()  # the cell's DDP model must not outlive the process group
+
+
+# ---------------------------------------------------------------- per-worker state
+
+
+@dataclass
+class _Active:
+    run_id: str
+    rank: int
+    thread_id: int
+    cancelled: bool = False
+    finishing: bool = False  # in teardown: too late to interrupt
+
+
+_active: dict[str, _Active] = {}
+_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port free on this worker's host right now (rank 0 listens on it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def cancel_rank(run_id: str) -> bool:
+    """Interrupt this worker's rank of ``run_id`` (called through ``Client.run``)."""
+    with _lock:
+        active = _active.get(run_id)
+        if active is None or active.finishing:
+            return False
+        active.cancelled = True
+        # Raised at the rank's next Python bytecode; a rank blocked in a collective is
+        # released when a peer tears its process group down.
+        _set_async_exc(active.thread_id, RunCancelled)
+    return True
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else ctypes.c_void_p(0)
+    )
+
+
+def busy_with() -> list[str]:
+    """Run ids active on this worker."""
+    with _lock:
+        return list(_active)
+
+
+# ---------------------------------------------------------------- stdout routing
+
+
+class _ThreadRouter(io.TextIOBase):
+    """Stands in for sys.stdout/stderr: writes from a rank's thread go to that rank's sink."""
+
+    def __init__(self, original: Any, name: str) -> None:
+        self._original, self._name = original, name
+
+    def write(self, text: str) -> int:
+        sink = _sinks.get(threading.get_ident())
+        if sink is None:
+            return int(self._original.write(text))
+        sink(self._name, text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._original.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+
+_sinks: dict[int, Any] = {}
+
+
+def _install_routers() -> None:
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), _ThreadRouter):
+            setattr(sys, name, _ThreadRouter(getattr(sys, name), name))
+
+
+class _LineSink:
+    """Splits a rank's output into lines and queues them on the run's log topic."""
+
+    def __init__(self, rank: int, batcher: metrics.EventBatcher) -> None:
+        self.rank, self.batcher = rank, batcher
+        self.partial: dict[str, str] = {"stdout": "", "stderr": ""}
+
+    def __call__(self, stream: str, text: str) -> None:
+        buffered = self.partial[stream] + text
+        *lines, self.partial[stream] = buffered.split("\n")
+        for line in lines:
+            self.batcher.add({"rank": self.rank, "stream": stream, "line": line})
+
+    def close(self) -> None:
+        for stream, rest in self.partial.items():
+            if rest:
+                self.batcher.add({"rank": self.rank, "stream": stream, "line": rest})
+
+
+# ---------------------------------------------------------------- the rank
+
+
+@contextlib.contextmanager
+def _torchrun_env(spec: RankSpec) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in TORCHRUN_VARS}
+    os.environ.update(
+        RANK=str(spec.rank),
+        WORLD_SIZE=str(spec.world_size),
+        LOCAL_RANK=str(spec.local_rank),
+        LOCAL_WORLD_SIZE=str(spec.local_world_size),
+        MASTER_ADDR=spec.master_addr,
+        MASTER_PORT=str(spec.master_port),
+    )
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _owned_process_group(spec: RankSpec) -> Iterator[None]:
+    """Join the group; while user code runs, its own init/destroy calls are no-ops."""
+    import torch.distributed as dist
+    import torch.distributed.distributed_c10d as c10d
+
+    dist.init_process_group(
+        backend=spec.backend,
+        init_method=f"tcp://{spec.master_addr}:{spec.master_port}",
+        rank=spec.rank,
+        world_size=spec.world_size,
+        timeout=datetime.timedelta(seconds=spec.timeout),
+    )
+    originals = (dist.init_process_group, dist.destroy_process_group)
+
+    def init_process_group(*args: Any, **kwargs: Any) -> None:
+        """Already joined by jupyter_mlcloud: a torchrun script's own call does nothing."""
+
+    def destroy_process_group(*args: Any, **kwargs: Any) -> None:
+        """jupyter_mlcloud destroys the group after the run, in a safe order."""
+
+    for module in (dist, c10d):
+        module.init_process_group = init_process_group  # type: ignore[assignment]
+        module.destroy_process_group = destroy_process_group  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for module in (dist, c10d):
+            module.init_process_group, module.destroy_process_group = originals
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _device() -> Any:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_notebook(value: Any) -> Any:
+    """What rank 0 sends back: models unwrapped from DDP and on CPU, tensors on CPU."""
+    import torch
+
+    if isinstance(value, torch.nn.parallel.DistributedDataParallel):
+        value = value.module
+    if isinstance(value, (torch.nn.Module, torch.Tensor)):
+        return value.to("cpu")
+    if isinstance(value, dict):
+        return {k: _to_notebook(v) for k, v in value.items()}
+    return value
+
+
+def _format_failure(rank: int, exc: BaseException) -> str:
+    """The traceback from the user's code down, every line tagged with the rank."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if not f.filename.startswith(PACKAGE_DIR)]
+    lines = ["Traceback (most recent call last):\n", *traceback.format_list(user or frames)]
+    lines += traceback.format_exception_only(type(exc), exc)
+    text = "".join(lines).rstrip("\n")
+    return "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
+
+
+def run_rank(payload: Any, spec: RankSpec) -> Any:
+    """The task each worker runs: set up, run the user's code as rank ``spec.rank``, tear down."""
+    import torch.distributed as dist
+    from distributed import get_worker
+
+    worker = get_worker()
+    with _lock:
+        if _active:
+            raise RuntimeError(
+                f"worker {worker.address} is already training run {next(iter(_active))};"
+                " pick other workers or wait for it."
+            )
+        _active[spec.run_id] = _Active(spec.run_id, spec.rank, threading.get_ident())
+    reporter = metrics.EventBatcher(worker.log_event, metrics.metrics_topic(spec.run_id))
+    logs = metrics.EventBatcher(worker.log_event, metrics.logs_topic(spec.run_id))
+    sink = _LineSink(spec.rank, logs)
+    _install_routers()
+    _sinks[threading.get_ident()] = sink
+    ctx = None
+    failure: str | None = None
+    try:
+        from .context import TrainContext
+
+        _seed_everything(spec.seed)
+        ctx = TrainContext(
+            run_id=spec.run_id,
+            rank=spec.rank,
+            world_size=spec.world_size,
+            local_rank=spec.local_rank,
+            device=_device(),
+            seed=spec.seed,
+            default_epochs=spec.epochs,
+            reporter=reporter,
+        )
+        with _torchrun_env(spec), _owned_process_group(spec):
+            result = payload.run(ctx, spec.out)
+            return _to_notebook(result) if spec.rank == 0 else None
+    except BaseException as exc:  # noqa: B036 - cancellation arrives as any exception
+        failure = _format_failure(spec.rank, exc)
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+    finally:
+        with _lock:
+            state = _active[spec.run_id]
+            state.finishing = True
+            if state.cancelled:  # a cancel that arrived too late must not fire in teardown
+                _set_async_exc(state.thread_id, None)
+        _sinks.pop(threading.get_ident(), None)
+        sink.close()
+        if ctx is not None:
+            ctx.release()
+        # Drop every reference to DDP models (and their reducers) before the group goes:
+        # the other order can block this thread forever in the reducer's destructor.
+        payload = ctx = None
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        reporter.close()
+        logs.close()
+        with _lock:
+            _active.pop(spec.run_id, None)
+    raise RankFailed(spec.rank, worker.address, failure)
