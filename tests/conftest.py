@@ -42,10 +42,12 @@ def no_cluster_left() -> Iterator[None]:
     """Every test must close what it opened: clusters, worker processes, discovery files."""
     import jupyter_mlcloud as mlc
 
+    before = set(mlc.clusters.handles())  # module-scoped clusters live on
     yield
-    leftovers = [h.name for h in mlc.clusters.handles()]
-    mlc.down(all=True) if leftovers else None
-    assert not leftovers, f"test left clusters open: {leftovers}"
+    leftovers = [h for h in mlc.clusters.handles() if h not in before]
+    for handle in leftovers:
+        handle.close()
+    assert not leftovers, f"test left clusters open: {[h.name for h in leftovers]}"
 
 
 def child_processes() -> list[psutil.Process]:

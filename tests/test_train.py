@@ -1,0 +1,288 @@
+"""Data-parallel training on a real 2-worker LocalCluster with real gloo process groups."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import jupyter_mlcloud as mlc
+
+from .conftest import wait_for
+
+SCRIPT = textwrap.dedent(
+    """
+    import hashlib, os
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo")
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    net = net.double()
+    ddp = DDP(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(20):
+        x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+        loss = torch.nn.functional.mse_loss(ddp(x), x.sum(1, keepdim=True))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    digest = hashlib.sha256(b"".join(
+        v.numpy().tobytes() for v in net.state_dict().values())).hexdigest()
+    if rank == 0 and os.environ.get("DIGEST_FILE"):
+        open(os.environ["DIGEST_FILE"], "w").write(digest)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[mlc.ClusterHandle]:
+    with mlc.up(workers=2, name="train-tests") as handle:
+        yield handle
+
+
+@pytest.fixture
+def shell(cluster: mlc.ClusterHandle) -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "jupyter_mlcloud")
+    yield ip
+    InteractiveShell.clear_instance()
+
+
+def _worker_state(cluster: mlc.ClusterHandle) -> dict[str, Any]:
+    def probe() -> tuple[bool, int, int, list[str]]:
+        import threading
+
+        import psutil
+        import torch.distributed as dist
+
+        from jupyter_mlcloud.train import worker
+
+        return (dist.is_initialized(), threading.active_count(), psutil.Process().num_fds(),
+                worker.busy_with())
+
+    return cluster.client.run(probe)
+
+
+def test_cell_equals_torchrun_bit_for_bit(shell: InteractiveShell, tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    digest_file = tmp_path / "digest"
+    env = {**os.environ, "DIGEST_FILE": str(digest_file), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script)],
+        env=env, check=True, capture_output=True, timeout=300,
+    )
+    shell.run_cell_magic("distributed_train", "--workers 2 --out digest", SCRIPT)
+    assert shell.user_ns["digest"] == digest_file.read_text()
+
+
+SHARD_KINDS = ["tensor", "numpy", "dataset", "xarray", "xarray-dataset", "dask"]
+
+
+def _data(kind: str, n: int) -> Any:
+    ids = np.arange(n)
+    if kind == "tensor":
+        return torch.arange(n)
+    if kind == "numpy":
+        return ids
+    if kind == "dataset":
+        return torch.utils.data.TensorDataset(torch.arange(n))
+    import dask.array as da
+    import xarray as xr
+
+    lazy = da.from_array(ids, chunks=7)
+    if kind == "dask":
+        return lazy
+    array = xr.DataArray(lazy, dims=["sample"], coords={"sample": ids})
+    if kind == "xarray":
+        return array
+    return xr.Dataset({"id": array, "double": array * 2})
+
+
+@pytest.mark.parametrize("kind", SHARD_KINDS)
+def test_shards_are_disjoint_and_cover_the_data(cluster: mlc.ClusterHandle, kind: str) -> None:
+    def each_rank_sees(ctx: Any, data: Any) -> list[list[int]]:
+        import torch.distributed as dist
+
+        seen = []
+        for batch in ctx.shard(data, batch_size=8, seed=3):
+            if isinstance(batch, (list, tuple)):
+                if len(batch) == 2 and not isinstance(data, torch.utils.data.Dataset):
+                    assert torch.equal(batch[1], batch[0] * 2)  # Dataset variables stay aligned
+                batch = batch[0]
+            seen.extend(int(i) for i in batch)
+        everyone: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(everyone, seen)
+        return everyone
+
+    per_rank = mlc.train(each_rank_sees, _data(kind, 40), cluster=cluster).result(timeout=120)
+    assert len(per_rank) == 2 and all(len(r) == 20 for r in per_rank)
+    assert set(per_rank[0]).isdisjoint(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(40))
+
+
+def test_streamed_output_metrics_and_out_names(shell: InteractiveShell,
+                                               capsys: pytest.CaptureFixture) -> None:
+    shell.run_cell("import torch\nX = torch.randn(64, 4)\ny = X.sum(1, keepdim=True)")
+    shell.run_cell_magic("distributed_train", "--out model,steps --epochs 2", textwrap.dedent("""
+        model = ctx.prepare(torch.nn.Linear(4, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        steps = 0
+        for epoch in ctx.epochs():
+            for xb, yb in ctx.shard((X, y), batch_size=16):
+                loss = torch.nn.functional.mse_loss(model(xb), yb)
+                opt.zero_grad(); loss.backward(); opt.step()
+                ctx.report(loss=loss)
+                steps += 1
+        print(f"rank {ctx.rank} of {ctx.world_size} did {steps} steps")
+    """))
+    out = capsys.readouterr().out
+    assert "[rank 0] rank 0 of 2 did 4 steps" in out
+    assert "[rank 1] rank 1 of 2 did 4 steps" in out
+    model = shell.user_ns["model"]
+    assert type(model) is torch.nn.Linear  # unwrapped from DDP
+    assert model.weight.device.type == "cpu" and shell.user_ns["steps"] == 4
+
+
+def test_noblock_run_metrics_and_torchrun_environment(cluster: mlc.ClusterHandle) -> None:
+    def fn(ctx: Any) -> dict[str, str]:
+        for step in range(5):
+            ctx.report(loss=1.0 / (step + 1), lr=0.1)
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT")
+        return {k: os.environ[k] for k in keys}
+
+    run = mlc.train(fn, cluster=cluster)
+    env = run.result(timeout=120)
+    assert run.status == "finished"
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "2" and env["LOCAL_WORLD_SIZE"] == "2"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and int(env["MASTER_PORT"]) > 0
+    frame = run.metrics
+    assert {"rank", "step", "time", "epoch", "loss", "lr"} <= set(frame.columns)
+    assert len(frame) == 10 and sorted(frame["rank"].unique()) == [0, 1]
+    assert list(frame[frame["rank"] == 0]["step"]) == [1, 2, 3, 4, 5]
+    # The torchrun variables are gone from the warm worker after the run.
+    leftover = cluster.client.run(lambda: [k for k in env if k in os.environ])
+    assert all(v == [] for v in leftover.values())
+
+
+def test_exception_on_one_rank_fails_fast_and_frees_every_worker(
+    cluster: mlc.ClusterHandle,
+) -> None:
+    def fn(ctx: Any) -> None:
+        import torch.distributed as dist
+
+        if ctx.rank == 1:
+            raise KeyError("only rank 1 breaks")
+        dist.barrier()  # rank 0 would wait here for a collective timeout without cancellation
+
+    run = mlc.train(fn, cluster=cluster, timeout=600)
+    with pytest.raises(mlc.TrainingError, match=r"\[rank 1\] KeyError: 'only rank 1 breaks'"):
+        run.result(timeout=120)
+    assert run.status == "error" and run.done()
+    assert all(not initialized and busy == [] for initialized, _, _, busy
+               in _worker_state(cluster).values())
+    assert mlc.train(lambda ctx: ctx.rank, cluster=cluster).result(timeout=120) == 0
+
+
+def test_ctrl_c_cancels_every_rank(shell: InteractiveShell, cluster: mlc.ClusterHandle,
+                                   capsys: pytest.CaptureFixture) -> None:
+    from jupyter_mlcloud.train import active_runs
+
+    def interrupt_once_running() -> None:
+        wait_for(lambda: active_runs() and not active_runs()[0].metrics.empty, timeout=120,
+                 what="the run to report")
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    shell.run_cell_magic("distributed_train", "", textwrap.dedent("""
+        import time
+        while True:
+            ctx.report(alive=1)
+            time.sleep(0.01)
+    """))
+    assert "cancelled: every rank stopped" in capsys.readouterr().out
+    assert active_runs() == []
+    assert all(busy == [] for *_, busy in _worker_state(cluster).values())
+
+
+def test_concurrent_runs_on_disjoint_workers(cluster: mlc.ClusterHandle) -> None:
+    def fn(ctx: Any) -> tuple[int, str]:
+        import torch.distributed as dist
+        from distributed import get_worker
+
+        dist.barrier()
+        return dist.get_world_size(), get_worker().address
+
+    first = mlc.train(fn, cluster=cluster, workers=1)
+    second = mlc.train(fn, cluster=cluster, workers=1)
+    (size_a, where_a), (size_b, where_b) = first.result(120), second.result(120)
+    assert size_a == size_b == 1 and where_a != where_b
+
+
+def test_ten_reruns_leak_nothing(shell: InteractiveShell, cluster: mlc.ClusterHandle) -> None:
+    shell.run_cell_magic("distributed_train", "", "import torch\nctx.prepare(torch.nn.Linear(2, 2))")
+    before = _worker_state(cluster)
+    for _ in range(10):
+        shell.run_cell_magic("distributed_train", "--out n", textwrap.dedent("""
+            import torch
+            model = ctx.prepare(torch.nn.Linear(2, 2))
+            model(torch.ones(1, 2)).sum().backward()
+            n = ctx.world_size
+        """))
+        assert shell.user_ns["n"] == 2
+    after = _worker_state(cluster)
+    for address, (initialized, threads, fds, busy) in after.items():
+        assert not initialized and busy == []
+        assert threads <= before[address][1] and fds <= before[address][2] + 2
+
+
+@pytest.mark.parametrize(
+    ("line", "cell", "message"),
+    [
+        ("", "x = = 1", "syntax error on line 1"),
+        ("", "print(not_defined_anywhere)", "'not_defined_anywhere', which the notebook"),
+        ("--workers 3", "pass", "workers=3 but the cluster has 2 worker"),
+        ("--out nothing", "pass", "--out names \\['nothing'\\] are never assigned"),
+        ("--strategy pipeline", "pass", "strategy 'pipeline' is not available; allowed: ddp"),
+        ("--compression fp16", "pass", "compression 'fp16' is not available"),
+        ("--checkpoint-dir ckpt", "pass", "checkpointing is not available"),
+        ("--backend nccl", "pass", "backend 'nccl' needs a GPU"),
+        ("--backend mpi", "pass", "backend 'mpi' is not supported"),
+        ("--cluster nope", "pass", "no cluster named 'nope'"),
+        ("--workers", "pass", "expected one argument"),
+    ],
+)
+def test_bad_cells_fail_before_anything_is_shipped(shell: InteractiveShell, line: str,
+                                                   cell: str, message: str) -> None:
+    from jupyter_mlcloud.train import active_runs
+
+    with pytest.raises(UsageError, match=message):
+        shell.run_cell_magic("distributed_train", line, cell)
+    assert active_runs() == []
+
+
+def test_no_cluster_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mlc.clusters, "_current", [])
+    with pytest.raises(ValueError, match="%mlcloud up --workers 2"):
+        mlc.train(lambda ctx: None)
+
