@@ -10,6 +10,8 @@ GPU_PINS := "dask-cuda==26.10.*" "cuda-bindings==13.*"
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 PYTEST_ARGS ?=
+# The labextension build calls `jupyter labextension build`: it must find the venv's jupyter.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: lab test demo bench lint install system-deps clean
 
@@ -20,7 +22,7 @@ $(BIN)/python:
 # Python packages and the built labextension; rebuilt when sources change.
 $(VENV)/.installed: $(BIN)/python pyproject.toml labextension/package.json $(wildcard labextension/src/*) $(wildcard labextension/style/*)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet $(GPU_PINS) hatchling hatch-jupyter-builder "jupyterlab>=4.4,<5"
+	$(BIN)/pip install --quiet $(GPU_PINS) hatchling hatch-jupyter-builder editables "jupyterlab>=4.4,<5"
 	rm -f jupyter_mlcloud/labextension/static/style.js  # force a fresh build of the sidebar
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[test]"
 	$(BIN)/jupyter labextension develop --overwrite .

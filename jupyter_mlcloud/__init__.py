@@ -24,7 +24,7 @@ from .clusters import (
     up,
 )
 from .hardware import gpu_count
-from .train import Run, TrainContext, TrainingError, train
+from .train import Run, TrainingError, train
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,14 @@ __all__ = [
     "train",
     "up",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TrainContext":  # imports torch: only when asked for
+        from .train.context import TrainContext
+
+        return TrainContext
+    raise AttributeError(name)
 
 
 def load_ipython_extension(ipython: Any) -> None:

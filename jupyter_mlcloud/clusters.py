@@ -262,8 +262,8 @@ def _start_local(
         devices = [d for d in visible.split(",") if d.strip()] if visible else list(range(gpus))
         devices_str = ",".join(str(d) for d in devices[:n])
         return LocalCUDACluster(n_workers=n, CUDA_VISIBLE_DEVICES=devices_str, **common)
-    from distributed import LocalCluster
     from dask.system import CPU_COUNT
+    from distributed import LocalCluster
 
     n = workers if workers is not None else max(1, CPU_COUNT // (threads_per_worker or 1))
     return LocalCluster(n_workers=n, processes=True, **common)
@@ -323,7 +323,8 @@ def up(
         if len(attach) > 1 or given:
             raise ValueError(
                 "address, scheduler_file and cluster attach to an existing cluster: give exactly"
-                f" one of them and none of {', '.join(started_only)} (got {', '.join(given) or 'several targets'})."
+                f" one of them and none of {', '.join(started_only)}"
+                f" (got {', '.join(given) or 'several targets'})."
             )
         return connect(attach[0], name=name, timeout=timeout)
 
@@ -613,7 +614,7 @@ async def list_clusters_async(*, timeout: float = 2.0) -> list[dict[str, Any]]:
     ]
     results = await asyncio.gather(*(p for p in probes if p is not None))
     answers = iter(results)
-    for entry, p in zip(entries, probes):
+    for entry, p in zip(entries, probes, strict=False):
         summary = next(answers) if p is not None else None
         entry.update(_with_summary(summary))
     return entries

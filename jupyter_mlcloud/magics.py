@@ -137,7 +137,7 @@ class MLCloudMagics(Magics):
         from .widgets import RunMonitor
 
         args = _parse(_TRAIN_PARSER, line)
-        if args is None:
+        if args is None or self.shell is None:
             return None
         out = [n.strip() for n in args.out.split(",") if n.strip()]
         try:

@@ -240,7 +240,8 @@ def test_concurrent_runs_on_disjoint_workers(cluster: mlc.ClusterHandle) -> None
 
 
 def test_ten_reruns_leak_nothing(shell: InteractiveShell, cluster: mlc.ClusterHandle) -> None:
-    shell.run_cell_magic("distributed_train", "", "import torch\nctx.prepare(torch.nn.Linear(2, 2))")
+    warm_up = "import torch\nctx.prepare(torch.nn.Linear(2, 2))"
+    shell.run_cell_magic("distributed_train", "", warm_up)
     before = _worker_state(cluster)
     for _ in range(10):
         shell.run_cell_magic("distributed_train", "--out n", textwrap.dedent("""

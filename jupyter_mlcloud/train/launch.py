@@ -63,7 +63,9 @@ def _resolve_client(cluster: Any) -> tuple[Any, str]:
 def _check_options(strategy: str, checkpoint_dir: Any, compression: str, backend: str | None,
                    seed: Any, timeout: Any, epochs: Any) -> None:
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy {strategy!r} is not available; allowed: {', '.join(STRATEGIES)}.")
+        raise ValueError(
+            f"strategy {strategy!r} is not available; allowed: {', '.join(STRATEGIES)}."
+        )
     if checkpoint_dir is not None:
         raise ValueError(
             f"checkpoint_dir {checkpoint_dir!r} cannot be used yet: checkpointing is not"

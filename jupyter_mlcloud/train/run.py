@@ -160,7 +160,7 @@ class Run:
     def _cancel_ranks(self) -> None:
         from distributed import wait
 
-        running = [w for w, f in zip(self.workers, self._futures) if not f.done()]
+        running = [w for w, f in zip(self.workers, self._futures, strict=False) if not f.done()]
         alive = set(self.workers) - set(self._missing_workers())
         targets = [w for w in running if w in alive]
         if targets:

@@ -135,7 +135,9 @@ class Shard:
 
     def __len__(self) -> int:
         per_rank = math.ceil(self.n / self.world_size)
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        if self.drop_last:
+            return per_rank // self.batch_size
+        return math.ceil(per_rank / self.batch_size)
 
     def _lazy_block(self) -> tuple[np.ndarray, list[torch.Tensor]]:
         """Load this rank's block once; later epochs reuse it."""

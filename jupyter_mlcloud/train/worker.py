@@ -249,14 +249,16 @@ def _owned_process_group(spec: RankSpec) -> Iterator[None]:
     def destroy_process_group(*args: Any, **kwargs: Any) -> None:
         """jupyter_mlcloud destroys the group after the run, in a safe order."""
 
-    for module in (dist, c10d):
-        module.init_process_group = init_process_group  # type: ignore[assignment]
-        module.destroy_process_group = destroy_process_group  # type: ignore[assignment]
+    def patch(init: Any, destroy: Any) -> None:
+        for module in (dist, c10d):
+            module.init_process_group = init
+            module.destroy_process_group = destroy
+
+    patch(init_process_group, destroy_process_group)
     try:
         yield
     finally:
-        for module in (dist, c10d):
-            module.init_process_group, module.destroy_process_group = originals
+        patch(*originals)
 
 
 def _seed_everything(seed: int) -> None:
