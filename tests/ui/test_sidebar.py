@@ -1,0 +1,68 @@
+"""The ML Cloud sidebar in a real JupyterLab, in real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..conftest import wait_for
+from .conftest import ARTIFACTS, Lab
+
+CELL = "%load_ext jupyter_mlcloud\n%mlcloud up --workers 1 --name from-notebook"
+
+
+def _open_sidebar(page: Any) -> None:
+    tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
+    tab.wait_for()
+    if not page.locator("#mlcloud-sidebar").is_visible():
+        tab.click()
+    page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
+
+
+def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> None:
+    lab.api("PUT", "/api/contents/demo.ipynb", {
+        "type": "notebook", "format": "json",
+        "content": {"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}},
+    })
+    page.goto(f"{lab.url}/lab/tree/demo.ipynb?token={lab.token}")
+    _open_sidebar(page)
+    page.locator("#mlcloud-sidebar .jp-mlcloud-empty").wait_for()
+    assert "%mlcloud up" in page.locator("#mlcloud-sidebar .jp-mlcloud-empty").inner_text()
+
+    # Run %mlcloud up in the notebook's kernel, as a user would.
+    page.locator(".jp-Notebook .jp-Cell .cm-content").first.wait_for()
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
+    editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+    editor.click()
+    editor.fill(CELL)
+    page.keyboard.press("Shift+Enter")
+    try:
+        page.locator(".mlcloud-cluster-card").wait_for(timeout=120_000)  # the card in the notebook
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "notebook-cell.png"))
+
+    card = page.locator('#mlcloud-sidebar .jp-mlcloud-cluster[data-cluster-name="from-notebook"]')
+    card.wait_for(timeout=30_000)  # the sidebar polls every 3 s
+    page.wait_for_function(
+        "() => document.querySelector('#mlcloud-sidebar .jp-mlcloud-workers b')"
+        "?.textContent === '1'")
+    assert "local-cpu" in card.inner_text()
+    assert card.locator("a.jp-mlcloud-dashboard").get_attribute("href").startswith("http")
+    page.screenshot(path=str(ARTIFACTS / "sidebar-cluster.png"))
+
+    # Shutting the kernel down closes its cluster; the sidebar drops it.
+    for session in lab.api("GET", "/api/sessions"):
+        lab.api("DELETE", f"/api/sessions/{session['id']}")
+    page.locator("#mlcloud-sidebar .jp-mlcloud-empty").wait_for(timeout=60_000)
+
+
+def test_sidebar_restores_after_reload(lab: Lab, page: Any) -> None:
+    page.goto(f"{lab.url}/lab?token={lab.token}")
+    _open_sidebar(page)
+    # JupyterLab saves the layout to the workspace shortly after it changes.
+    wait_for(lambda: "mlcloud-sidebar" in json.dumps(lab.api("GET", "/lab/api/workspaces")),
+             timeout=30, what="the layout to be saved")
+    page.reload()
+    page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
+    assert page.locator("#mlcloud-sidebar").is_visible()
