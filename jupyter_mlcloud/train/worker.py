@@ -241,7 +241,8 @@ def _owned_process_group(spec: RankSpec) -> Iterator[None]:
         world_size=spec.world_size,
         timeout=datetime.timedelta(seconds=spec.timeout),
     )
-    originals = (dist.init_process_group, dist.destroy_process_group)
+    names = ("init_process_group", "destroy_process_group")
+    originals = tuple(vars(dist)[name] for name in names)
 
     def init_process_group(*args: Any, **kwargs: Any) -> None:
         """Already joined by jupyter_mlcloud: a torchrun script's own call does nothing."""
@@ -249,16 +250,15 @@ def _owned_process_group(spec: RankSpec) -> Iterator[None]:
     def destroy_process_group(*args: Any, **kwargs: Any) -> None:
         """jupyter_mlcloud destroys the group after the run, in a safe order."""
 
-    def patch(init: Any, destroy: Any) -> None:
+    def patch(functions: tuple[Any, ...]) -> None:
         for module in (dist, c10d):
-            module.init_process_group = init
-            module.destroy_process_group = destroy
+            vars(module).update(zip(names, functions, strict=True))
 
-    patch(init_process_group, destroy_process_group)
+    patch((init_process_group, destroy_process_group))
     try:
         yield
     finally:
-        patch(*originals)
+        patch(originals)
 
 
 def _seed_everything(seed: int) -> None:
