@@ -146,22 +146,15 @@ class RunMonitor:
             else:
                 print(line, flush=True)
 
-    def follow(self, interval: float = 0.1) -> None:
-        """Until the run ends: print rank output as it arrives and refresh the progress line."""
+    def follow(self, interval: float = 0.1, to_widget: bool = False) -> None:
+        """Until the run ends: show rank output as it arrives and refresh the progress line."""
         while not self.run.wait(interval):
-            self.drain()
+            self.drain(to_widget)
             self.refresh()
-        self.drain()
+        self.drain(to_widget)
         self.refresh()
 
     def follow_in_background(self, interval: float = 0.25) -> None:
-        """``follow`` for ``--noblock``: output goes to the widget, from a thread."""
-
-        def loop() -> None:
-            while not self.run.wait(interval):
-                self.drain(to_widget=True)
-                self.refresh()
-            self.drain(to_widget=True)
-            self.refresh()
-
-        threading.Thread(target=loop, name=f"monitor-{self.run.id}", daemon=True).start()
+        """``follow`` for ``--noblock``: from a thread, output into the widget."""
+        threading.Thread(target=self.follow, args=(interval, True), daemon=True,
+                         name=f"monitor-{self.run.id}").start()
