@@ -11,6 +11,8 @@ Both run the same code (SCRIPT) on 2 CPU ranks with gloo, one thread each.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import statistics
@@ -72,7 +74,9 @@ def torchrun_once(steps: int) -> dict[str, float]:
 
 def ours_once(shell, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     start = time.time()
-    shell.run_cell_magic("distributed_train", "--out result", SCRIPT.replace("STEPS", str(steps)))
+    with contextlib.redirect_stdout(io.StringIO()):  # the progress widget's text form
+        shell.run_cell_magic("distributed_train", "--out result",
+                             SCRIPT.replace("STEPS", str(steps)))
     result = shell.user_ns["result"]
     return {"launch": result["first"] - start, "step": result["median_step"]}
 

@@ -287,3 +287,26 @@ def test_no_cluster_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ValueError, match="%mlcloud up --workers 2"):
         mlc.train(lambda ctx: None)
 
+
+
+def test_a_killed_worker_fails_the_run_fast_with_its_rank() -> None:
+    with mlc.up(workers=2, name="doomed") as cluster:
+        def fn(ctx: Any) -> None:
+            import time
+
+            import torch.distributed as dist
+
+            ctx.report(started=1)
+            if ctx.rank == 1:
+                os.kill(os.getpid(), 9)  # the worker process dies, as on a lost node
+            while True:
+                dist.barrier()
+                time.sleep(0.01)
+
+        run = mlc.train(fn, cluster=cluster, timeout=600)
+        with pytest.raises(mlc.TrainingError, match=r"rank 1"):
+            run.result(timeout=120)
+        assert run.status == "error"
+        # The nanny brings a fresh worker back; the cluster trains again.
+        cluster.wait_for_workers(2, timeout=60)
+        assert mlc.train(lambda ctx: ctx.world_size, cluster=cluster).result(120) == 2

@@ -16,6 +16,11 @@ from .worker import RankFailed, cancel_rank
 _CONSEQUENTIAL = ("RunCancelled", "Connection closed by peer", "Connection reset by peer",
                   "Broken pipe", "gloo", "Timed out waiting")
 CANCEL_GRACE_S = 30.0  # how long cancelled ranks get to tear down before we stop waiting
+DEPARTURE_GRACE_S = 5.0  # how long the scheduler gets to notice a dead worker
+
+
+def _consequential(exc: BaseException) -> bool:
+    return any(s in str(exc) for s in _CONSEQUENTIAL)
 
 
 class TrainingError(RuntimeError):
@@ -125,17 +130,19 @@ class Run:
 
     def _finish(self) -> None:
         failed = [(r, f) for r, f in enumerate(self._futures) if f.status == "error"]
-        gone = self._missing_workers()
         cancelling = self._status == "cancelling"
+        # Prefer the rank whose failure was its own, not a consequence of another's.
+        errors = [(r, self._exception(f)) for r, f in failed]
+        errors.sort(key=lambda e: _consequential(e[1]))
+        gone = self._missing_workers()
+        if errors and _consequential(errors[0][1]) and not gone:
+            gone = self._wait_for_departure(DEPARTURE_GRACE_S)  # a peer's worker died?
         if failed or gone or cancelling:
             self._cancel_ranks()
-            # Prefer the rank whose failure was its own, not a consequence of another's.
-            errors = [(r, self._exception(f)) for r, f in failed]
-            errors.sort(key=lambda e: any(s in str(e[1]) for s in _CONSEQUENTIAL))
             if cancelling:
                 self._status = "cancelled"
                 self._error = TrainingError("the run was cancelled; every rank was stopped.")
-            elif errors:
+            elif errors and not (gone and _consequential(errors[0][1])):
                 rank, exc = errors[0]
                 self._status = "error"
                 self._error = TrainingError(str(exc), rank=rank)
@@ -152,6 +159,15 @@ class Run:
             self._status = "finished"
         self._close()
 
+    def _wait_for_departure(self, seconds: float) -> list[str]:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            gone = self._missing_workers()
+            if gone:
+                return gone
+            time.sleep(0.1)
+        return []
+
     @staticmethod
     def _exception(future: Any) -> BaseException:
         exc = future.exception()
@@ -160,18 +176,22 @@ class Run:
     def _cancel_ranks(self) -> None:
         from distributed import wait
 
-        running = [w for w, f in zip(self.workers, self._futures, strict=False) if not f.done()]
         alive = set(self.workers) - set(self._missing_workers())
-        targets = [w for w in running if w in alive]
+        running = [(w, f) for w, f in zip(self.workers, self._futures, strict=True)
+                   if not f.done()]
+        for worker, future in running:
+            if worker not in alive:
+                future.cancel()  # its worker is gone: nothing to stop, nothing to wait for
+        targets = [w for w, _ in running if w in alive]
         if targets:
             try:
                 self.client.run(cancel_rank, self.id, workers=targets)
             except Exception:
                 pass
-        try:
-            wait(self._futures, timeout=CANCEL_GRACE_S)
-        except TimeoutError:
-            pass
+            try:
+                wait([f for w, f in running if w in alive], timeout=CANCEL_GRACE_S)
+            except TimeoutError:
+                pass
         for future in self._futures:
             if not future.done():
                 future.cancel()
