@@ -24,6 +24,7 @@ from .clusters import (
     up,
 )
 from .hardware import gpu_count
+from .score import score
 from .train import Run, TrainingError, train
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "gpu_count",
     "list_clusters",
     "scale",
+    "score",
     "status",
     "train",
     "up",

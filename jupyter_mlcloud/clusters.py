@@ -522,8 +522,8 @@ def current() -> ClusterHandle:
     with _lock:
         if not _current:
             raise ValueError(
-                "there is no cluster in this process; start one with `%mlcloud up` or"
-                " jupyter_mlcloud.up(), or attach with `%mlcloud connect ADDRESS`."
+                "there is no cluster in this process; start one with `%mlcloud up --workers 2`"
+                " or jupyter_mlcloud.up(), or attach with `%mlcloud connect ADDRESS`."
             )
         return _registry[_current[-1]]
 
@@ -542,6 +542,29 @@ def get(name: str | None = None) -> ClusterHandle:
             f" {other.owner}); attach to it with `%mlcloud connect {name}` first."
         )
     raise ValueError(f"no cluster named {name!r}; known here: {', '.join(_registry) or 'none'}.")
+
+
+def resolve(cluster: Any) -> tuple[Any, str]:
+    """(client, kind) for a ClusterHandle, a cluster name, a Client, or the current cluster."""
+    from distributed import Client
+
+    if isinstance(cluster, Client):
+        return cluster, "remote"
+    if cluster is None or isinstance(cluster, str):
+        handle = get(cluster)
+    elif isinstance(cluster, ClusterHandle):
+        handle = cluster
+    else:
+        raise ValueError(
+            f"cluster must be a cluster name, a ClusterHandle or a Client, got"
+            f" {type(cluster).__name__}."
+        )
+    return handle.client, handle.kind
+
+
+def resolve_client(cluster: Any) -> Any:
+    """The ``Client`` of :func:`resolve`."""
+    return resolve(cluster)[0]
 
 
 def handles() -> list[ClusterHandle]:

@@ -37,29 +37,6 @@ def active_runs() -> list[Run]:
         return list(_active.values())
 
 
-def _resolve_client(cluster: Any) -> tuple[Any, str]:
-    """(client, kind) for a ClusterHandle, a cluster name, a Client, or the current cluster."""
-    from distributed import Client
-
-    if isinstance(cluster, Client):
-        return cluster, "remote"
-    if cluster is None or isinstance(cluster, str):
-        try:
-            handle = clusters.get(cluster)
-        except ValueError as e:
-            raise ValueError(
-                f"{e} Training needs a cluster: `%mlcloud up --workers 2` starts one."
-            ) from None
-    elif isinstance(cluster, clusters.ClusterHandle):
-        handle = cluster
-    else:
-        raise ValueError(
-            f"cluster must be a cluster name, a ClusterHandle or a Client, got"
-            f" {type(cluster).__name__}."
-        )
-    return handle.client, handle.kind
-
-
 def _check_options(strategy: str, checkpoint_dir: Any, compression: str, backend: str | None,
                    seed: Any, timeout: Any, epochs: Any) -> None:
     if strategy not in STRATEGIES:
@@ -132,7 +109,7 @@ def launch(
 ) -> Run:
     """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`."""
     _check_options(strategy, checkpoint_dir, compression, backend, seed, timeout, epochs)
-    client, kind = _resolve_client(cluster)
+    client, kind = clusters.resolve(cluster)
     with _lock:  # two launches must not pick the same free workers
         chosen, info = _pick_workers(client, workers)
         backend = _backend(backend, kind, info, chosen)
