@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 from collections.abc import Mapping
 from typing import Any, TypedDict
 
@@ -44,8 +43,3 @@ async def probe(address: str, timeout: float = 2.0) -> Summary | None:
         return None
     return summarize(info.get("workers", {}))
 
-
-def probe_sync(address: str, timeout: float = 2.0) -> Summary | None:
-    """``probe`` from synchronous code, even inside a running event loop (a kernel)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, probe(address, timeout)).result()

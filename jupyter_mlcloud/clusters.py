@@ -9,7 +9,9 @@ discovery file (see :mod:`jupyter_mlcloud.discovery`) for as long as it lives.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import importlib
 import os
 import re
@@ -616,38 +618,26 @@ def list_clusters(*, live: bool = False, timeout: float = 2.0) -> list[dict[str,
     """Every live cluster on this machine's Jupyter runtime dir, from their discovery files.
 
     Each entry has name, kind, address, dashboard, pid, host, user, owner, created, status,
-    tls, gpus. With ``live=True`` the scheduler is asked for workers, threads, memory and
-    GPUs (None when it does not answer within ``timeout`` seconds).
+    tls, gpus. With ``live=True`` the schedulers are asked (concurrently) for workers, threads,
+    memory and GPUs; those are None, and ``reachable`` False, when one does not answer within
+    ``timeout`` seconds.
     """
-    entries = [r.to_dict() for r in discovery.list_records()]
-    if live:
-        for entry in entries:
-            entry.update(_live(entry, timeout))
-    return entries
+    if not live:
+        return [r.to_dict() for r in discovery.list_records()]
+    # A thread of its own, so this works inside a running event loop (a kernel) too.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, list_clusters_async(timeout=timeout)).result()
 
 
 async def list_clusters_async(*, timeout: float = 2.0) -> list[dict[str, Any]]:
     """``list_clusters(live=True)`` for event-loop code (the Jupyter server)."""
-    import asyncio
 
-    entries = [r.to_dict() for r in discovery.list_records()]
-    probes = [
-        cluster_info.probe(e["address"], timeout) if e["address"] and not e["tls"] else None
-        for e in entries
-    ]
-    results = await asyncio.gather(*(p for p in probes if p is not None))
-    answers = iter(results)
-    for entry, p in zip(entries, probes, strict=False):
-        summary = next(answers) if p is not None else None
-        entry.update(_with_summary(summary))
-    return entries
+    async def live(entry: dict[str, Any]) -> dict[str, Any]:
+        probeable = entry["address"] and not entry["tls"]  # TLS needs certificates we lack
+        summary = await cluster_info.probe(entry["address"], timeout) if probeable else None
+        return {**entry, **_with_summary(summary)}
 
-
-def _live(entry: dict[str, Any], timeout: float) -> dict[str, Any]:
-    summary = None
-    if entry["address"] and not entry["tls"]:
-        summary = cluster_info.probe_sync(entry["address"], timeout)
-    return _with_summary(summary)
+    return list(await asyncio.gather(*(live(r.to_dict()) for r in discovery.list_records())))
 
 
 def _with_summary(summary: cluster_info.Summary | None) -> dict[str, Any]:
