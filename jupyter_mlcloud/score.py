@@ -1,114 +1,54 @@
-"""Batch scoring of dask-backed data with a PyTorch model on the cluster's workers.
+"""Batch scoring of large datasets with a PyTorch model on the cluster's workers.
 
-The model is serialized once, broadcast once to every worker (``Client.scatter``) and loaded
-there once per content hash; every block reuses it. It is never captured in each task, so
-the scheduler never holds one copy per block.
+``score`` returns the scores lazily as the same kind of container it was given (xarray in,
+xarray out with the sample coordinates; dask DataFrame in, dask DataFrame out), or writes them
+to zarr / parquet, resumably. The model crosses to each worker once (see
+:mod:`.scoring_model`); blocks are scored in batches inside each task.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import threading
+import time
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from . import clusters
-
-_loaded: dict[str, Any] = {}  # on a worker: content hash -> model, loaded once
-_load_counts: dict[str, int] = {}  # on a worker: how often each model was loaded (tests)
-_load_lock = threading.Lock()
+from . import clusters, scoring_io
+from .scoring_model import DEVICES, ModelBlob, output_shape, resolve_dtype, score_block
 
 
 @dataclass
-class ModelBlob:
-    """A model as bytes plus its content hash: what crosses to the workers."""
+class ScoreReport:
+    """What a written scoring run did: ``summary`` and where the scores are (``open()``)."""
 
-    data: bytes
-    digest: str
+    output: str
+    format: str
+    summary: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def of(cls, model: Any) -> ModelBlob:
-        import torch
+    def open(self) -> Any:
+        """The written scores, lazily: an xarray DataArray (zarr) or dask DataFrame (parquet)."""
+        if self.format == "parquet":
+            import dask.dataframe as dd
 
-        buffer = io.BytesIO()
-        torch.save(model, buffer)
-        data = buffer.getvalue()
-        return cls(data, hashlib.sha256(data).hexdigest())
+            return dd.read_parquet(self.output)
+        import xarray as xr
 
-    def model(self) -> Any:
-        """The model, loaded on first use in this process and cached by content hash."""
-        import torch
-
-        with _load_lock:
-            if self.digest not in _loaded:
-                model = torch.load(io.BytesIO(self.data), weights_only=False)
-                model.eval()
-                _loaded[self.digest] = model
-                _load_counts[self.digest] = _load_counts.get(self.digest, 0) + 1
-            return _loaded[self.digest]
+        return xr.open_zarr(self.output)["score"]
 
 
-def load_counts() -> dict[str, int]:
-    """On a worker: how many times each model was loaded there."""
-    with _load_lock:
-        return dict(_load_counts)
+def _check_numeric(dtype: Any, what: str) -> None:
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+    if not is_numeric_dtype(dtype) or is_bool_dtype(dtype):
+        raise ValueError(f"{what} must be numeric, got dtype {dtype}.")
 
 
-def _predict(blob: ModelBlob, rows: np.ndarray, batch_size: int) -> np.ndarray:
-    """Score ``rows`` (samples x features) in batches of ``batch_size``."""
-    import torch
-
-    model = blob.model()
-    parameters = list(model.parameters())
-    dtype = parameters[0].dtype if parameters else torch.float32
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            batch = torch.as_tensor(np.ascontiguousarray(rows[start : start + batch_size]),
-                                    dtype=dtype)
-            result = model(batch)
-            outputs.append(result.reshape(len(batch), -1).cpu().numpy())
-    if not outputs:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(outputs)
-
-
-def _score_block(block: np.ndarray, blob: ModelBlob, batch_size: int) -> np.ndarray:
-    return _predict(blob, block, batch_size)
-
-
-def _output_width(model: Any, width: int) -> tuple[int, Any]:
-    """Run the model on one zero row: its output width and dtype, or a clear error."""
-    import torch
-
-    parameters = list(model.parameters())
-    dtype = parameters[0].dtype if parameters else torch.float32
-    first = next((m for m in model.modules() if isinstance(m, torch.nn.Linear)), None)
-    if first is not None and first.in_features != width:
-        raise ValueError(
-            f"the data has {width} feature(s) but the model's first layer expects"
-            f" {first.in_features}; pass features= to pick the right ones."
-        )
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            out = model(torch.zeros(1, width, dtype=dtype))
-    except Exception as e:
-        raise ValueError(
-            f"the model cannot score rows of {width} feature(s): {str(e).splitlines()[0]}."
-        ) from None
-    finally:
-        model.train(was_training)
-    return int(out.reshape(1, -1).shape[1]), out.numpy().dtype
-
-
-def _as_matrix(data: Any, sample_dim: str | None, features: Sequence[str] | None) -> Any:
-    """(dask array samples x features, xarray template or None) for every supported input."""
+def _matrix(data: Any, sample_dim: str | None, features: Sequence[str] | None) -> Any:
+    """(dask array samples x features with regular row blocks, xarray template or None)."""
     import dask.array as da
     import xarray as xr
 
@@ -120,39 +60,59 @@ def _as_matrix(data: Any, sample_dim: str | None, features: Sequence[str] | None
             )
         missing = [f for f in features if f not in data.data_vars]
         if missing:
-            raise ValueError(f"features {missing} are not in the Dataset; it has"
-                             f" {list(data.data_vars)}.")
+            raise ValueError(
+                f"features {missing} are not in the Dataset; it has {list(data.data_vars)}."
+            )
         dim = sample_dim or data[features[0]].dims[0]
-        stacked = xr.concat([data[f] for f in features], dim="feature").transpose(dim, "feature")
-        data = stacked
+        if any(data[f].dims != (dim,) for f in features):
+            raise ValueError(f"each feature variable must have the one dim {dim!r}.")
+        data = xr.concat([data[f] for f in features], dim="feature").transpose(dim, "feature")
     if isinstance(data, xr.DataArray):
         dim = sample_dim or data.dims[0]
         if dim not in data.dims:
-            raise ValueError(f"sample dimension {dim!r} is not among the data's dims"
-                             f" {tuple(data.dims)}; pass sample_dim= with one of them.")
+            raise ValueError(
+                f"sample dimension {dim!r} is not among the data's dims {tuple(data.dims)}; pass"
+                " sample_dim= with one of them."
+            )
         if data.ndim != 2:
-            raise ValueError(f"a DataArray to score needs 2 dims (samples, features), got"
-                             f" {tuple(data.dims)}.")
+            raise ValueError(
+                f"a DataArray to score needs 2 dims (samples, features), got {tuple(data.dims)}."
+            )
         data = data.transpose(dim, ...)
-        if not np.issubdtype(data.dtype, np.number):
-            raise ValueError(f"features must be numeric, got dtype {data.dtype}.")
         array = data.data if isinstance(data.data, da.Array) else da.from_array(data.values)
-        return array, data
-    if isinstance(data, np.ndarray) and data.ndim == 2:
-        data = da.from_array(data, chunks=(max(1, len(data) // 8), -1))  # ~8 blocks
-    elif isinstance(data, np.ndarray):
-        data = da.from_array(data)
-    if isinstance(data, da.Array):
+        template: Any = data
+    elif isinstance(data, (np.ndarray, da.Array)):
         if data.ndim != 2:
-            raise ValueError(f"an array to score needs 2 dims (samples, features), got"
-                             f" shape {data.shape}.")
-        if not np.issubdtype(data.dtype, np.number):
-            raise ValueError(f"features must be numeric, got dtype {data.dtype}.")
-        return data, None
-    raise ValueError(
-        f"cannot score a {type(data).__name__}; pass an xarray DataArray or Dataset, a dask or"
-        " numpy array."
-    )
+            raise ValueError(
+                f"an array to score needs 2 dims (samples, features), got shape {data.shape}."
+            )
+        array = data if isinstance(data, da.Array) else da.from_array(data)
+        template = None
+    else:
+        raise ValueError(
+            f"cannot score a {type(data).__name__}; pass an xarray DataArray or Dataset, a dask"
+            " or numpy array, a dask or pandas DataFrame, or a path to zarr, parquet or netCDF."
+        )
+    _check_numeric(array.dtype, "features")
+    if array.numblocks[0] == 1 and array.shape[0] > 1:  # in-memory data: ~8 blocks
+        rows = max(1, -(-array.shape[0] // 8))
+    else:
+        rows = array.chunks[0][0]
+    return array.rechunk({0: rows, 1: -1}), template
+
+
+def _score_frame(frame: Any, blob: ModelBlob, batch_size: int, device: str, dtype: Any,
+                 columns: list[str]) -> Any:
+    import pandas as pd
+
+    values = score_block(frame.to_numpy(), blob, batch_size, device, dtype)
+    return pd.DataFrame(values.reshape(len(frame), -1), index=frame.index, columns=columns)
+
+
+def _fingerprint(*parts: Any) -> str:
+    from dask.base import tokenize
+
+    return hashlib.sha256(tokenize(*parts).encode()).hexdigest()
 
 
 def score(
@@ -163,41 +123,139 @@ def score(
     features: Sequence[str] | None = None,
     batch_size: int = 1024,
     output: str | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    dtype: str | None = None,
     cluster: Any = None,
+    progress: bool = True,
 ) -> Any:
-    """Score ``data`` with ``model`` on the cluster, lazily, as the same kind of container.
+    """Score ``data`` with ``model`` on the cluster's workers.
 
-    ``data``: an xarray ``DataArray`` (sample_dim, feature dim), an xarray ``Dataset``
-    (``features=[variables]``, stacked in that order), a dask array or a numpy array (rows
-    are samples). Returns an xarray ``DataArray`` with dims ``(sample_dim, "output")`` and
-    the sample coordinates for xarray input, else a dask array. ``model``: a
-    ``torch.nn.Module``, sent to each worker once and reused by every block.
+    ``data``: an xarray ``DataArray`` with dims (sample_dim, one feature dim); an xarray
+    ``Dataset`` (``features=[variables]``, each along sample_dim, stacked in that order); a
+    dask or numpy array (rows are samples); a dask or pandas DataFrame (``features=[columns]``);
+    or a path/URL of a zarr store, parquet dataset or netCDF file.
+
+    ``model``: a ``torch.nn.Module``, a callable on a batch tensor, or a path to a
+    ``torch.save``-d model or a ``torch.export`` ``.pt2`` file. It is sent to each worker once.
+    Inference runs in ``torch.inference_mode`` in batches of ``batch_size`` on the worker's GPU
+    when it has one (``device="auto"``; or ``"cpu"``, ``"cuda"``); ``dtype`` casts the inputs
+    (``bfloat16``/``float16`` autocast on GPUs).
+
+    Without ``output``: the scores, lazily, as the same kind of container (xarray with dims
+    ``(sample_dim, "output")`` and the sample coordinates; a dask DataFrame with columns
+    ``score`` or ``score_0..``; else a dask array). With ``output`` (``.zarr`` or, for
+    DataFrames, ``.parquet``): the scores are written, resuming an interrupted earlier write of
+    the same job, and a :class:`ScoreReport` is returned (``.summary``, ``.open()``).
     """
-    import dask.array as da
-    import torch
+    import dask.dataframe as dd
+    import pandas as pd
 
-    if output is not None:
-        raise ValueError(
-            f"output={output!r} cannot be used yet: writing to zarr/parquet is not available in"
-            " this version; call .to_zarr() on the lazy result instead."
-        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
-    if not isinstance(model, torch.nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if device not in DEVICES:
+        raise ValueError(f"device {device!r} is not allowed; use one of {', '.join(DEVICES)}.")
+    torch_dtype = resolve_dtype(dtype)
+    out_format = scoring_io.file_format(output) if output is not None else None
+    if isinstance(data, str):
+        data = scoring_io.open_input(data, features)
+    if isinstance(data, pd.DataFrame):
+        data = dd.from_pandas(data, npartitions=8)
+    is_frame = isinstance(data, dd.DataFrame)
+    if out_format is not None and out_format != ("parquet" if is_frame else "zarr"):
+        raise ValueError(
+            f"output {output!r} must be {'a .parquet dataset' if is_frame else 'a .zarr store'}"
+            f" for {'DataFrame' if is_frame else 'array'} input."
+        )
+    blob = ModelBlob.of(model)
+    local_model = blob.load()
     client = clusters.resolve_client(cluster)
-    array, template = _as_matrix(data, sample_dim, features)
-    width, out_dtype = _output_width(model, int(array.shape[1]))
-    array = array.rechunk({1: -1})
-    blob = client.scatter(ModelBlob.of(model), broadcast=True, hash=False)
-    scores = da.map_blocks(
-        _score_block, array, blob, batch_size,
-        dtype=out_dtype, chunks=(array.chunks[0], (width,)),
-    )
-    if template is None:
-        return scores
+
+    if is_frame:
+        if not features:
+            raise ValueError(f"a DataFrame needs features=[column names]; it has"
+                             f" {list(data.columns)}.")
+        missing = [f for f in features if f not in data.columns]
+        if missing:
+            raise ValueError(f"features {missing} are not columns; it has {list(data.columns)}.")
+        frame = data[list(features)]
+        for name, column_dtype in frame.dtypes.items():
+            _check_numeric(column_dtype, f"feature column {name!r}")
+        width, out_dtype = output_shape(local_model, len(features), torch_dtype)
+        columns = ["score"] if width == 1 else [f"score_{j}" for j in range(width)]
+        shipped = client.scatter(blob, broadcast=True, hash=False)
+        meta = pd.DataFrame({c: np.array([], dtype=out_dtype) for c in columns})
+        scores = frame.map_partitions(_score_frame, shipped, batch_size, device, torch_dtype,
+                                      columns, meta=meta)
+        if output is None:
+            return scores
+        fingerprint = _fingerprint(blob.digest, frame, batch_size, device, dtype)
+        _prepare(output, fingerprint, overwrite, init=None)
+        return _write(client, scores.to_delayed(), output, "parquet", fingerprint, progress)
+
+    array, template = _matrix(data, sample_dim, features)
+    width, out_dtype = output_shape(local_model, int(array.shape[1]), torch_dtype)
+    shipped = client.scatter(blob, broadcast=True, hash=False)
+    import dask.array as da
     import xarray as xr
 
-    dim = template.dims[0]
-    return xr.DataArray(scores, dims=(dim, "output"), coords={dim: template[dim]},
-                        name="score")
+    scores = da.map_blocks(score_block, array, shipped, batch_size, device, torch_dtype,
+                           dtype=out_dtype, chunks=(array.chunks[0], (width,)))
+    dim = template.dims[0] if template is not None else "sample"
+    coords = {dim: template[dim]} if template is not None and dim in template.coords else {}
+    result = xr.DataArray(scores, dims=(dim, "output"), coords=coords, name="score")
+    if output is None:
+        return result if template is not None else scores
+    fingerprint = _fingerprint(blob.digest, array, batch_size, device, dtype)
+    # The store's layout (metadata, coordinates) first; the blocks fill it in.
+    _prepare(output, fingerprint, overwrite,
+             init=lambda: result.to_dataset().to_zarr(output, compute=False, mode="w"))
+    return _write(client, scores.to_delayed().ravel(), output, "zarr", fingerprint, progress,
+                  starts=np.cumsum((0,) + array.chunks[0][:-1]))
+
+
+def _prepare(output: str, fingerprint: str, overwrite: bool, init: Any) -> None:
+    """A new output is laid out and marked incomplete; an unfinished one is resumed."""
+    if not scoring_io.prepare_output(output, fingerprint, overwrite):
+        if init is not None:
+            init()
+        scoring_io.write_state(output, fingerprint, complete=False)
+
+
+def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fingerprint: str,
+           progress: bool, starts: Any = None) -> ScoreReport:
+    """Write every block not already written, with a progress bar; return the report."""
+    from dask import delayed
+
+    done = scoring_io.done_blocks(output)
+    tasks = []
+    for index, block in enumerate(blocks):
+        if index in done:
+            continue
+        if out_format == "zarr":
+            tasks.append(delayed(scoring_io.write_zarr_block)(block, output, index,
+                                                              int(starts[index])))
+        else:
+            tasks.append(delayed(scoring_io.write_parquet_part)(block, output, index))
+    start = time.perf_counter()
+    futures = client.compute(tasks)
+    if progress and futures:
+        from distributed import progress as progress_bar
+
+        progress_bar(futures)
+    results = client.gather(futures)
+    seconds = time.perf_counter() - start
+    scoring_io.write_state(output, fingerprint, complete=True)
+    rows = sum(r["rows"] for r in results)
+    per_worker = Counter()  # type: Counter[str]
+    for r in results:
+        per_worker[r["worker"]] += r["rows"]
+    summary = {
+        "rows": rows,
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+        "blocks_written": len(tasks),
+        "blocks_skipped": len(done),
+        "per_worker_share": {w: round(n / rows, 3) for w, n in per_worker.items()} if rows else {},
+    }
+    return ScoreReport(output, out_format, summary)
