@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import shlex
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.display import display
 
 from . import clusters
@@ -100,9 +101,28 @@ def _build_train_parser() -> _Parser:
     return p
 
 
+def _build_score_parser(prog: str, data: bool) -> _Parser:
+    p = _Parser(prog=prog, description="Score data with a model on the cluster's workers.")
+    p.add_argument("model", help="a notebook name, or a path to a saved model")
+    if data:
+        p.add_argument("data", help="a notebook name, or a path/URL to zarr, parquet or netCDF")
+    p.add_argument("--out", help="notebook name for the result (default: _)")
+    p.add_argument("--sample-dim", help="the sample dimension (default: the first)")
+    p.add_argument("--features", help="comma-separated variables or columns, in model order")
+    p.add_argument("--batch-size", type=_int, default=1024, help="rows per batch (1024)")
+    p.add_argument("--output", help="write to this .zarr / .parquet path")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", help="input dtype, e.g. float32 or bfloat16")
+    p.add_argument("--cluster", help="cluster name (default: the current one)")
+    return p
+
+
 # Subparsers are made with the parent's class, so they raise UsageError too.
 _PARSER = _build_parser()
 _TRAIN_PARSER = _build_train_parser()
+_SCORE_LINE_PARSER = _build_score_parser("%batch_score", data=True)
+_SCORE_CELL_PARSER = _build_score_parser("%%batch_score", data=False)
 
 
 def _parse(parser: _Parser, line: str) -> argparse.Namespace | None:
@@ -177,6 +197,53 @@ class MLCloudMagics(Magics):
         for name in out:
             self.shell.user_ns[name] = result[name]
         return None
+
+    @line_cell_magic
+    def batch_score(self, line: str, cell: str | None = None) -> Any:
+        """%batch_score MODEL DATA [...] scores DATA; %%batch_score MODEL [...] scores what the
+        cell's last expression evaluates to. --output writes, --out names the result."""
+        parser = _SCORE_LINE_PARSER if cell is None else _SCORE_CELL_PARSER
+        args = _parse(parser, line)
+        if args is None or self.shell is None:
+            return None
+        data = self._lookup(args.data) if cell is None else self._evaluate(cell)
+        return self._score(args, data)
+
+    def _evaluate(self, cell: str) -> Any:
+        """Run the cell in the notebook's namespace and return its last expression."""
+        assert self.shell is not None
+        try:
+            tree = ast.parse(cell, filename="<batch_score cell>")
+        except SyntaxError as e:
+            raise UsageError(f"the cell has a syntax error on line {e.lineno}: {e.msg}.") from None
+        if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+            raise UsageError("%%batch_score: the cell must end with the data to score.")
+        head = ast.Module(body=tree.body[:-1], type_ignores=[])
+        exec(compile(head, "<batch_score cell>", "exec"), self.shell.user_ns)
+        last = ast.Expression(tree.body[-1].value)
+        return eval(compile(last, "<batch_score cell>", "eval"), self.shell.user_ns)
+
+    def _lookup(self, token: str) -> Any:
+        """A notebook name's value, else the token itself (a path or URL)."""
+        assert self.shell is not None
+        return self.shell.user_ns.get(token, token)
+
+    def _score(self, args: argparse.Namespace, data: Any) -> Any:
+        from .score import score
+
+        assert self.shell is not None
+        features = [f.strip() for f in args.features.split(",")] if args.features else None
+        try:
+            result = score(self._lookup(args.model), data, sample_dim=args.sample_dim,
+                           features=features, batch_size=args.batch_size, output=args.output,
+                           overwrite=args.overwrite, device=args.device, dtype=args.dtype,
+                           cluster=args.cluster)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if args.out:
+            self.shell.user_ns[args.out] = result
+            return None
+        return result
 
     def _up(self, args: argparse.Namespace) -> None:
         from .widgets import cluster_card
