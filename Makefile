@@ -48,6 +48,7 @@ demo: install
 	$(BIN)/python notebooks/run.py notebooks/01-quickstart.ipynb
 
 bench: install
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[test,bench]"
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 lint: install
