@@ -29,6 +29,20 @@ def summarize(workers: Mapping[str, Mapping[str, Any]]) -> Summary:
     )
 
 
+async def events(address: str, topic: str, timeout: float = 2.0) -> list[tuple[float, Any]]:
+    """The events logged on ``topic`` at the scheduler at ``address`` ([] if it does not answer)."""
+    from distributed.core import rpc
+
+    async def ask() -> list[tuple[float, Any]]:
+        async with rpc(address, timeout=timeout) as scheduler:
+            return list(await scheduler.events(topic=topic))
+
+    try:
+        return await asyncio.wait_for(ask(), timeout)
+    except Exception:
+        return []
+
+
 async def probe(address: str, timeout: float = 2.0) -> Summary | None:
     """Ask the scheduler at ``address`` for its workers; None if it does not answer in time."""
     from distributed.core import rpc

@@ -497,8 +497,13 @@ def _safe_dashboard(client: Any) -> str | None:
         return None
 
 
+OWNER: str | None = None  # set by a host process that knows what it is (the Jupyter server)
+
+
 def _owner() -> str:
     """Who holds the cluster: a kernel, a Jupyter server, or a plain Python process."""
+    if OWNER is not None:
+        return OWNER
     try:
         from IPython import get_ipython
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from tornado.httpclient import HTTPClientError
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.server.handlers import route_table
+
+from .conftest import discovery_files, wait_for
 
 
 @pytest.fixture
@@ -42,9 +45,85 @@ async def test_unreachable_scheduler_is_listed_as_unreachable(jp_fetch) -> None:
     discovery.remove("gone")
 
 
-@pytest.mark.parametrize("pattern", [p for p, _ in route_table("/")])
-async def test_every_route_refuses_unauthenticated_requests(jp_fetch, pattern: str) -> None:
-    path = pattern.strip("/").split("/")
+def _sample_path(pattern: str) -> list[str]:
+    """A concrete URL for a route pattern: each regex group becomes a plausible name."""
+    return re.sub(r"\([^)]*\)", "some-cluster", pattern).strip("/").split("/")
+
+
+ROUTES = [p for p, _ in route_table("/")]
+
+
+@pytest.mark.parametrize("pattern", ROUTES)
+@pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "DELETE"])
+async def test_every_route_refuses_unauthenticated_requests(jp_fetch, pattern: str,
+                                                            method: str) -> None:
+    body = "{}" if method in ("POST", "PATCH") else None
     with pytest.raises(HTTPClientError) as err:
-        await jp_fetch(*path, headers={"Authorization": ""})
-    assert err.value.code == 403
+        await jp_fetch(*_sample_path(pattern), method=method, body=body,
+                       headers={"Authorization": ""})
+    assert err.value.code in (403, 405)  # 405: the route has no such method at all
+    assert discovery_files() == []
+
+
+async def test_the_walk_covers_every_registered_mlcloud_route(jp_serverapp) -> None:
+    registered = {
+        rule.matcher.regex.pattern.rstrip("$")
+        for rule in jp_serverapp.web_app.default_router.rules[0].target.rules
+        if "mlcloud" in rule.matcher.regex.pattern
+    }
+    expected = {p for p, _ in route_table(jp_serverapp.base_url)}
+    assert registered == expected  # so the auth walk above tries every route there is
+
+
+async def test_start_scale_adapt_and_shut_down_through_rest(jp_fetch) -> None:
+    created = await jp_fetch("mlcloud", "clusters", method="POST",
+                             body=json.dumps({"name": "from-sidebar", "workers": 1, "gpu": False}))
+    assert created.code == 201 and json.loads(created.body)["workers"] == 1
+    [entry] = json.loads((await jp_fetch("mlcloud", "clusters")).body)["clusters"]
+    assert entry["name"] == "from-sidebar" and entry["owner"] == "jupyter-server"
+
+    await jp_fetch("mlcloud", "clusters", "from-sidebar", method="PATCH",
+                   body=json.dumps({"workers": 2}))
+    handle = mlc.get("from-sidebar")
+    wait_for(lambda: handle.info()["workers"] == 2, what="2 workers")
+    await jp_fetch("mlcloud", "clusters", "from-sidebar", method="PATCH",
+                   body=json.dumps({"adapt": [1, 3]}))
+    assert handle.cluster._adaptive.maximum == 3
+
+    deleted = await jp_fetch("mlcloud", "clusters", "from-sidebar", method="DELETE")
+    assert deleted.code == 204 and handle.closed and discovery_files() == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "message"),
+    [
+        ("POST", ["clusters"], {"workers": 0}, "workers must be an integer >= 1, got 0"),
+        ("POST", ["clusters"], {"nodes": 2}, "unknown options \\['nodes'\\]"),
+        ("POST", ["clusters"], {"adapt": "4:1"}, "adapt must be MIN:MAX"),
+        ("PATCH", ["clusters", "ghost"], {"workers": 2}, "no cluster named 'ghost'"),
+        ("PATCH", ["clusters", "ghost"], {"size": 2}, "send {\"workers\": N}"),
+        ("DELETE", ["clusters", "ghost"], None, "no cluster named 'ghost'"),
+    ],
+)
+async def test_bad_requests_get_one_sentence(jp_fetch, method: str, path: list[str],
+                                             body: dict | None, message: str) -> None:
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("mlcloud", *path, method=method,
+                       body=None if body is None else json.dumps(body))
+    assert err.value.code == 400
+    assert re.search(message, json.loads(err.value.response.body)["message"])
+    assert discovery_files() == []
+
+
+async def test_runs_are_read_from_the_cluster_event_topics(jp_fetch) -> None:
+    with mlc.up(workers=1, name="with-runs") as cluster:
+        def fn(ctx):
+            for step in range(3):
+                ctx.report(loss=1.0 / (step + 1))
+
+        run = mlc.train(fn, cluster=cluster)
+        run.result(timeout=120)
+        [entry] = json.loads((await jp_fetch("mlcloud", "runs")).body)["runs"]
+        assert entry["run"] == run.id and entry["status"] == "finished"
+        assert entry["cluster"] == "with-runs" and entry["step"] == 3
+        assert entry["points"] == 3 and entry["last"] == {"loss": pytest.approx(1 / 3)}

@@ -8,6 +8,9 @@ from .handlers import route_table
 
 
 def _load_jupyter_server_extension(server_app: Any) -> None:
+    from .. import clusters
+
+    clusters.OWNER = "jupyter-server"  # clusters started from the sidebar say who holds them
     web_app = server_app.web_app
     base_url = web_app.settings["base_url"]
     web_app.add_handlers(".*$", route_table(base_url))

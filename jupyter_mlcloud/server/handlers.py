@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,18 +10,97 @@ import tornado.web
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
-from .. import clusters
+from .. import clusters, runs
+
+# What the "new cluster" form may send, and the API option each one is.
+START_OPTIONS = ("name", "workers", "threads_per_worker", "memory_limit", "gpu", "adapt")
 
 
-class ClustersHandler(APIHandler):
-    """``GET /mlcloud/clusters``: every discovered cluster with live worker figures."""
+class _Handler(APIHandler):
+    """JSON in and out; a ValueError from the API becomes a 400 with its one sentence."""
+
+    def body(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise tornado.web.HTTPError(400, reason="the request body is not JSON") from None
+        if not isinstance(data, dict):
+            raise tornado.web.HTTPError(400, reason="the request body must be a JSON object")
+        return data
+
+    async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking API call off the event loop; ValueError -> 400 with its message."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lambda: fn(*args, **kwargs))
+        except ValueError as e:
+            self.set_status(400)
+            self.finish(json.dumps({"message": str(e)}))
+            return None
+
+    def refuse(self, status: int, message: str) -> None:
+        self.set_status(status)
+        self.finish(json.dumps({"message": message}))
+
+
+class ClustersHandler(_Handler):
+    """``GET /mlcloud/clusters``: every discovered cluster, live figures.
+    ``POST``: start a cluster owned by this server (JSON options as ``mlcloud.up``)."""
 
     @tornado.web.authenticated
     async def get(self) -> None:
         entries = await clusters.list_clusters_async(timeout=2.0)
         self.finish(json.dumps({"clusters": entries}))
 
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        options = self.body()
+        unknown = sorted(set(options) - set(START_OPTIONS))
+        if unknown:
+            return self.refuse(400, f"unknown options {unknown}; allowed: {list(START_OPTIONS)}.")
+        handle = await self.call(clusters.up, **options)
+        if handle is not None:
+            self.set_status(201)
+            self.finish(json.dumps(await self.call(handle.info)))
+
+
+class ClusterHandler(_Handler):
+    """``PATCH /mlcloud/clusters/<name>`` with ``{"workers": N}`` or
+    ``{"adapt": [MIN, MAX]}``; ``DELETE`` shuts a cluster of this server down."""
+
+    @tornado.web.authenticated
+    async def patch(self, name: str) -> None:
+        change = self.body()
+        if set(change) == {"workers"}:
+            done = await self.call(clusters.scale, change["workers"], name=name)
+        elif set(change) == {"adapt"} and isinstance(change["adapt"], list):
+            done = await self.call(clusters.adapt, *change["adapt"], name=name)
+        else:
+            return self.refuse(400, 'send {"workers": N} or {"adapt": [MIN, MAX]}.')
+        if done is not None:
+            self.finish(json.dumps({"name": name, **change}))
+
+    @tornado.web.authenticated
+    async def delete(self, name: str) -> None:
+        closed = await self.call(clusters.down, name=name)
+        if closed is not None:
+            self.set_status(204)
+            self.finish()
+
+
+class RunsHandler(_Handler):
+    """``GET /mlcloud/runs``: every training run on the discovered clusters, newest first."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        self.finish(json.dumps({"runs": await runs.list_runs(timeout=2.0)}))
+
 
 def route_table(base_url: str) -> list[tuple[str, Any]]:
     """The extension's routes, under ``base_url``."""
-    return [(url_path_join(base_url, "mlcloud", "clusters"), ClustersHandler)]
+    root = url_path_join(base_url, "mlcloud")
+    return [
+        (url_path_join(root, "clusters"), ClustersHandler),
+        (url_path_join(root, "clusters", r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"), ClusterHandler),
+        (url_path_join(root, "runs"), RunsHandler),
+    ]
