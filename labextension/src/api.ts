@@ -1,37 +1,159 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-/** One cluster as the server lists it (see jupyter_mlcloud.clusters.list_clusters). */
+/** One cluster as the server lists it (see jupyter_mlcloud.clusters.list_clusters_async). */
 export interface ICluster {
   name: string;
   kind: string;
   address: string | null;
   dashboard: string | null;
   pid: number;
-  host: string;
   owner: string;
   status: string;
-  tls: boolean;
   workers: number | null;
   threads: number | null;
+  /** Total worker memory in bytes. */
   memory: number | null;
   gpus: number | null;
-  reachable: boolean;
+  host?: string;
+  tls?: boolean;
+  /** False when the scheduler did not answer the server's probe in time. */
+  reachable?: boolean;
 }
 
-/** GET a JSON document under the extension's REST namespace, `<base>/mlcloud/...`. */
-export async function requestAPI<T>(path: string): Promise<T> {
+/** The longest error text the panel shows; the server's messages are one sentence. */
+const MAX_MESSAGE = 200;
+
+/** An error with a short, user-facing message (never a stack trace). */
+export class APIError extends Error {
+  constructor(message: string) {
+    super(message.length > MAX_MESSAGE ? `${message.slice(0, MAX_MESSAGE - 1)}…` : message);
+    this.name = 'APIError';
+  }
+}
+
+/** The server's own one-line explanation of a failed response, when it sent one. */
+async function failureMessage(response: Response): Promise<string> {
+  let detail = '';
+  try {
+    const body = (await response.json()) as { message?: unknown; reason?: unknown };
+    const message = body.message ?? body.reason;
+    if (typeof message === 'string') {
+      detail = message.split('\n')[0];
+    }
+  } catch {
+    // Not JSON (a proxy's HTML page, say): the status line says enough.
+  }
+  const status = `${response.status} ${response.statusText}`.trim();
+  return detail ? `${detail} (${status})` : `the server answered ${status}`;
+}
+
+/**
+ * Call the extension's REST API under `<baseUrl>mlcloud/<path>` and return the decoded JSON
+ * (undefined for an empty answer such as 204). Every failure becomes an `APIError`.
+ */
+export async function requestAPI<T>(path: string, init: RequestInit = {}): Promise<T> {
   const settings = ServerConnection.makeSettings();
   const url = URLExt.join(settings.baseUrl, 'mlcloud', path);
-  const response = await ServerConnection.makeRequest(url, {}, settings);
-  if (!response.ok) {
-    throw new Error(`the server answered ${response.status} ${response.statusText}`);
+  let response: Response;
+  try {
+    response = await ServerConnection.makeRequest(url, init, settings);
+  } catch (reason) {
+    throw new APIError(`the Jupyter server cannot be reached (${errorText(reason)})`);
   }
-  return (await response.json()) as T;
+  if (!response.ok) {
+    throw new APIError(await failureMessage(response));
+  }
+  const text = await response.text();
+  if (!text) {
+    return undefined as T;
+  }
+  try {
+    return JSON.parse(text) as T;
+  } catch {
+    throw new APIError('the server answered something that is not JSON');
+  }
 }
 
 /** Every discovered cluster, with live worker figures. */
 export async function listClusters(): Promise<ICluster[]> {
-  const body = await requestAPI<{ clusters: ICluster[] }>('clusters');
+  const body = await requestAPI<{ clusters?: ICluster[] }>('clusters');
+  if (!body || !Array.isArray(body.clusters)) {
+    throw new APIError('the server answered without a cluster list');
+  }
   return body.clusters;
+}
+
+/** The first line of whatever was thrown: an Error's message, or its string form. */
+export function errorText(reason: unknown): string {
+  const text = reason instanceof Error ? reason.message : String(reason);
+  return text.split('\n')[0] || 'unknown error';
+}
+
+/** One training run as the server lists it (see jupyter_mlcloud.runs.list_runs). */
+export interface IRun {
+  run: string;
+  /** "running", "finished", "error", "cancelled", ... as the launcher logged it. */
+  status: string;
+  cluster: string;
+  started: number;
+  ended: number | null;
+  workers?: string[];
+  pid?: number | null;
+  /** How many metric points the ranks logged. */
+  points: number;
+  step: number | null;
+  /** The last logged point's metrics (loss, ...), without rank/step/epoch/time. */
+  last: { [metric: string]: number };
+}
+
+/** Every training run on the discovered clusters, newest first. */
+export async function listRuns(): Promise<IRun[]> {
+  const body = await requestAPI<{ runs?: IRun[] }>('runs');
+  if (!body || !Array.isArray(body.runs)) {
+    throw new APIError('the server answered without a run list');
+  }
+  return body.runs;
+}
+
+/** Options of `POST /mlcloud/clusters` (the server's START_OPTIONS, as `mlcloud.up`). */
+export interface IStartOptions {
+  name?: string;
+  workers?: number;
+  threads_per_worker?: number;
+  memory_limit?: string | number;
+  gpu?: boolean;
+  adapt?: string;
+}
+
+function jsonRequest(method: string, body: unknown): RequestInit {
+  return {
+    method,
+    body: JSON.stringify(body),
+    headers: { 'Content-Type': 'application/json' }
+  };
+}
+
+function clusterPath(name: string): string {
+  return URLExt.join('clusters', encodeURIComponent(name));
+}
+
+/** Start a cluster held by the Jupyter server; resolves to its description. */
+export async function startCluster(options: IStartOptions): Promise<ICluster> {
+  return requestAPI<ICluster>('clusters', jsonRequest('POST', options));
+}
+
+/** Set a server-held cluster's worker count. */
+export async function scaleCluster(name: string, workers: number): Promise<void> {
+  await requestAPI<unknown>(clusterPath(name), jsonRequest('PATCH', { workers }));
+}
+
+/** Turn on adaptive scaling between `minimum` and `maximum` workers. */
+export async function adaptCluster(name: string, minimum: number, maximum: number): Promise<void> {
+  await requestAPI<unknown>(clusterPath(name), jsonRequest('PATCH', { adapt: [minimum, maximum] }));
+}
+
+/** Shut a server-held cluster down. */
+export async function shutDownCluster(name: string): Promise<void> {
+  await requestAPI<unknown>(clusterPath(name), { method: 'DELETE' });
 }

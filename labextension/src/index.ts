@@ -1,29 +1,40 @@
-import {
-  ILayoutRestorer,
-  JupyterFrontEnd,
-  JupyterFrontEndPlugin
-} from '@jupyterlab/application';
-import { LabIcon } from '@jupyterlab/ui-components';
+import { ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
+import { ICommandPalette } from '@jupyterlab/apputils';
 
+import { cloudIcon } from './icon';
 import { MLCloudSidebar } from './sidebar';
 
-const ICON_SVG = `<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 24 24">
-  <path class="jp-icon3" fill="#616161" d="M19 18H6a4 4 0 0 1-.6-7.96A6 6 0 0 1 17.2 8.1 5 5 0 0 1 19 18z"/>
-</svg>`;
-
-export const cloudIcon = new LabIcon({ name: 'jupyter-mlcloud:cloud', svgstr: ICON_SVG });
+/** Show the ML Cloud panel (and refresh it). */
+export const OPEN_COMMAND = 'jupyter-mlcloud:open';
 
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-mlcloud:plugin',
   description: 'ML Cloud sidebar: Dask clusters for distributed PyTorch.',
   autoStart: true,
-  optional: [ILayoutRestorer],
-  activate: (app: JupyterFrontEnd, restorer: ILayoutRestorer | null) => {
+  optional: [ILayoutRestorer, ICommandPalette],
+  activate: (
+    app: JupyterFrontEnd,
+    restorer: ILayoutRestorer | null,
+    palette: ICommandPalette | null
+  ) => {
     const sidebar = new MLCloudSidebar();
     sidebar.title.icon = cloudIcon;
     app.shell.add(sidebar, 'left', { rank: 200 });
     if (restorer) {
       restorer.add(sidebar, sidebar.id);
+    }
+
+    app.commands.addCommand(OPEN_COMMAND, {
+      label: 'Show ML Cloud Clusters',
+      caption: 'Open the ML Cloud sidebar',
+      icon: cloudIcon,
+      execute: () => {
+        app.shell.activateById(sidebar.id);
+        return sidebar.refresh();
+      }
+    });
+    if (palette) {
+      palette.addItem({ command: OPEN_COMMAND, category: 'ML Cloud' });
     }
   }
 };

@@ -1,29 +1,86 @@
 import { Widget } from '@lumino/widgets';
 
-import { ICluster, listClusters } from './api';
+import {
+  ICluster,
+  IRun,
+  IStartOptions,
+  errorText,
+  listClusters,
+  listRuns,
+  scaleCluster,
+  shutDownCluster,
+  startCluster
+} from './api';
 
-const REFRESH_MS = 3000;
+/** How often the lists are refreshed while the panel is visible. */
+export const REFRESH_MS = 3000;
 
-function formatBytes(bytes: number | null): string {
-  if (!bytes) {
+export const EMPTY_MESSAGE = 'No clusters yet. Start one in a notebook with %mlcloud up';
+export const NO_RUNS_MESSAGE = 'No runs yet. Train with %%distributed_train';
+
+const GIB = 2 ** 30;
+
+/** Bytes as GiB with one decimal ("-" when unknown). */
+export function formatBytes(bytes: number | null | undefined): string {
+  if (bytes === null || bytes === undefined || !Number.isFinite(bytes)) {
     return '-';
   }
-  return `${(bytes / 2 ** 30).toFixed(1)} GiB`;
+  return `${(bytes / GIB).toFixed(1)} GiB`;
 }
 
+function count(value: number | null | undefined): string {
+  return value === null || value === undefined ? '-' : String(value);
+}
+
+/** A new element; text always goes in as textContent, never as markup. */
 function element(tag: string, className: string, text?: string): HTMLElement {
   const node = document.createElement(tag);
-  node.className = className;
+  if (className) {
+    node.className = className;
+  }
   if (text !== undefined) {
-    node.textContent = text; // never innerHTML: names and addresses come from files
+    node.textContent = text; // names and addresses come from files on disk: never innerHTML
   }
   return node;
 }
 
-/** The "ML Cloud" panel: every cluster on this machine, refreshed every few seconds. */
+function button(className: string, label: string, onClick: () => void): HTMLButtonElement {
+  const node = element('button', `jp-mlcloud-button ${className}`, label) as HTMLButtonElement;
+  node.type = 'button';
+  node.addEventListener('click', onClick);
+  return node;
+}
+
+function input(className: string, placeholder: string, type = 'text'): HTMLInputElement {
+  const node = element('input', `jp-mlcloud-input ${className}`) as HTMLInputElement;
+  node.type = type;
+  node.placeholder = placeholder;
+  node.setAttribute('aria-label', placeholder);
+  return node;
+}
+
+/** Only http(s) dashboards become links (a discovery file could hold anything). */
+function isWebAddress(address: string): boolean {
+  try {
+    const { protocol } = new URL(address);
+    return protocol === 'http:' || protocol === 'https:';
+  } catch {
+    return false;
+  }
+}
+
+/** The "ML Cloud" panel: clusters (with actions), a new-cluster form, training runs. */
 export class MLCloudSidebar extends Widget {
-  private list: HTMLElement;
+  private readonly clusters: HTMLElement;
+  private readonly runs: HTMLElement;
+  private readonly message: HTMLElement;
   private timer: number | undefined;
+  private pending: Promise<void> | null = null;
+  /** What each list shows now, so an unchanged answer does not redraw (and wipe inputs). */
+  private shownClusters = '';
+  private shownRuns = '';
+  /** Worker counts typed into scale boxes and not applied yet, by cluster name. */
+  private readonly scaleDrafts = new Map<string, string>();
 
   constructor() {
     super();
@@ -33,94 +90,307 @@ export class MLCloudSidebar extends Widget {
 
     const header = element('div', 'jp-mlcloud-header');
     header.appendChild(element('span', 'jp-mlcloud-title', 'ML Cloud'));
-    const refresh = element('button', 'jp-mlcloud-refresh jp-Button', 'Refresh');
-    refresh.title = 'Refresh the cluster list';
-    refresh.addEventListener('click', () => void this.refresh());
+    const refresh = button('jp-mlcloud-refresh jp-Button', 'Refresh', () => void this.refresh());
+    refresh.title = 'Refresh the cluster and run lists';
     header.appendChild(refresh);
     this.node.appendChild(header);
+    this.message = element('div', 'jp-mlcloud-message');
+    this.message.setAttribute('aria-live', 'polite');
+    this.node.appendChild(this.message);
 
     this.node.appendChild(element('div', 'jp-mlcloud-section', 'Clusters'));
-    this.list = element('div', 'jp-mlcloud-clusters');
-    this.node.appendChild(this.list);
+    this.clusters = element('div', 'jp-mlcloud-clusters');
+    this.node.appendChild(this.clusters);
+    this.node.appendChild(this.newClusterForm());
+
+    this.node.appendChild(element('div', 'jp-mlcloud-section', 'Training runs'));
+    this.runs = element('div', 'jp-mlcloud-runs');
+    this.node.appendChild(this.runs);
+  }
+
+  /**
+   * Fetch clusters and runs and redraw what changed. While a request is in flight, callers
+   * share it, so a slow server never has several answers racing to draw.
+   */
+  refresh(): Promise<void> {
+    if (!this.pending) {
+      this.pending = this.fetchAndRender().finally(() => {
+        this.pending = null;
+      });
+    }
+    return this.pending;
+  }
+
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this.stopTimer();
+    super.dispose();
   }
 
   protected onAfterAttach(): void {
-    void this.refresh();
+    this.stopTimer();
     this.timer = window.setInterval(() => {
       if (this.isVisible) {
         void this.refresh();
       }
     }, REFRESH_MS);
+    void this.refresh();
   }
 
   protected onBeforeDetach(): void {
-    window.clearInterval(this.timer);
-    this.timer = undefined;
+    this.stopTimer();
   }
 
-  dispose(): void {
-    window.clearInterval(this.timer);
-    super.dispose();
+  /** Polling pauses while the panel is collapsed: catch up at once when it is shown. */
+  protected onAfterShow(): void {
+    void this.refresh();
   }
 
-  /** Fetch the clusters and redraw the list. */
-  async refresh(): Promise<void> {
-    let clusters: ICluster[];
+  private stopTimer(): void {
+    if (this.timer !== undefined) {
+      window.clearInterval(this.timer);
+      this.timer = undefined;
+    }
+  }
+
+  private async fetchAndRender(): Promise<void> {
+    // Independent: a slow or failing run listing never hides the clusters.
+    const [clusters, runs] = await Promise.allSettled([listClusters(), listRuns()]);
+    if (this.isDisposed) {
+      return;
+    }
+    this.renderClusters(clusters);
+    this.renderRuns(runs);
+  }
+
+  private renderClusters(result: PromiseSettledResult<ICluster[]>): void {
+    const state =
+      result.status === 'fulfilled'
+        ? JSON.stringify(result.value)
+        : `error:${errorText(result.reason)}`;
+    if (state === this.shownClusters) {
+      return;
+    }
+    this.shownClusters = state;
+    if (result.status === 'rejected') {
+      this.clusters.replaceChildren(
+        element('div', 'jp-mlcloud-error', `Cannot list clusters: ${errorText(result.reason)}`)
+      );
+    } else if (result.value.length === 0) {
+      this.clusters.replaceChildren(element('div', 'jp-mlcloud-empty', EMPTY_MESSAGE));
+    } else {
+      const names = new Set(result.value.map(c => c.name));
+      for (const name of [...this.scaleDrafts.keys()].filter(n => !names.has(n))) {
+        this.scaleDrafts.delete(name);
+      }
+      const focused = this.focusedScaleBox();
+      this.clusters.replaceChildren(...result.value.map(c => this.renderCluster(c)));
+      if (focused) {
+        this.scaleBox(focused)?.focus();
+      }
+    }
+  }
+
+  /** The cluster whose scale box has the keyboard focus, if any. */
+  private focusedScaleBox(): string | undefined {
+    const active = document.activeElement;
+    if (!(active instanceof HTMLInputElement) || !this.clusters.contains(active)) {
+      return undefined;
+    }
+    return active.closest<HTMLElement>('.jp-mlcloud-cluster')?.dataset.clusterName;
+  }
+
+  private scaleBox(clusterName: string): HTMLInputElement | undefined {
+    for (const card of Array.from(
+      this.clusters.querySelectorAll<HTMLElement>('.jp-mlcloud-cluster')
+    )) {
+      if (card.dataset.clusterName === clusterName) {
+        return card.querySelector<HTMLInputElement>('.jp-mlcloud-scale-to') ?? undefined;
+      }
+    }
+    return undefined;
+  }
+
+  private renderRuns(result: PromiseSettledResult<IRun[]>): void {
+    const state =
+      result.status === 'fulfilled'
+        ? JSON.stringify(result.value)
+        : `error:${errorText(result.reason)}`;
+    if (state === this.shownRuns) {
+      return;
+    }
+    this.shownRuns = state;
+    if (result.status === 'rejected') {
+      this.runs.replaceChildren(
+        element('div', 'jp-mlcloud-runs-error', `Cannot list runs: ${errorText(result.reason)}`)
+      );
+    } else if (result.value.length === 0) {
+      this.runs.replaceChildren(element('div', 'jp-mlcloud-runs-empty', NO_RUNS_MESSAGE));
+    } else {
+      this.runs.replaceChildren(...result.value.map(renderRun));
+    }
+  }
+
+  /** Run an action, show its outcome (the server's one sentence on failure), refresh. */
+  private async act(what: string, action: () => Promise<unknown>): Promise<void> {
+    this.message.className = 'jp-mlcloud-message';
+    this.message.textContent = `${what}...`;
     try {
-      clusters = await listClusters();
+      await action();
+      this.message.textContent = `${what}: done.`;
     } catch (reason) {
-      this.list.replaceChildren(
-        element('div', 'jp-mlcloud-error', `Cannot list clusters: ${(reason as Error).message}`)
-      );
-      return;
+      this.message.className = 'jp-mlcloud-message jp-mlcloud-message-error';
+      this.message.textContent = `${what} failed: ${errorText(reason)}`;
     }
-    if (clusters.length === 0) {
-      this.list.replaceChildren(
-        element('div', 'jp-mlcloud-empty', 'No clusters yet. Start one in a notebook with %mlcloud up')
-      );
-      return;
+    if (!this.isDisposed) {
+      await this.refresh();
     }
-    this.list.replaceChildren(...clusters.map(renderCluster));
+  }
+
+  private newClusterForm(): HTMLElement {
+    const form = element('div', 'jp-mlcloud-new');
+    form.appendChild(element('div', 'jp-mlcloud-section', 'New cluster'));
+    const name = input('jp-mlcloud-new-name', 'name (optional)');
+    const workers = input('jp-mlcloud-new-workers', 'workers', 'number');
+    workers.min = '1';
+    const adapt = input('jp-mlcloud-new-adapt', 'adapt MIN:MAX (optional)');
+    const kind = element('select', 'jp-mlcloud-input jp-mlcloud-new-kind') as HTMLSelectElement;
+    kind.setAttribute('aria-label', 'worker kind');
+    for (const [value, label] of [
+      ['auto', 'GPU if present'],
+      ['cpu', 'CPU'],
+      ['gpu', 'GPU']
+    ]) {
+      const option = document.createElement('option');
+      option.value = value;
+      option.textContent = label;
+      kind.appendChild(option);
+    }
+    form.append(name, workers, adapt, kind);
+    form.appendChild(
+      button('jp-mlcloud-start', 'Start', () => {
+        const options: IStartOptions = {};
+        if (name.value.trim()) {
+          options.name = name.value.trim();
+        }
+        if (workers.value) {
+          options.workers = Number(workers.value);
+        }
+        if (adapt.value.trim()) {
+          options.adapt = adapt.value.trim();
+        }
+        if (kind.value !== 'auto') {
+          options.gpu = kind.value === 'gpu';
+        }
+        void this.act('Starting a cluster', () => startCluster(options));
+      })
+    );
+    return form;
+  }
+
+  /** One cluster's card: name and kind, figures, address, owner, dashboard, actions. */
+  private renderCluster(cluster: ICluster): HTMLElement {
+    const card = element('div', 'jp-mlcloud-cluster');
+    card.dataset.clusterName = cluster.name;
+
+    const title = element('div', 'jp-mlcloud-cluster-title');
+    title.appendChild(element('span', 'jp-mlcloud-cluster-name', cluster.name));
+    title.appendChild(element('span', 'jp-mlcloud-cluster-kind', cluster.kind));
+    card.appendChild(title);
+
+    const figures = element('div', 'jp-mlcloud-cluster-figures');
+    const cells: [string, string, string][] =
+      cluster.reachable === false
+        ? [
+            cluster.status === 'starting'
+              ? ['status', 'starting', '']
+              : [
+                  'status',
+                  cluster.tls ? 'TLS' : 'unreachable',
+                  cluster.tls ? 'figures need certificates' : 'scheduler not answering'
+                ]
+          ]
+        : [
+            ['workers', count(cluster.workers), 'workers'],
+            ['threads', count(cluster.threads), 'threads'],
+            ['memory', formatBytes(cluster.memory), 'memory'],
+            ['gpus', count(cluster.gpus ?? 0), 'GPUs']
+          ];
+    for (const [key, value, label] of cells) {
+      const cell = element('span', `jp-mlcloud-figure jp-mlcloud-${key}`);
+      cell.appendChild(element('b', '', value));
+      if (label) {
+        cell.appendChild(document.createTextNode(` ${label}`));
+      }
+      figures.appendChild(cell);
+    }
+    card.appendChild(figures);
+
+    const details = element('div', 'jp-mlcloud-cluster-details');
+    details.appendChild(element('code', 'jp-mlcloud-address', cluster.address ?? 'no address'));
+    const about = [cluster.status, cluster.owner, `pid ${cluster.pid}`].filter(Boolean);
+    details.appendChild(element('span', 'jp-mlcloud-owner', ` · ${about.join(' · ')}`));
+    card.appendChild(details);
+
+    const actions = element('div', 'jp-mlcloud-actions');
+    if (cluster.dashboard && isWebAddress(cluster.dashboard)) {
+      const link = element('a', 'jp-mlcloud-dashboard', 'Dashboard') as HTMLAnchorElement;
+      link.href = cluster.dashboard;
+      link.target = '_blank';
+      link.rel = 'noopener noreferrer';
+      link.title = cluster.dashboard;
+      actions.appendChild(link);
+    }
+    if (cluster.owner === 'jupyter-server') {
+      // Clusters of other processes (kernels, scripts) are managed where they were started.
+      const size = input('jp-mlcloud-scale-to', 'workers', 'number');
+      size.min = '0';
+      // A redraw (figures changed) keeps what the user is typing.
+      size.value = this.scaleDrafts.get(cluster.name) ?? String(cluster.workers ?? 1);
+      size.addEventListener('input', () => this.scaleDrafts.set(cluster.name, size.value));
+      actions.appendChild(size);
+      actions.appendChild(
+        button('jp-mlcloud-scale', 'Scale', () => {
+          this.scaleDrafts.delete(cluster.name);
+          void this.act(`Scaling ${cluster.name}`, () =>
+            scaleCluster(cluster.name, Number(size.value))
+          );
+        })
+      );
+      actions.appendChild(
+        button('jp-mlcloud-shutdown', 'Shut down', () => {
+          void this.act(`Shutting down ${cluster.name}`, () => shutDownCluster(cluster.name));
+        })
+      );
+    }
+    if (actions.childElementCount > 0) {
+      card.appendChild(actions);
+    }
+    return card;
   }
 }
 
-function renderCluster(cluster: ICluster): HTMLElement {
-  const card = element('div', 'jp-mlcloud-cluster');
-  card.dataset.clusterName = cluster.name;
-
-  const title = element('div', 'jp-mlcloud-cluster-title');
-  title.appendChild(element('span', 'jp-mlcloud-cluster-name', cluster.name));
-  title.appendChild(element('span', 'jp-mlcloud-cluster-kind', cluster.kind));
-  card.appendChild(title);
-
-  const figures = element('div', 'jp-mlcloud-cluster-figures');
-  const cells: [string, string][] = cluster.reachable
-    ? [
-        ['workers', String(cluster.workers ?? '-')],
-        ['threads', String(cluster.threads ?? '-')],
-        ['memory', formatBytes(cluster.memory)],
-        ['GPUs', String(cluster.gpus ?? 0)]
-      ]
-    : [['status', cluster.tls ? 'TLS: figures hidden' : 'scheduler not answering']];
-  for (const [label, value] of cells) {
-    const cell = element('span', `jp-mlcloud-figure jp-mlcloud-${label.toLowerCase()}`);
-    cell.appendChild(element('b', '', value));
-    cell.appendChild(document.createTextNode(` ${label}`));
-    figures.appendChild(cell);
+/** One run's row: id, status, cluster, last step and metrics. */
+function renderRun(run: IRun): HTMLElement {
+  const row = element('div', 'jp-mlcloud-run');
+  row.dataset.runId = run.run;
+  row.dataset.runStatus = run.status;
+  if (/^[a-z-]+$/.test(run.status)) {
+    row.classList.add(`jp-mlcloud-run-${run.status}`); // e.g. jp-mlcloud-run-error
   }
-  card.appendChild(figures);
-
-  const details = element('div', 'jp-mlcloud-cluster-details');
-  details.appendChild(element('code', '', cluster.address ?? ''));
-  details.appendChild(element('span', '', ` · ${cluster.owner} pid ${cluster.pid}`));
-  card.appendChild(details);
-
-  if (cluster.dashboard) {
-    const link = element('a', 'jp-mlcloud-dashboard', 'Dashboard') as HTMLAnchorElement;
-    link.href = cluster.dashboard;
-    link.target = '_blank';
-    link.rel = 'noopener noreferrer';
-    card.appendChild(link);
-  }
-  return card;
+  row.appendChild(element('span', 'jp-mlcloud-run-id', run.run));
+  row.appendChild(element('span', 'jp-mlcloud-run-status', run.status));
+  const metrics = Object.entries(run.last ?? {})
+    .map(([k, v]) => `${k} ${typeof v === 'number' ? v.toPrecision(4) : String(v)}`)
+    .join(' · ');
+  row.appendChild(
+    element(
+      'div',
+      'jp-mlcloud-run-detail',
+      `${run.cluster} · step ${count(run.step)}${metrics ? ` · ${metrics}` : ''}`
+    )
+  );
+  return row;
 }

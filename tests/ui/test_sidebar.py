@@ -66,3 +66,61 @@ def test_sidebar_restores_after_reload(lab: Lab, page: Any) -> None:
     page.reload()
     page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
     assert page.locator("#mlcloud-sidebar").is_visible()
+
+
+def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
+    page.goto(f"{lab.url}/lab?token={lab.token}")
+    _open_sidebar(page)
+    sidebar = page.locator("#mlcloud-sidebar")
+
+    # A cluster from the "new cluster" form, held by the Jupyter server.
+    sidebar.locator(".jp-mlcloud-new-name").fill("from-form")
+    sidebar.locator(".jp-mlcloud-new-workers").fill("1")
+    sidebar.locator(".jp-mlcloud-start").click()
+    card = sidebar.locator('.jp-mlcloud-cluster[data-cluster-name="from-form"]')
+    card.wait_for(timeout=60_000)
+    page.wait_for_function(
+        """() => document.querySelector(
+             '#mlcloud-sidebar [data-cluster-name="from-form"] .jp-mlcloud-workers b'
+           )?.textContent === '1'""", timeout=60_000)
+
+    # A bad form value gets the server's sentence, not a stack trace.
+    sidebar.locator(".jp-mlcloud-new-name").fill("bad name")
+    sidebar.locator(".jp-mlcloud-start").click()
+    page.get_by_text("cluster name 'bad name' is not allowed").wait_for()
+
+    # A training run in a notebook kernel, attached to that cluster, shows in the run list.
+    lab.api("PUT", "/api/contents/train.ipynb", {
+        "type": "notebook", "format": "json",
+        "content": {"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}},
+    })
+    page.goto(f"{lab.url}/lab/tree/train.ipynb?token={lab.token}")
+    _open_sidebar(page)
+    page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
+    editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
+    editor.click()
+    editor.fill("import jupyter_mlcloud as mlc\nmlc.connect('from-form')\n"
+                "def fn(ctx):\n"
+                "    for step in range(5):\n"
+                "        ctx.report(loss=1.0 / (step + 1))\n"
+                "mlc.train(fn).result(120)")
+    page.keyboard.press("Shift+Enter")
+    run = sidebar.locator(".jp-mlcloud-run").first
+    run.wait_for(timeout=120_000)
+    page.wait_for_function(
+        "() => document.querySelector('#mlcloud-sidebar .jp-mlcloud-run')"
+        "?.dataset.runStatus === 'finished'", timeout=60_000)
+    assert "step 5" in run.inner_text() and "loss" in run.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "sidebar-run.png"))
+
+    # Scale, then shut down, from the sidebar.
+    card = sidebar.locator('.jp-mlcloud-cluster[data-cluster-name="from-form"]')
+    card.locator(".jp-mlcloud-scale-to").fill("2")
+    card.locator(".jp-mlcloud-scale").click()
+    page.wait_for_function(
+        """() => document.querySelector(
+             '#mlcloud-sidebar [data-cluster-name="from-form"] .jp-mlcloud-workers b'
+           )?.textContent === '2'""", timeout=60_000)
+    card.locator(".jp-mlcloud-shutdown").click()
+    card.wait_for(state="detached", timeout=60_000)
