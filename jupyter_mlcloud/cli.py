@@ -12,9 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 EXIT_OK, EXIT_USAGE, EXIT_CLUSTER, EXIT_FAILED = 0, 2, 3, 4
+
+
+def add_score_options(p: argparse.ArgumentParser, integer: Callable[[str], int] = int) -> None:
+    """The options `mlc.score` takes, as flags (shared with the %batch_score magics)."""
+    p.add_argument("--features", help="comma-separated variables or columns, in model order")
+    p.add_argument("--sample-dim", help="the sample dimension (default: the first)")
+    p.add_argument("--batch-size", type=integer, default=1024, help="rows per batch (1024)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", help="input dtype, e.g. float32 or bfloat16")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,12 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help=".zarr store (or .parquet for tables)")
     p.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
     p.add_argument("--workers", type=int, help="workers of the local cluster (default: auto)")
-    p.add_argument("--features", help="comma-separated variables or columns, in model order")
-    p.add_argument("--sample-dim", help="the sample dimension (default: the first)")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per batch (1024)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", help="input dtype, e.g. float32 or bfloat16")
+    add_score_options(p)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the scheduler")
     return parser
 

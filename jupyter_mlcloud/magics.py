@@ -12,6 +12,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.display import display
 
 from . import clusters
+from .cli import add_score_options
 
 SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect")
 
@@ -107,13 +108,8 @@ def _build_score_parser(prog: str, data: bool) -> _Parser:
     if data:
         p.add_argument("data", help="a notebook name, or a path/URL to zarr, parquet or netCDF")
     p.add_argument("--out", help="notebook name for the result (default: _)")
-    p.add_argument("--sample-dim", help="the sample dimension (default: the first)")
-    p.add_argument("--features", help="comma-separated variables or columns, in model order")
-    p.add_argument("--batch-size", type=_int, default=1024, help="rows per batch (1024)")
     p.add_argument("--output", help="write to this .zarr / .parquet path")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", help="input dtype, e.g. float32 or bfloat16")
+    add_score_options(p, integer=_int)
     p.add_argument("--cluster", help="cluster name (default: the current one)")
     return p
 

@@ -11,6 +11,14 @@ from .conftest import ARTIFACTS, Lab
 CELL = "%load_ext jupyter_mlcloud\n%mlcloud up --workers 1 --name from-notebook"
 
 
+def _new_notebook(lab: Lab, name: str) -> None:
+    lab.api("PUT", f"/api/contents/{name}", {
+        "type": "notebook", "format": "json",
+        "content": {"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}},
+    })
+
+
 def _open_sidebar(page: Any) -> None:
     tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
     tab.wait_for()
@@ -20,11 +28,7 @@ def _open_sidebar(page: Any) -> None:
 
 
 def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> None:
-    lab.api("PUT", "/api/contents/demo.ipynb", {
-        "type": "notebook", "format": "json",
-        "content": {"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}},
-    })
+    _new_notebook(lab, "demo.ipynb")
     page.goto(f"{lab.url}/lab/tree/demo.ipynb?token={lab.token}")
     _open_sidebar(page)
     page.locator("#mlcloud-sidebar .jp-mlcloud-empty").wait_for()
@@ -90,11 +94,7 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     page.get_by_text("cluster name 'bad name' is not allowed").wait_for()
 
     # A training run in a notebook kernel, attached to that cluster, shows in the run list.
-    lab.api("PUT", "/api/contents/train.ipynb", {
-        "type": "notebook", "format": "json",
-        "content": {"cells": [], "nbformat": 4, "nbformat_minor": 5, "metadata": {
-            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}},
-    })
+    _new_notebook(lab, "train.ipynb")
     page.goto(f"{lab.url}/lab/tree/train.ipynb?token={lab.token}")
     _open_sidebar(page)
     page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
