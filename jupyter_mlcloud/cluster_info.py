@@ -43,6 +43,31 @@ async def events(address: str, topic: str, timeout: float = 2.0) -> list[tuple[f
         return []
 
 
+async def worker_resources(address: str, timeout: float = 2.0) -> dict[str, list[Any]] | None:
+    """Per-worker CPU %, memory and GPU figures, as columns; None if the scheduler is silent."""
+    from distributed.core import rpc
+
+    async def ask() -> dict[str, Any]:
+        async with rpc(address, timeout=timeout) as scheduler:
+            return await scheduler.identity()
+
+    try:
+        workers = (await asyncio.wait_for(ask(), timeout)).get("workers", {})
+    except Exception:
+        return None
+    columns: dict[str, list[Any]] = {"worker": [], "cpu": [], "memory_gib": [], "gpu_util": [],
+                                     "gpu_memory_gib": []}
+    for address_, info in sorted(workers.items()):
+        figures = info.get("metrics") or {}
+        gpu = figures.get("gpu") or {}
+        columns["worker"].append(str(info.get("name", address_)))
+        columns["cpu"].append(float(figures.get("cpu") or 0))
+        columns["memory_gib"].append(float(figures.get("memory") or 0) / 2**30)
+        columns["gpu_util"].append(float(gpu.get("utilization") or 0))
+        columns["gpu_memory_gib"].append(float(gpu.get("memory-used") or 0) / 2**30)
+    return columns
+
+
 async def probe(address: str, timeout: float = 2.0) -> Summary | None:
     """Ask the scheduler at ``address`` for its workers; None if it does not answer in time."""
     from distributed.core import rpc

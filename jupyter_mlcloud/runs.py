@@ -28,6 +28,29 @@ def fold_run_events(events: list[tuple[float, Any]]) -> dict[str, dict[str, Any]
     return runs
 
 
+def metric_columns(points: list[dict[str, Any]], history: int = 5000) -> dict[str, list[Any]]:
+    """Rank 0's points as columns: ``step`` and one list per metric (last ``history`` points)."""
+    mine = [p for p in points if p.get("rank") == 0][-history:]
+    names = sorted({k for p in mine for k in p} - {"rank", "step", "epoch", "time"})
+    columns: dict[str, list[Any]] = {"step": [p["step"] for p in mine]}
+    for name in names:
+        columns[name] = [p.get(name, float("nan")) for p in mine]
+    return columns
+
+
+async def run_points(run_id: str, *, timeout: float = 2.0) -> list[dict[str, Any]] | None:
+    """Every point of run ``run_id``, from whichever discovered cluster ran it; None if none."""
+    for record in discovery.list_records():
+        if not record.address or record.tls:
+            continue
+        known = fold_run_events(
+            await cluster_info.events(record.address, metrics.RUNS_TOPIC, timeout))
+        if run_id in known:
+            return metrics.items_of(await cluster_info.events(
+                record.address, metrics.metrics_topic(run_id), timeout))
+    return None
+
+
 async def list_runs(*, timeout: float = 2.0) -> list[dict[str, Any]]:
     """Every run on every reachable discovered cluster, newest first, with its last point."""
 

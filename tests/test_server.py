@@ -45,12 +45,19 @@ async def test_unreachable_scheduler_is_listed_as_unreachable(jp_fetch) -> None:
     discovery.remove("gone")
 
 
+SAMPLES = ("loss", "0123abcd", "some-cluster", "js/bokeh.min.js")
+
+
 def _sample_path(pattern: str) -> list[str]:
-    """A concrete URL for a route pattern: each regex group becomes a plausible name."""
-    return re.sub(r"\([^)]*\)", "some-cluster", pattern).strip("/").split("/")
+    """A concrete URL for a route pattern: each regex group becomes a value it matches."""
+
+    def value(group: re.Match) -> str:
+        return next(s for s in SAMPLES if re.fullmatch(group.group(0), s))
+
+    return re.sub(r"\([^)]*\)", value, pattern).strip("/").split("/")
 
 
-ROUTES = [p for p, _ in route_table("/")]
+ROUTES = [route[0] for route in route_table("/")]
 
 
 @pytest.mark.parametrize("pattern", ROUTES)
@@ -60,8 +67,11 @@ async def test_every_route_refuses_unauthenticated_requests(jp_fetch, pattern: s
     body = "{}" if method in ("POST", "PATCH") else None
     with pytest.raises(HTTPClientError) as err:
         await jp_fetch(*_sample_path(pattern), method=method, body=body,
-                       headers={"Authorization": ""})
-    assert err.value.code in (403, 405)  # 405: the route has no such method at all
+                       headers={"Authorization": ""}, follow_redirects=False)
+    # 403 (API routes) or a redirect to the login page (pages); 405: no such method at all.
+    assert err.value.code in (302, 403, 405)
+    if err.value.code == 302:
+        assert "login" in err.value.response.headers["Location"]
     assert discovery_files() == []
 
 
@@ -71,7 +81,7 @@ async def test_the_walk_covers_every_registered_mlcloud_route(jp_serverapp) -> N
         for rule in jp_serverapp.web_app.default_router.rules[0].target.rules
         if "mlcloud" in rule.matcher.regex.pattern
     }
-    expected = {p for p, _ in route_table(jp_serverapp.base_url)}
+    expected = {route[0] for route in route_table(jp_serverapp.base_url)}
     assert registered == expected  # so the auth walk above tries every route there is
 
 
@@ -127,3 +137,40 @@ async def test_runs_are_read_from_the_cluster_event_topics(jp_fetch) -> None:
         assert entry["run"] == run.id and entry["status"] == "finished"
         assert entry["cluster"] == "with-runs" and entry["step"] == 3
         assert entry["points"] == 3 and entry["last"] == {"loss": pytest.approx(1 / 3)}
+
+
+async def test_loss_panel_data_page_and_bokehjs(jp_fetch) -> None:
+    with mlc.up(workers=2, name="panels") as cluster:
+        def fn(ctx):
+            for step in range(4):
+                ctx.report(loss=1.0 / (step + 1), accuracy=step / 4)
+
+        run = mlc.train(fn, cluster=cluster)
+        run.result(timeout=120)
+        columns = json.loads((await jp_fetch("mlcloud", "runs", run.id, "metrics")).body)
+        assert columns["step"] == [1, 2, 3, 4]
+        assert columns["loss"] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4])
+        assert columns["accuracy"] == pytest.approx([0, 0.25, 0.5, 0.75])
+
+        page = (await jp_fetch("mlcloud", "panels", "loss", run.id)).body.decode()
+        assert "AjaxDataSource" in page and f"mlcloud/runs/{run.id}/metrics" in page
+        assert "mlcloud/bokeh/static/js/bokeh.min.js" in page and "cdn.bokeh" not in page
+        script = await jp_fetch("mlcloud", "bokeh", "static", "js", "bokeh.min.js")
+        assert script.code == 200 and b"Bokeh" in script.body[:2000]
+
+        resources = json.loads((await jp_fetch("mlcloud", "clusters", "panels",
+                                               "resources")).body)
+        assert len(resources["worker"]) == 2 and all(c >= 0 for c in resources["cpu"])
+        assert resources["gpu_util"] == [0.0, 0.0]  # no GPU here: zero rows, no error
+        page = (await jp_fetch("mlcloud", "panels", "resources", "panels")).body.decode()
+        assert "mlcloud/clusters/panels/resources" in page
+
+
+@pytest.mark.parametrize("path", [["runs", "0123abcd", "metrics"], ["panels", "loss", "0123abcd"],
+                                  ["clusters", "ghost", "resources"],
+                                  ["panels", "resources", "ghost"]])
+async def test_panels_for_things_that_do_not_exist_say_so(jp_fetch, path: list[str]) -> None:
+    with pytest.raises(HTTPClientError) as err:
+        await jp_fetch("mlcloud", *path)
+    assert err.value.code == 404
+    assert "no " in json.loads(err.value.response.body)["message"]

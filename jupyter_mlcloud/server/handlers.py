@@ -7,10 +7,10 @@ import json
 from typing import Any
 
 import tornado.web
-from jupyter_server.base.handlers import APIHandler
+from jupyter_server.base.handlers import APIHandler, AuthenticatedFileHandler
 from jupyter_server.utils import url_path_join
 
-from .. import clusters, runs
+from .. import cluster_info, clusters, discovery, panels, runs
 
 # What the "new cluster" form may send, and the API option each one is.
 START_OPTIONS = ("name", "workers", "threads_per_worker", "memory_limit", "gpu", "adapt")
@@ -88,6 +88,59 @@ class ClusterHandler(_Handler):
             self.finish()
 
 
+class RunMetricsHandler(_Handler):
+    """``GET /mlcloud/runs/<id>/metrics``: rank 0's points as columns (the loss panel's data)."""
+
+    @tornado.web.authenticated
+    async def get(self, run_id: str) -> None:
+        points = await runs.run_points(run_id)
+        if points is None:
+            return self.refuse(404, f"no run {run_id!r} on any discovered cluster.")
+        self.finish(json.dumps(runs.metric_columns(points)))
+
+
+class ClusterResourcesHandler(_Handler):
+    """``GET /mlcloud/clusters/<name>/resources``: per-worker CPU, memory, GPU columns."""
+
+    @tornado.web.authenticated
+    async def get(self, name: str) -> None:
+        record = discovery.get(name)
+        if record is None or not record.address:
+            return self.refuse(404, f"no cluster named {name!r}.")
+        columns = await cluster_info.worker_resources(record.address)
+        if columns is None:
+            return self.refuse(503, f"the scheduler of {name!r} is not answering; retrying.")
+        self.finish(json.dumps(columns))
+
+
+class PanelHandler(_Handler):
+    """``GET /mlcloud/panels/loss/<run>`` and ``/mlcloud/panels/resources/<cluster>``: the
+    Bokeh panels as pages, for sidebar tabs."""
+
+    @tornado.web.authenticated
+    async def get(self, kind: str, target: str) -> None:
+        root = url_path_join(self.base_url, "mlcloud")
+        bokeh_root = url_path_join(root, "bokeh") + "/"
+        if kind == "loss":
+            points = await runs.run_points(target)
+            if points is None:
+                return self.refuse(404, f"no run {target!r} on any discovered cluster.")
+            metrics = [m for m in runs.metric_columns(points) if m != "step"]
+            data_url = url_path_join(root, "runs", target, "metrics")
+            panel = panels.loss_panel(data_url, metrics, title=f"run {target}")
+        else:
+            if discovery.get(target) is None:
+                return self.refuse(404, f"no cluster named {target!r}.")
+            data_url = url_path_join(root, "clusters", target, "resources")
+            panel = panels.resources_panel(data_url, title=f"cluster {target}")
+        self.set_header("Content-Type", "text/html")
+        self.finish(panels.page(panel, bokeh_root, f"ML Cloud {kind}: {target}"))
+
+
+class BokehStaticHandler(AuthenticatedFileHandler):
+    """BokehJS, served by Jupyter itself behind its authentication: no CDN, no extra port."""
+
+
 class RunsHandler(_Handler):
     """``GET /mlcloud/runs``: every training run on the discovered clusters, newest first."""
 
@@ -96,11 +149,19 @@ class RunsHandler(_Handler):
         self.finish(json.dumps({"runs": await runs.list_runs(timeout=2.0)}))
 
 
-def route_table(base_url: str) -> list[tuple[str, Any]]:
+def route_table(base_url: str) -> list[tuple[Any, ...]]:
     """The extension's routes, under ``base_url``."""
+    from bokeh.util.paths import bokehjs_path
+
     root = url_path_join(base_url, "mlcloud")
+    name = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
     return [
         (url_path_join(root, "clusters"), ClustersHandler),
-        (url_path_join(root, "clusters", r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"), ClusterHandler),
+        (url_path_join(root, "clusters", name), ClusterHandler),
+        (url_path_join(root, "clusters", name, "resources"), ClusterResourcesHandler),
         (url_path_join(root, "runs"), RunsHandler),
+        (url_path_join(root, "runs", r"([0-9a-f]{1,32})", "metrics"), RunMetricsHandler),
+        (url_path_join(root, "panels", r"(loss|resources)", name), PanelHandler),
+        (url_path_join(root, "bokeh", "static", r"(.*)"), BokehStaticHandler,
+         {"path": str(bokehjs_path())}),
     ]
