@@ -42,6 +42,7 @@ lab: install
 test: install
 	$(BIN)/ruff check jupyter_mlcloud tests benchmarks
 	$(BIN)/mypy
+	cd labextension && npm run --silent lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 demo: install

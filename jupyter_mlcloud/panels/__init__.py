@@ -43,7 +43,8 @@ def loss_panel(data_url: str, metrics: Sequence[str], *, title: str = "Training"
 
     names = list(metrics) or ["loss"]
     source = AjaxDataSource(data_url=data_url, polling_interval=REFRESH_MS, mode="replace",
-                            method="GET", data={"step": [], **{m: [] for m in names}})
+                            method="GET", data={"step": [], **{m: [] for m in names}},
+                            name="metrics")
     plot = figure(title=title, height=320, sizing_mode="stretch_width",
                   x_axis_label="step", tools="pan,wheel_zoom,box_zoom,reset,hover")
     for i, name in enumerate(names):
@@ -68,7 +69,8 @@ def resources_panel(data_url: str, *, title: str = "Workers") -> Any:
 
     source = AjaxDataSource(data_url=data_url, polling_interval=REFRESH_MS, mode="replace",
                             method="GET", data={"worker": [], "cpu": [], "memory_gib": [],
-                                                "gpu_util": [], "gpu_memory_gib": []})
+                                                "gpu_util": [], "gpu_memory_gib": []},
+                            name="resources")
     plots = []
     for field, label in [("cpu", "CPU %"), ("memory_gib", "memory (GiB)"),
                          ("gpu_util", "GPU %"), ("gpu_memory_gib", "GPU memory (GiB)")]:

@@ -7,13 +7,20 @@ import json
 from typing import Any
 
 import tornado.web
-from jupyter_server.base.handlers import APIHandler, AuthenticatedFileHandler
+from jupyter_server.base.handlers import APIHandler, AuthenticatedFileHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
 from .. import cluster_info, clusters, discovery, panels, runs
 
 # What the "new cluster" form may send, and the API option each one is.
 START_OPTIONS = ("name", "workers", "threads_per_worker", "memory_limit", "gpu", "adapt")
+
+
+def _refuse(handler: Any, status: int, message: str) -> None:
+    """Answer ``status`` with the API's one sentence as ``{"message": ...}``."""
+    handler.set_status(status)
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(json.dumps({"message": message}))
 
 
 class _Handler(APIHandler):
@@ -39,8 +46,7 @@ class _Handler(APIHandler):
             return None
 
     def refuse(self, status: int, message: str) -> None:
-        self.set_status(status)
-        self.finish(json.dumps({"message": message}))
+        _refuse(self, status, message)
 
 
 class ClustersHandler(_Handler):
@@ -113,9 +119,12 @@ class ClusterResourcesHandler(_Handler):
         self.finish(json.dumps(columns))
 
 
-class PanelHandler(_Handler):
+class PanelHandler(JupyterHandler):
     """``GET /mlcloud/panels/loss/<run>`` and ``/mlcloud/panels/resources/<cluster>``: the
-    Bokeh panels as pages, for sidebar tabs."""
+    Bokeh panels as pages, for sidebar tabs (a page handler: API handlers forbid scripts)."""
+
+    def refuse(self, status: int, message: str) -> None:
+        _refuse(self, status, message)
 
     @tornado.web.authenticated
     async def get(self, kind: str, target: str) -> None:

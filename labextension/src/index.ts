@@ -1,5 +1,6 @@
 import { ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
-import { ICommandPalette } from '@jupyterlab/apputils';
+import { ICommandPalette, IFrame, MainAreaWidget } from '@jupyterlab/apputils';
+import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 
 import { cloudIcon } from './icon';
 import { MLCloudSidebar } from './sidebar';
@@ -17,7 +18,32 @@ const plugin: JupyterFrontEndPlugin<void> = {
     restorer: ILayoutRestorer | null,
     palette: ICommandPalette | null
   ) => {
-    const sidebar = new MLCloudSidebar();
+    // Each panel is a page of the server extension, shown in a tab; one tab per panel.
+    const tabs = new Map<string, MainAreaWidget<IFrame>>();
+    const openPanel = (kind: 'loss' | 'resources', target: string): void => {
+      const key = `${kind}:${target}`;
+      let tab = tabs.get(key);
+      if (!tab || tab.isDisposed) {
+        const frame = new IFrame({ sandbox: ['allow-scripts', 'allow-same-origin'] });
+        frame.url = URLExt.join(
+          PageConfig.getBaseUrl(),
+          'mlcloud',
+          'panels',
+          kind,
+          encodeURIComponent(target)
+        );
+        tab = new MainAreaWidget({ content: frame });
+        tab.id = `mlcloud-panel-${kind}-${target}`;
+        tab.title.label = `${kind === 'loss' ? 'Loss' : 'Resources'}: ${target}`;
+        tab.title.closable = true;
+        tab.title.icon = cloudIcon;
+        tab.addClass('jp-mlcloud-panel');
+        tabs.set(key, tab);
+        app.shell.add(tab, 'main');
+      }
+      app.shell.activateById(tab.id);
+    };
+    const sidebar = new MLCloudSidebar(openPanel);
     sidebar.title.icon = cloudIcon;
     app.shell.add(sidebar, 'left', { rank: 200 });
     if (restorer) {

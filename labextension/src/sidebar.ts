@@ -70,6 +70,9 @@ function isWebAddress(address: string): boolean {
 }
 
 /** The "ML Cloud" panel: clusters (with actions), a new-cluster form, training runs. */
+/** Opens a Bokeh panel (served by the Jupyter server) as a main-area tab. */
+export type PanelOpener = (kind: 'loss' | 'resources', target: string) => void;
+
 export class MLCloudSidebar extends Widget {
   private readonly clusters: HTMLElement;
   private readonly runs: HTMLElement;
@@ -82,7 +85,7 @@ export class MLCloudSidebar extends Widget {
   /** Worker counts typed into scale boxes and not applied yet, by cluster name. */
   private readonly scaleDrafts = new Map<string, string>();
 
-  constructor() {
+  constructor(private readonly openPanel: PanelOpener = () => undefined) {
     super();
     this.id = 'mlcloud-sidebar';
     this.addClass('jp-mlcloud-sidebar');
@@ -229,7 +232,7 @@ export class MLCloudSidebar extends Widget {
     } else if (result.value.length === 0) {
       this.runs.replaceChildren(element('div', 'jp-mlcloud-runs-empty', NO_RUNS_MESSAGE));
     } else {
-      this.runs.replaceChildren(...result.value.map(renderRun));
+      this.runs.replaceChildren(...result.value.map(run => renderRun(run, this.openPanel)));
     }
   }
 
@@ -343,6 +346,11 @@ export class MLCloudSidebar extends Widget {
       link.title = cluster.dashboard;
       actions.appendChild(link);
     }
+    actions.appendChild(
+      button('jp-mlcloud-open-resources', 'Resources', () =>
+        this.openPanel('resources', cluster.name)
+      )
+    );
     if (cluster.owner === 'jupyter-server') {
       // Clusters of other processes (kernels, scripts) are managed where they were started.
       const size = input('jp-mlcloud-scale-to', 'workers', 'number');
@@ -373,7 +381,7 @@ export class MLCloudSidebar extends Widget {
 }
 
 /** One run's row: id, status, cluster, last step and metrics. */
-function renderRun(run: IRun): HTMLElement {
+function renderRun(run: IRun, openPanel: PanelOpener): HTMLElement {
   const row = element('div', 'jp-mlcloud-run');
   row.dataset.runId = run.run;
   row.dataset.runStatus = run.status;
@@ -382,6 +390,7 @@ function renderRun(run: IRun): HTMLElement {
   }
   row.appendChild(element('span', 'jp-mlcloud-run-id', run.run));
   row.appendChild(element('span', 'jp-mlcloud-run-status', run.status));
+  row.appendChild(button('jp-mlcloud-open-loss', 'Loss', () => openPanel('loss', run.run)));
   const metrics = Object.entries(run.last ?? {})
     .map(([k, v]) => `${k} ${typeof v === 'number' ? v.toPrecision(4) : String(v)}`)
     .join(' · ');

@@ -19,6 +19,13 @@ def _new_notebook(lab: Lab, name: str) -> None:
     })
 
 
+def _frame(page: Any, selector: str) -> Any:
+    """The document inside the iframe at ``selector``, once it has loaded."""
+    frame = page.locator(selector).element_handle().content_frame()
+    frame.wait_for_load_state()
+    return frame
+
+
 def _open_sidebar(page: Any) -> None:
     tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
     tab.wait_for()
@@ -112,6 +119,16 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
         "() => document.querySelector('#mlcloud-sidebar .jp-mlcloud-run')"
         "?.dataset.runStatus === 'finished'", timeout=60_000)
     assert "step 5" in run.inner_text() and "loss" in run.inner_text()
+
+    # The run's loss panel opens as a tab and its Bokeh source fills from the server.
+    run.locator(".jp-mlcloud-open-loss").click()
+    page.locator(".jp-mlcloud-panel iframe").wait_for()
+    panel = _frame(page, ".jp-mlcloud-panel iframe")
+    assert "/mlcloud/panels/loss/" in panel.url
+    panel.wait_for_function(
+        "() => window.Bokeh && Bokeh.documents.length"
+        " && Bokeh.documents[0].get_model_by_name('metrics').data.step.length === 5",
+        timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "sidebar-run.png"))
 
     # Scale, then shut down, from the sidebar.
