@@ -310,3 +310,16 @@ def test_a_killed_worker_fails_the_run_fast_with_its_rank() -> None:
         # The nanny brings a fresh worker back; the cluster trains again.
         cluster.wait_for_workers(2, timeout=60)
         assert mlc.train(lambda ctx: ctx.world_size, cluster=cluster).result(120) == 2
+
+
+def test_noblock_magic_returns_a_run_at_once(shell: InteractiveShell) -> None:
+    run = shell.run_cell_magic("distributed_train", "--noblock --epochs 2", textwrap.dedent("""
+        import time
+        for epoch in ctx.epochs():
+            ctx.report(epoch_seen=epoch)
+            time.sleep(0.2)
+    """))
+    assert isinstance(run, mlc.Run) and run.status in ("running", "finished")
+    assert run.result(timeout=120) is None and run.status == "finished"
+    frame = run.metrics
+    assert sorted(frame[frame["rank"] == 0]["epoch_seen"]) == [0.0, 1.0]
