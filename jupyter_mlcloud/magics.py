@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import shlex
+import threading
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -181,6 +182,15 @@ class MLCloudMagics(Magics):
         display(monitor.widget)
         if args.noblock:
             monitor.follow_in_background()
+            if out:
+                user_ns = self.shell.user_ns
+
+                def bring_back() -> None:  # the --out names arrive when the run finishes
+                    run.wait()
+                    if run.status == "finished":
+                        user_ns.update(run.result())
+
+                threading.Thread(target=bring_back, daemon=True).start()
             return run
         try:
             monitor.follow()

@@ -313,13 +313,18 @@ def test_a_killed_worker_fails_the_run_fast_with_its_rank() -> None:
 
 
 def test_noblock_magic_returns_a_run_at_once(shell: InteractiveShell) -> None:
-    run = shell.run_cell_magic("distributed_train", "--noblock --epochs 2", textwrap.dedent("""
+    shell.user_ns.pop("seen", None)
+    run = shell.run_cell_magic("distributed_train", "--noblock --epochs 2 --out seen",
+                               textwrap.dedent("""
         import time
+        seen = []
         for epoch in ctx.epochs():
             ctx.report(epoch_seen=epoch)
+            seen.append(epoch)
             time.sleep(0.2)
     """))
     assert isinstance(run, mlc.Run) and run.status in ("running", "finished")
-    assert run.result(timeout=120) is None and run.status == "finished"
+    assert run.result(timeout=120) == {"seen": [0, 1]} and run.status == "finished"
+    wait_for(lambda: shell.user_ns.get("seen") == [0, 1], what="--out names in the notebook")
     frame = run.metrics
     assert sorted(frame[frame["rank"] == 0]["epoch_seen"]) == [0.0, 1.0]
