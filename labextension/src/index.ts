@@ -5,6 +5,14 @@ import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 import { cloudIcon } from './icon';
 import { MLCloudSidebar } from './sidebar';
 
+/** The part of a notebook panel the "insert connect code" action touches. */
+interface INotebookLike {
+  id: string;
+  content?: {
+    activeCell?: { model: { sharedModel: { setSource(source: string): void } } } | null;
+  };
+}
+
 /** Show the ML Cloud panel (and refresh it). */
 export const OPEN_COMMAND = 'jupyter-mlcloud:open';
 
@@ -43,7 +51,20 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
       app.shell.activateById(tab.id);
     };
-    const sidebar = new MLCloudSidebar(openPanel);
+    // A new cell under the active one, attaching the notebook's kernel to the cluster.
+    // (Through the notebook's own command, so the extension needs no notebook package.)
+    const insertConnect = async (name: string): Promise<void> => {
+      const current = app.shell.currentWidget as unknown as INotebookLike | null;
+      if (!current?.content || !('activeCell' in current.content)) {
+        throw new Error('open a notebook first');
+      }
+      await app.commands.execute('notebook:insert-cell-below');
+      current.content.activeCell?.model.sharedModel.setSource(
+        `%load_ext jupyter_mlcloud\n%mlcloud connect ${name}`
+      );
+      app.shell.activateById(current.id);
+    };
+    const sidebar = new MLCloudSidebar(openPanel, insertConnect);
     sidebar.title.icon = cloudIcon;
     app.shell.add(sidebar, 'left', { rank: 200 });
     if (restorer) {

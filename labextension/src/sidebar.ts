@@ -73,6 +73,9 @@ function isWebAddress(address: string): boolean {
 /** Opens a Bokeh panel (served by the Jupyter server) as a main-area tab. */
 export type PanelOpener = (kind: 'loss' | 'resources', target: string) => void;
 
+/** Puts code that attaches to a cluster into the active notebook (throws if there is none). */
+export type ConnectInserter = (clusterName: string) => Promise<void>;
+
 export class MLCloudSidebar extends Widget {
   private readonly clusters: HTMLElement;
   private readonly runs: HTMLElement;
@@ -85,7 +88,10 @@ export class MLCloudSidebar extends Widget {
   /** Worker counts typed into scale boxes and not applied yet, by cluster name. */
   private readonly scaleDrafts = new Map<string, string>();
 
-  constructor(private readonly openPanel: PanelOpener = () => undefined) {
+  constructor(
+    private readonly openPanel: PanelOpener = () => undefined,
+    private readonly insertConnect: ConnectInserter = async () => undefined
+  ) {
     super();
     this.id = 'mlcloud-sidebar';
     this.addClass('jp-mlcloud-sidebar');
@@ -350,6 +356,11 @@ export class MLCloudSidebar extends Widget {
       button('jp-mlcloud-open-resources', 'Resources', () =>
         this.openPanel('resources', cluster.name)
       )
+    );
+    actions.appendChild(
+      button('jp-mlcloud-insert-connect', 'Insert connect code', () => {
+        void this.act(`Inserting code for ${cluster.name}`, () => this.insertConnect(cluster.name));
+      })
     );
     if (cluster.owner === 'jupyter-server') {
       // Clusters of other processes (kernels, scripts) are managed where they were started.

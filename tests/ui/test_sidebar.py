@@ -62,6 +62,12 @@ def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> N
     assert card.locator("a.jp-mlcloud-dashboard").get_attribute("href").startswith("http")
     page.screenshot(path=str(ARTIFACTS / "sidebar-cluster.png"))
 
+    # "Insert connect code" puts a cell attaching to this cluster into the notebook.
+    page.locator(".jp-Notebook").click()
+    card.locator(".jp-mlcloud-insert-connect").click()
+    page.locator(".jp-Notebook .jp-Cell .cm-content",
+                 has_text="%mlcloud connect from-notebook").wait_for()
+
     # Shutting the kernel down closes its cluster; the sidebar drops it.
     for session in lab.api("GET", "/api/sessions"):
         lab.api("DELETE", f"/api/sessions/{session['id']}")
