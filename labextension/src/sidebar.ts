@@ -4,6 +4,7 @@ import {
   ICluster,
   IRun,
   IStartOptions,
+  adaptCluster,
   errorText,
   listClusters,
   listRuns,
@@ -376,6 +377,19 @@ export class MLCloudSidebar extends Widget {
           void this.act(`Scaling ${cluster.name}`, () =>
             scaleCluster(cluster.name, Number(size.value))
           );
+        })
+      );
+      const range = input('jp-mlcloud-adapt-range', 'MIN:MAX');
+      actions.appendChild(range);
+      actions.appendChild(
+        button('jp-mlcloud-adapt', 'Adapt', () => {
+          void this.act(`Adapting ${cluster.name}`, () => {
+            const match = /^\s*(\d+)\s*:\s*(\d+)\s*$/.exec(range.value);
+            if (!match) {
+              throw new Error(`adapt needs MIN:MAX, e.g. 1:4, got '${range.value}'.`);
+            }
+            return adaptCluster(cluster.name, Number(match[1]), Number(match[2]));
+          });
         })
       );
       actions.appendChild(

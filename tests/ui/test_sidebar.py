@@ -145,5 +145,11 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
         """() => document.querySelector(
              '#mlcloud-sidebar [data-cluster-name="from-form"] .jp-mlcloud-workers b'
            )?.textContent === '2'""", timeout=60_000)
+    card.locator(".jp-mlcloud-adapt-range").fill("1-3")
+    card.locator(".jp-mlcloud-adapt").click()
+    page.get_by_text("adapt needs MIN:MAX, e.g. 1:4, got '1-3'").wait_for()
+    card.locator(".jp-mlcloud-adapt-range").fill("1:3")
+    card.locator(".jp-mlcloud-adapt").click()
+    page.get_by_text("Adapting from-form: done.").wait_for()
     card.locator(".jp-mlcloud-shutdown").click()
     card.wait_for(state="detached", timeout=60_000)
