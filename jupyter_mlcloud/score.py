@@ -226,6 +226,7 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
            progress: bool, starts: Any = None) -> ScoreReport:
     """Write every block not already written, with a progress bar; return the report."""
     from dask import delayed
+    from distributed import wait
 
     done = scoring_io.done_blocks(output)
     tasks = []
@@ -243,6 +244,12 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
         from distributed import progress as progress_bar
 
         progress_bar(futures)
+    # Let every block that can finish do so before reporting a failure: a re-run then
+    # redoes only the blocks that failed.
+    wait(futures)
+    failed = next((f for f in futures if f.status == "error"), None)
+    if failed is not None:
+        failed.result()  # raises the block's own error
     results = client.gather(futures)
     seconds = time.perf_counter() - start
     scoring_io.write_state(output, fingerprint, complete=True)
