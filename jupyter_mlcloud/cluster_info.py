@@ -45,16 +45,10 @@ async def events(address: str, topic: str, timeout: float = 2.0) -> list[tuple[f
 
 async def worker_resources(address: str, timeout: float = 2.0) -> dict[str, list[Any]] | None:
     """Per-worker CPU %, memory and GPU figures, as columns; None if the scheduler is silent."""
-    from distributed.core import rpc
-
-    async def ask() -> dict[str, Any]:
-        async with rpc(address, timeout=timeout) as scheduler:
-            return await scheduler.identity()
-
-    try:
-        workers = (await asyncio.wait_for(ask(), timeout)).get("workers", {})
-    except Exception:
+    info = await _identity(address, timeout)
+    if info is None:
         return None
+    workers = info.get("workers", {})
     columns: dict[str, list[Any]] = {"worker": [], "cpu": [], "memory_gib": [], "gpu_util": [],
                                      "gpu_memory_gib": []}
     for address_, info in sorted(workers.items()):
@@ -70,15 +64,20 @@ async def worker_resources(address: str, timeout: float = 2.0) -> dict[str, list
 
 async def probe(address: str, timeout: float = 2.0) -> Summary | None:
     """Ask the scheduler at ``address`` for its workers; None if it does not answer in time."""
+    info = await _identity(address, timeout)
+    return None if info is None else summarize(info.get("workers", {}))
+
+
+async def _identity(address: str, timeout: float) -> dict[str, Any] | None:
+    """The scheduler's ``identity()`` (workers and their metrics); None if it is silent."""
     from distributed.core import rpc
 
     async def ask() -> dict[str, Any]:
         async with rpc(address, timeout=timeout) as scheduler:
-            return await scheduler.identity()
+            return dict(await scheduler.identity())
 
     try:
-        info = await asyncio.wait_for(ask(), timeout)
+        return await asyncio.wait_for(ask(), timeout)
     except Exception:
         return None
-    return summarize(info.get("workers", {}))
 

@@ -26,6 +26,14 @@ def _frame(page: Any, selector: str) -> Any:
     return frame
 
 
+def _wait_for_workers(page: Any, cluster: str, workers: int) -> None:
+    """Until the sidebar's card for ``cluster`` shows ``workers`` workers."""
+    page.wait_for_function(
+        """([name, n]) => document.querySelector(
+             `#mlcloud-sidebar [data-cluster-name="${name}"] .jp-mlcloud-workers b`
+           )?.textContent === String(n)""", arg=[cluster, workers], timeout=60_000)
+
+
 def _open_sidebar(page: Any) -> None:
     tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
     tab.wait_for()
@@ -96,10 +104,7 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     sidebar.locator(".jp-mlcloud-start").click()
     card = sidebar.locator('.jp-mlcloud-cluster[data-cluster-name="from-form"]')
     card.wait_for(timeout=60_000)
-    page.wait_for_function(
-        """() => document.querySelector(
-             '#mlcloud-sidebar [data-cluster-name="from-form"] .jp-mlcloud-workers b'
-           )?.textContent === '1'""", timeout=60_000)
+    _wait_for_workers(page, "from-form", 1)
 
     # A bad form value gets the server's sentence, not a stack trace.
     sidebar.locator(".jp-mlcloud-new-name").fill("bad name")
@@ -141,10 +146,7 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     card = sidebar.locator('.jp-mlcloud-cluster[data-cluster-name="from-form"]')
     card.locator(".jp-mlcloud-scale-to").fill("2")
     card.locator(".jp-mlcloud-scale").click()
-    page.wait_for_function(
-        """() => document.querySelector(
-             '#mlcloud-sidebar [data-cluster-name="from-form"] .jp-mlcloud-workers b'
-           )?.textContent === '2'""", timeout=60_000)
+    _wait_for_workers(page, "from-form", 2)
     card.locator(".jp-mlcloud-adapt-range").fill("1-3")
     card.locator(".jp-mlcloud-adapt").click()
     page.get_by_text("adapt needs MIN:MAX, e.g. 1:4, got '1-3'").wait_for()
