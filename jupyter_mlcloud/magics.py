@@ -98,8 +98,21 @@ def _build_train_parser() -> _Parser:
                    help="seconds for the rendezvous and each collective (300)")
     p.add_argument("--epochs", type=_int, help="default count for ctx.epochs()")
     p.add_argument("--strategy", default="ddp", help="how the model is distributed (ddp)")
-    p.add_argument("--checkpoint-dir", help="where checkpoints go")
-    p.add_argument("--compression", default="none", help="gradient compression (none)")
+    p.add_argument("--compression", default="none",
+                   help="gradient compression: none, fp16, bf16, powersgd[:RANK] (none)")
+    p.add_argument("--max-failures", type=_int, default=0,
+                   help="lost workers to survive by resuming from the last commit (0)")
+    p.add_argument("--min-workers", type=_int,
+                   help="go on with this many workers if no replacement comes")
+    p.add_argument("--commit-every", type=_int, default=1,
+                   help="steps between in-memory commits (1)")
+    p.add_argument("--elastic", default="global-batch",
+                   help="rule when the world shrinks: global-batch or linear-lr (global-batch)")
+    p.add_argument("--checkpoint-dir", help="fsspec path for checkpoints")
+    p.add_argument("--checkpoint-every", type=_int, help="steps between checkpoints (100)")
+    p.add_argument("--checkpoint-keep", type=_int, default=2, help="checkpoints kept (2)")
+    p.add_argument("--resume", action="store_true",
+                   help="go on from the newest checkpoint in --checkpoint-dir")
     return p
 
 
@@ -151,6 +164,7 @@ class MLCloudMagics(Magics):
         """%%distributed_train [--workers N] [--out a,b] [--noblock] ...: the cell on every rank."""
         from .train import launch
         from .train.cell import prepare_cell
+        from .train.launch import FaultOptions
         from .widgets import RunMonitor
 
         args = _parse(_TRAIN_PARSER, line)
@@ -169,8 +183,17 @@ class MLCloudMagics(Magics):
                 timeout=args.timeout,
                 epochs=args.epochs,
                 strategy=args.strategy,
-                checkpoint_dir=args.checkpoint_dir,
                 compression=args.compression,
+                faults=FaultOptions(
+                    max_failures=args.max_failures,
+                    min_workers=args.min_workers,
+                    commit_every=args.commit_every,
+                    checkpoint_dir=args.checkpoint_dir,
+                    checkpoint_every=args.checkpoint_every,
+                    checkpoint_keep=args.checkpoint_keep,
+                    resume=args.resume,
+                    elastic=args.elastic,
+                ),
             )
         except SyntaxError as e:
             raise UsageError(

@@ -26,6 +26,11 @@ def logs_topic(run_id: str) -> str:
     return f"mlcloud-logs-{run_id}"
 
 
+def control_topic(run_id: str) -> str:
+    """Topic of a run's lifecycle events (a resumed attempt restored, its first step)."""
+    return f"mlcloud-control-{run_id}"
+
+
 def to_number(name: str, value: Any) -> float:
     """A reported value as a float: tensors (``.item()``), numpy scalars and numbers."""
     if hasattr(value, "item") and callable(value.item):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from .. import metrics
+from . import checkpoint, elastic
+from .checkpoint import CommitPlan, Part, Position, Resume
+from .compression import Compression, CompressionSpec
 from .sharding import Shard
 
 
@@ -17,6 +21,11 @@ class TrainContext:
     ``rank``, ``world_size``, ``local_rank`` and ``device`` say where the code runs;
     ``prepare`` wraps the model for data-parallel training; ``shard`` gives this rank's
     batches; ``epochs`` counts epochs; ``report`` sends metrics to the live panels.
+
+    With commits on (``--max-failures`` / ``--checkpoint-dir``), a *step* is one batch drawn
+    from ``ctx.shard``: before each batch the state registered by ``prepare`` is committed,
+    and a resumed attempt skips the epochs, loops and batches already done and restores that
+    state just before the batch it stopped at, so the training code needs no restore logic.
     """
 
     def __init__(
@@ -30,6 +39,13 @@ class TrainContext:
         seed: int,
         default_epochs: int | None,
         reporter: metrics.EventBatcher | None,
+        commits: CommitPlan | None = None,
+        resume: Resume | None = None,
+        compression: CompressionSpec | None = None,
+        elastic_rule: str = "global-batch",
+        base_world: int | None = None,
+        attempt: int = 0,
+        emit: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.run_id = run_id
         self.rank = rank
@@ -41,19 +57,37 @@ class TrainContext:
         self.step = 0
         self._default_epochs = default_epochs
         self._reporter = reporter
+        self.attempt = attempt  # 0, then one more after each recovery
+        self.base_world = base_world or world_size
         self._wrapped: list[Any] = []  # DDP modules to drop before the group is destroyed
         self._cache: dict[int, list[torch.Tensor]] = {}
+        # What a commit saves and a resume restores, in ``prepare`` order.
+        self._models: list[torch.nn.Module] = []
+        self._optimizers: list[Any] = []
+        self._schedulers: list[Any] = []
+        self._compressions: list[Compression] = []
+        self._commits, self._resume = commits or CommitPlan(), resume
+        self._compression, self._elastic = compression or CompressionSpec(), elastic_rule
+        self._emit = emit
+        self._steps = 0  # batches drawn from ctx.shard in the whole run
+        self._loop = -1  # index of the current ctx.shard iteration within the epoch
+        self._drawn = False  # a batch of the current loop is in the user's hands
+        self._at_target = False  # the current loop is the one the resume stopped in
+        self._first_step_pending = False
+        self._bytes_mark = (0, 0, 0)  # (sent, uncompressed, steps) at the last report
 
     @property
     def is_main(self) -> bool:
         """True on rank 0, the rank whose results come back to the notebook."""
         return self.rank == 0
 
-    def prepare(self, model: torch.nn.Module, optimizer: Any = None) -> Any:
-        """Move ``model`` to ``ctx.device`` and wrap it in ``DistributedDataParallel``.
+    def prepare(self, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> Any:
+        """Move ``model`` to ``ctx.device``, wrap it in ``DistributedDataParallel``, register state.
 
-        Build the optimizer on the model's parameters before or after: DDP keeps the same
-        parameter objects, and moving to CPU changes nothing. Returns the wrapped model.
+        ``model``, ``optimizer`` and ``scheduler`` (an LR scheduler) are what commits save and
+        a resume restores, with the RNG states and the data position. Build the optimizer on
+        the model's parameters before calling: DDP keeps the same parameter objects. With
+        ``--compression`` the gradient hook is attached here. Returns the wrapped model.
         """
         from torch.nn.parallel import DistributedDataParallel
 
@@ -61,10 +95,31 @@ class TrainContext:
             raise ValueError(
                 f"ctx.prepare needs a torch.nn.Module, got {type(model).__name__}."
             )
+        if (self._commits.every or self._commits.durable_every) and optimizer is None:
+            raise ValueError(
+                "with --max-failures or --checkpoint-dir, pass the optimizer too"
+                " (ctx.prepare(model, optimizer)) so a resume restores it."
+            )
+        index = len(self._models)
+        if self._resume is not None:
+            saved = self._resume.state["models"]
+            if index >= len(saved):
+                raise ValueError(
+                    f"the checkpoint holds {len(saved)} model(s) but ctx.prepare was called"
+                    f" {index + 1} times; resume with the code that wrote it."
+                )
+            checkpoint.check_shapes(saved[index], model, index)
         model = model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         wrapped = DistributedDataParallel(model, device_ids=device_ids)
         self._wrapped.append(wrapped)
+        self._models.append(model)
+        if optimizer is not None:
+            self._optimizers.append(optimizer)
+        if scheduler is not None:
+            self._schedulers.append(scheduler)
+        if self._compression.kind != "none":
+            self._compressions.append(Compression(self._compression, wrapped))
         return wrapped
 
     def shard(
@@ -85,6 +140,9 @@ class TrainContext:
         dimension, default the first; ``variables`` picks and orders a Dataset's variables),
         or dask arrays. Lazy data is loaded by each rank for its own samples only.
         """
+        if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
+            batch_size = elastic.per_rank_batch(self._elastic, batch_size, self.base_world,
+                                                self.world_size)
         return Shard(
             data,
             batch_size,
@@ -98,6 +156,7 @@ class TrainContext:
             variables=variables,
             device=self.device,
             cache=self._cache,
+            tracker=self,
         )
 
     def epochs(self, n: int | None = None) -> Iterator[int]:
@@ -107,8 +166,10 @@ class TrainContext:
             raise ValueError("ctx.epochs() needs a count: pass one, or run with --epochs N.")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"ctx.epochs needs a whole number >= 0, got {n!r}.")
-        for epoch in range(n):
+        start = self._resume.position.epoch if self._resume is not None else 0
+        for epoch in range(start, n):
             self.epoch = epoch
+            self._loop = -1
             yield epoch
 
     def report(self, step: int | None = None, **values: Any) -> None:
@@ -117,10 +178,136 @@ class TrainContext:
         ``step`` defaults to a counter that grows by one per call.
         """
         self.step = self.step + 1 if step is None else int(step)
+        if self._compressions:
+            values = {**values, **self._bytes_per_step()}
         if self._reporter is not None:
             self._reporter.add(metrics.point(self.rank, self.step, self.epoch, values))
 
+    @property
+    def committed_step(self) -> int:
+        """The newest step whose commit the launcher holds (-1 before the first)."""
+        return checkpoint.client_step(self.run_id)
+
+    @property
+    def compression(self) -> Compression | None:
+        """The gradient-compression hook of the first prepared model (bytes counters, state)."""
+        return self._compressions[0] if self._compressions else None
+
     def release(self) -> None:
-        """Drop every reference this context holds to wrapped models and loaded data."""
-        self._wrapped.clear()
+        """Drop every reference this context holds to models, optimizers and loaded data."""
+        for compression in self._compressions:
+            compression.close()
+        for held in (self._wrapped, self._models, self._optimizers, self._schedulers,
+                     self._compressions):
+            held.clear()
         self._cache.clear()
+        self._resume = None
+
+    def check_resumed(self) -> None:
+        """After the training code returned: fail if a resume never found its position."""
+        if self._resume is not None:
+            p = self._resume.position
+            raise RuntimeError(
+                f"this attempt resumed from step {p.steps} (epoch {p.epoch}, loop {p.loop},"
+                f" batch {p.batch}) but the training code never reached it through"
+                " ctx.epochs() and ctx.shard(); resuming needs its batches drawn from ctx.shard."
+            )
+
+    # ------------------------------------------------------------ steps, commits, resume
+
+    def _bytes_per_step(self) -> dict[str, float]:
+        sent = sum(c.counter.totals()[0] for c in self._compressions)
+        full = sum(c.counter.totals()[1] for c in self._compressions)
+        last_sent, last_full, last_steps = self._bytes_mark
+        self._bytes_mark = (sent, full, self._steps)
+        steps = max(1, self._steps - last_steps)
+        if full == last_full:
+            return {}
+        return {"bytes_sent": (sent - last_sent) / steps,
+                "bytes_ratio": (sent - last_sent) / (full - last_full)}
+
+    def _loop_start(self) -> int | None:
+        """A ``ctx.shard`` iteration begins: how many batches to skip (None: all of them)."""
+        self._loop += 1
+        self._drawn = False
+        self._at_target = False
+        if self._resume is None:
+            return 0
+        p = self._resume.position
+        here, target = (self.epoch, self._loop), (p.epoch, p.loop)
+        if here < target:
+            return None
+        if here > target:  # the code changed shape; restore before going on
+            self._restore()
+            return 0
+        self._at_target = True
+        return elastic.map_batch(self._elastic, p.batch, self._resume.world_size,
+                                 self.world_size)
+
+    def _before_batch(self, index: int) -> None:
+        """Batch ``index`` of the current loop is about to be handed out."""
+        if self._at_target and self._resume is not None:
+            self._restore()
+        elif self._drawn:
+            self._step_done(index)
+        self._drawn = True
+
+    def _loop_end(self, count: int) -> None:
+        """The current loop handed out its last batch (``count`` in all)."""
+        if self._at_target and self._resume is not None:
+            self._restore()
+        elif self._drawn:
+            self._step_done(count)
+        self._drawn = False
+
+    def _step_done(self, batch: int) -> None:
+        self._steps += 1
+        if self._first_step_pending:
+            self._first_step_pending = False
+            self._event("first step")
+        commit, durable = self._commits.due(self._steps)
+        if commit:
+            position = Position(self.epoch, self._loop, batch, self._steps, self.step)
+            checkpoint.put(self.run_id, Part(self.rank, position, checkpoint.rng_state(),
+                                             self._state() if self.rank == 0 else None,
+                                             durable))
+
+    def _state(self) -> dict[str, Any]:
+        return checkpoint.clone({
+            "models": [m.state_dict() for m in self._models],
+            "optimizers": [o.state_dict() for o in self._optimizers],
+            "schedulers": [s.state_dict() for s in self._schedulers],
+            "hooks": [c.state_dict() for c in self._compressions],
+        })
+
+    def _restore(self) -> None:
+        resume, self._resume = self._resume, None
+        assert resume is not None
+        state = resume.state
+        for kind, live in (("optimizers", self._optimizers), ("schedulers", self._schedulers)):
+            if len(state[kind]) != len(live):
+                raise ValueError(
+                    f"the checkpoint holds {len(state[kind])} {kind} but ctx.prepare registered"
+                    f" {len(live)}; resume with the code that wrote it."
+                )
+        for model, saved in zip(self._models, state["models"], strict=False):
+            model.load_state_dict(saved)
+        for optimizer, saved in zip(self._optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
+        for scheduler, saved in zip(self._schedulers, state["schedulers"], strict=True):
+            scheduler.load_state_dict(saved)
+        for compression, saved in zip(self._compressions, state.get("hooks", []), strict=False):
+            compression.load_state_dict(saved)
+        elastic.rescale_lr(self._elastic, self._optimizers, self._schedulers,
+                           resume.world_size, self.world_size)
+        if resume.rng is not None:
+            checkpoint.set_rng_state(resume.rng)
+        self._steps, self.step = resume.position.steps, resume.position.report_step
+        self._bytes_mark = (*self._bytes_mark[:2], self._steps)
+        self._first_step_pending = True
+        self._event("restored")
+
+    def _event(self, phase: str) -> None:
+        if self._emit is not None and self.rank == 0:
+            self._emit({"phase": phase, "attempt": self.attempt, "time": time.time(),
+                        "step": self._steps})

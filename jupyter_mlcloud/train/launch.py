@@ -12,15 +12,19 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import clusters, metrics
+from . import elastic
+from .checkpoint import CheckpointDir, CommitPlan, CommitStore, Resume, Snapshot
+from .compression import CompressionSpec, parse_compression
 from .run import Run
 from .worker import FunctionPayload, RankSpec, free_port, run_rank
 
 BACKENDS = ("gloo", "nccl")
 STRATEGIES = ("ddp",)
-COMPRESSIONS = ("none",)
+CHECKPOINT_EVERY = 100  # default steps between checkpoints written to --checkpoint-dir
 
 _lock = threading.RLock()
 _active: dict[str, Run] = {}  # this process's runs in flight, by id
@@ -37,20 +41,61 @@ def active_runs() -> list[Run]:
         return list(_active.values())
 
 
-def _check_options(strategy: str, checkpoint_dir: Any, compression: str, backend: str | None,
-                   seed: Any, timeout: Any, epochs: Any) -> None:
+def _count(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class FaultOptions:
+    """How a run survives lost workers: commits, checkpoints, resume and elastic rules."""
+
+    max_failures: int = 0
+    min_workers: int | None = None
+    commit_every: int = 1
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    checkpoint_keep: int = 2
+    resume: bool = False
+    elastic: str = "global-batch"
+
+    def check(self, workers: int | None) -> None:
+        """One sentence for the first bad value."""
+        _count("max_failures", self.max_failures, 0)
+        _count("min_workers", self.min_workers, 1, allow_none=True)
+        _count("commit_every", self.commit_every, 1)
+        _count("checkpoint_every", self.checkpoint_every, 1, allow_none=True)
+        _count("checkpoint_keep", self.checkpoint_keep, 1)
+        elastic.check_rule(self.elastic)
+        if self.min_workers is not None:
+            if workers is not None and self.min_workers > workers:
+                raise ValueError(
+                    f"min_workers={self.min_workers} is more than workers={workers}; use at"
+                    f" most {workers}."
+                )
+            if not self.max_failures:
+                raise ValueError(
+                    "min_workers only matters when a run may recover: add max_failures >= 1"
+                    " (--max-failures N)."
+                )
+        if self.checkpoint_dir is None and (self.resume or self.checkpoint_every):
+            option = "resume" if self.resume else "checkpoint_every"
+            raise ValueError(f"{option} needs checkpoint_dir (--checkpoint-dir PATH).")
+
+    @property
+    def commits(self) -> CommitPlan:
+        """When ranks commit (nothing at all unless a run may recover or checkpoints)."""
+        durable = (self.checkpoint_every or CHECKPOINT_EVERY) if self.checkpoint_dir else 0
+        return CommitPlan(self.commit_every if self.max_failures else 0, durable)
+
+
+def _check_options(strategy: str, compression: Any, backend: str | None, seed: Any,
+                   timeout: Any, epochs: Any) -> CompressionSpec:
     if strategy not in STRATEGIES:
         raise ValueError(
             f"strategy {strategy!r} is not available; allowed: {', '.join(STRATEGIES)}."
-        )
-    if checkpoint_dir is not None:
-        raise ValueError(
-            f"checkpoint_dir {checkpoint_dir!r} cannot be used yet: checkpointing is not"
-            " available in this version; leave it out."
-        )
-    if compression not in COMPRESSIONS:
-        raise ValueError(
-            f"compression {compression!r} is not available; allowed: {', '.join(COMPRESSIONS)}."
         )
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not supported; allowed: {', '.join(BACKENDS)}.")
@@ -58,15 +103,36 @@ def _check_options(strategy: str, checkpoint_dir: Any, compression: str, backend
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int)
-                               or epochs < 0):
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}.")
+    _count("epochs", epochs, 0, allow_none=True)
+    return parse_compression(compression)
+
+
+def _open_checkpoints(faults: FaultOptions) -> tuple[CheckpointDir | None, Snapshot | None]:
+    """The checkpoint directory, checked writable, and the snapshot ``--resume`` goes on from."""
+    if faults.checkpoint_dir is None:
+        return None, None
+    directory = CheckpointDir(str(faults.checkpoint_dir), keep=faults.checkpoint_keep)
+    directory.check_writable()
+    steps = directory.steps()
+    if steps and not faults.resume:
+        raise ValueError(
+            f"checkpoint_dir {faults.checkpoint_dir!r} already holds a checkpoint (step"
+            f" {steps[-1]}); pass resume=True (--resume) to go on from it, or use an empty"
+            " directory."
+        )
+    return directory, directory.read_latest() if faults.resume else None
+
+
+def free_workers(client: Any, run: Run | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Workers no other run of this process is using (sorted by host), and the worker info."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    busy = {w for other in active_runs() if other is not run for w in other.workers}
+    return sorted((w for w in info if w not in busy), key=lambda w: (info[w]["host"], w)), info
 
 
 def _pick_workers(client: Any, workers: int | None) -> tuple[list[str], dict[str, Any]]:
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    busy = {w for run in active_runs() for w in run.workers}
-    free = sorted((w for w in info if w not in busy), key=lambda w: (info[w]["host"], w))
+    free, info = free_workers(client)
+    busy = set(info) - set(free)
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                 or workers < 1):
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}.")
@@ -75,9 +141,9 @@ def _pick_workers(client: Any, workers: int | None) -> tuple[list[str], dict[str
         raise ValueError("the cluster has no workers; scale it up first (`%mlcloud scale 2`).")
     if wanted > len(free):
         raise ValueError(
-            f"workers={wanted} but the cluster has {len(info)} worker(s), {len(busy & set(info))}"
+            f"workers={wanted} but the cluster has {len(info)} worker(s), {len(busy)}"
             f" busy with other runs; use --workers {len(free) or 1} or scale up with"
-            f" `%mlcloud scale {wanted + len(busy & set(info))}`."
+            f" `%mlcloud scale {wanted + len(busy)}`."
         )
     return free[:wanted], info
 
@@ -93,6 +159,76 @@ def _backend(requested: str | None, kind: str, info: dict[str, Any], chosen: lis
     return requested
 
 
+@dataclass
+class RankStarter:
+    """Starts one attempt of a run: a rendezvous port, the payload and state shipped, one task
+    per rank. Called by ``launch`` for the first attempt and by ``Run`` after each recovery."""
+
+    client: Any
+    run_id: str
+    payload: Any
+    backend: str
+    common: dict[str, Any] = field(default_factory=dict)  # RankSpec fields every rank shares
+    shipped: list[Any] = field(default_factory=list)  # futures to release when the run ends
+
+    def free_workers(self, run: Run) -> list[str]:
+        """Workers ``run`` may use now."""
+        return free_workers(self.client, run)[0]
+
+    def __call__(self, chosen: list[str], snap: Snapshot | None, attempt: int) -> list[Any]:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        port = self.client.run(free_port, workers=[chosen[0]])[chosen[0]]
+        hosts = [info[w]["host"] for w in chosen]
+        local_world = {h: hosts.count(h) for h in hosts}
+        counters = {h: itertools.count() for h in local_world}
+        try:
+            payload = self.client.scatter(self.payload, broadcast=True, hash=False,
+                                          workers=chosen)
+        except Exception as e:
+            raise ValueError(
+                f"the training code or a name it uses cannot be sent to the workers ({e});"
+                " define such objects inside the cell or function instead."
+            ) from None
+        self.shipped.append(payload)
+        state = None
+        if snap is not None:  # rank 0's state, sent once to each worker
+            state = self.client.scatter(snap.state, broadcast=True, hash=False, workers=chosen)
+            self.shipped.append(state)
+        return [
+            self.client.submit(
+                run_rank,
+                payload,
+                RankSpec(
+                    run_id=self.run_id,
+                    rank=rank,
+                    world_size=len(chosen),
+                    local_rank=next(counters[hosts[rank]]),
+                    local_world_size=local_world[hosts[rank]],
+                    master_addr=str(info[chosen[0]]["host"]),
+                    master_port=port,
+                    backend=self.backend,
+                    attempt=attempt,
+                    resume=(Resume(snap.position, snap.world_size, snap.rngs.get(rank), {})
+                            if snap is not None else None),
+                    **self.common,
+                ),
+                state,
+                key=f"mlcloud-train-{self.run_id}-a{attempt}-rank-{rank}",
+                workers=[address],
+                allow_other_workers=False,
+                pure=False,
+                retries=0,
+            )
+            for rank, address in enumerate(chosen)
+        ]
+
+    def release(self) -> None:
+        """Let the workers drop the shipped payload and states."""
+        for future in self.shipped:
+            future.release()
+        self.shipped.clear()
+
+
 def launch(
     payload: Any,
     *,
@@ -104,63 +240,54 @@ def launch(
     timeout: float = 300.0,
     epochs: int | None = None,
     strategy: str = "ddp",
-    checkpoint_dir: str | None = None,
     compression: str = "none",
+    faults: FaultOptions = FaultOptions(),
 ) -> Run:
     """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`."""
-    _check_options(strategy, checkpoint_dir, compression, backend, seed, timeout, epochs)
+    spec = _check_options(strategy, compression, backend, seed, timeout, epochs)
+    faults.check(workers)
     client, kind = clusters.resolve(cluster)
-    with _lock:  # two launches must not pick the same free workers
-        chosen, info = _pick_workers(client, workers)
-        backend = _backend(backend, kind, info, chosen)
-        run = Run(uuid.uuid4().hex[:12], client, chosen)
-        _active[run.id] = run
+    directory, snap = _open_checkpoints(faults)
     try:
-        port = client.run(free_port, workers=[chosen[0]])[chosen[0]]
-        master = str(info[chosen[0]]["host"])
-        hosts = [info[w]["host"] for w in chosen]
-        local_world = {h: hosts.count(h) for h in hosts}
-        counters = {h: itertools.count() for h in local_world}
-        try:
-            shipped = client.scatter(payload, broadcast=True, hash=False, workers=chosen)
-        except Exception as e:
-            raise ValueError(
-                f"the training code or a name it uses cannot be sent to the workers ({e});"
-                " define such objects inside the cell or function instead."
-            ) from None
-        run.subscribe()
-        futures = [
-            client.submit(
-                run_rank,
-                shipped,
-                RankSpec(
-                    run_id=run.id,
-                    rank=rank,
-                    world_size=len(chosen),
-                    local_rank=next(counters[hosts[rank]]),
-                    local_world_size=local_world[hosts[rank]],
-                    master_addr=master,
-                    master_port=port,
-                    backend=backend,
-                    timeout=float(timeout),
-                    seed=seed,
-                    epochs=epochs,
-                    out=list(out),
-                ),
-                key=f"mlcloud-train-{run.id}-rank-{rank}",
-                workers=[address],
-                allow_other_workers=False,
-                pure=False,
-                retries=0,
-            )
-            for rank, address in enumerate(chosen)
-        ]
+        with _lock:  # two launches must not pick the same free workers
+            chosen, info = _pick_workers(client, workers)
+            if faults.min_workers is not None and faults.min_workers > len(chosen):
+                raise ValueError(
+                    f"min_workers={faults.min_workers} is more than the {len(chosen)} worker(s)"
+                    f" this run gets; use at most {len(chosen)}."
+                )
+            backend = _backend(backend, kind, info, chosen)
+            run_id = uuid.uuid4().hex[:12]
+            base_world = snap.base_world if snap is not None else len(chosen)
+            starter = RankStarter(client, run_id, payload, backend, dict(
+                timeout=float(timeout), seed=seed, epochs=epochs, out=list(out),
+                commit_every=faults.commits.every, checkpoint_every=faults.commits.durable_every,
+                compression=str(spec), elastic=faults.elastic, base_world=base_world,
+            ))
+            store = (CommitStore(len(chosen), base_world, snap)
+                     if faults.commits.every or directory else None)
+            run = Run(run_id, client, chosen, starter=starter, store=store,
+                      checkpoints=directory, max_failures=faults.max_failures,
+                      min_workers=faults.min_workers)
+            _active[run.id] = run
     except BaseException:
-        _forget(run)
+        if directory is not None:
+            directory.discard()
         raise
+    try:
+        run.subscribe()
+        futures = starter(chosen, snap, 0)
+    except BaseException:
+        starter.release()
+        _forget(run)
+        if directory is not None:
+            directory.discard()
+        raise
+    if snap is not None:
+        run.note_resume(snap)
     client.log_event(metrics.RUNS_TOPIC, {"run": run.id, "state": "started",
                                           "workers": chosen, "pid": os.getpid()})
-    run.start(futures, shipped)
+    run.start(futures)
     return run
 
 
@@ -176,6 +303,13 @@ def train(
     strategy: str = "ddp",
     checkpoint_dir: str | None = None,
     compression: str = "none",
+    max_failures: int = 0,
+    min_workers: int | None = None,
+    commit_every: int = 1,
+    checkpoint_every: int | None = None,
+    checkpoint_keep: int = 2,
+    resume: bool = False,
+    elastic: str = "global-batch",
     **kwargs: Any,
 ) -> Run:
     """Run ``fn(ctx, *args, **kwargs)`` on every selected worker, data-parallel; return a ``Run``.
@@ -186,6 +320,16 @@ def train(
     every rank. ``timeout`` (s) bounds the rendezvous and each collective. ``epochs`` is the
     default count of ``ctx.epochs()``. The torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK,
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are set while ``fn`` runs.
+
+    Fault tolerance: ``max_failures`` lost workers are survived by resuming every rank from
+    the last commit (taken every ``commit_every`` steps and held by this process), with the
+    same number of workers once replacements join, or with ``min_workers`` or more if none
+    come within ``mlcloud.train.replace-timeout`` seconds (Dask config, default 30); how the
+    batch and learning rate change then is the ``elastic`` rule (``global-batch`` or
+    ``linear-lr``). ``checkpoint_dir`` (any fsspec URL) also gets a checkpoint every
+    ``checkpoint_every`` steps (default 100), keeping the last ``checkpoint_keep``;
+    ``resume=True`` goes on from the newest one there (after a kernel restart, say).
+    ``compression``: ``none``, ``fp16``, ``bf16`` or ``powersgd[:RANK]`` for the gradients.
 
     ``run.result()`` returns rank 0's return value (models unwrapped from DDP, on CPU).
     """
@@ -200,6 +344,7 @@ def train(
         timeout=timeout,
         epochs=epochs,
         strategy=strategy,
-        checkpoint_dir=checkpoint_dir,
         compression=compression,
+        faults=FaultOptions(max_failures, min_workers, commit_every, checkpoint_dir,
+                            checkpoint_every, checkpoint_keep, resume, elastic),
     )

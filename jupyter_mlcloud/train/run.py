@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from .. import metrics
+from . import checkpoint
 from .worker import RankFailed, cancel_rank
 
 # Errors a rank raises only because another rank failed first.
@@ -17,6 +18,9 @@ _CONSEQUENTIAL = ("RunCancelled", "Connection closed by peer", "Connection reset
                   "Broken pipe", "gloo", "Timed out waiting")
 CANCEL_GRACE_S = 30.0  # how long cancelled ranks get to tear down before we stop waiting
 DEPARTURE_GRACE_S = 5.0  # how long the scheduler gets to notice a dead worker
+PULL_INTERVAL_S = 0.25  # how often new commits are fetched from the ranks
+REPLACE_TIMEOUT_S = 30.0  # default wait for replacement workers (mlcloud.train.replace-timeout)
+PHASES = ("detected", "cancelled", "workers ready", "rejoined", "restored", "first step")
 
 
 def _consequential(exc: BaseException) -> bool:
@@ -39,11 +43,23 @@ class Run:
     """A data-parallel training run: one task per rank on pinned workers.
 
     ``result()`` waits and returns rank 0's result; ``cancel()`` stops every rank;
-    ``status`` is pending, running, finished, error or cancelled; ``metrics`` is a DataFrame
-    of every ``ctx.report`` point; ``logs`` every line the ranks printed.
+    ``status`` is pending, running, recovering, finished, error or cancelled; ``metrics`` is a
+    DataFrame of every ``ctx.report`` point; ``logs`` every line the ranks printed; ``events``
+    one dict per recovery (lost workers, the step it resumed from, the time of each phase).
     """
 
-    def __init__(self, run_id: str, client: Any, workers: list[str]) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        client: Any,
+        workers: list[str],
+        *,
+        starter: Any = None,
+        store: checkpoint.CommitStore | None = None,
+        checkpoints: checkpoint.CheckpointDir | None = None,
+        max_failures: int = 0,
+        min_workers: int | None = None,
+    ) -> None:
         self.id = run_id
         self.client = client
         self.workers = workers  # rank r runs on workers[r]
@@ -60,7 +76,11 @@ class Run:
         self._done = threading.Event()
         self._listeners: list[Callable[[str, list[dict[str, Any]]], None]] = []
         self._lock = threading.Lock()
-        self._payload: Any = None
+        self._starter = starter  # starts an attempt on given workers (see launch.RankStarter)
+        self.store, self.checkpoints = store, checkpoints
+        self.max_failures, self.min_workers = max_failures, min_workers
+        self.attempt = 0
+        self._pulled_at = 0.0
 
     # ------------------------------------------------------------ wiring (launcher)
 
@@ -68,10 +88,11 @@ class Run:
         """Start receiving metrics and output; call before any rank starts."""
         self.client.subscribe_topic(metrics.metrics_topic(self.id), self._on_metrics)
         self.client.subscribe_topic(metrics.logs_topic(self.id), self._on_logs)
+        self.client.subscribe_topic(metrics.control_topic(self.id), self._on_control)
 
-    def start(self, futures: list[Any], payload: Any) -> None:
+    def start(self, futures: list[Any]) -> None:
         """Watch the rank futures (in a thread) until every rank is done."""
-        self._futures, self._payload = futures, payload
+        self._futures = futures
         self._status = "running"
         threading.Thread(target=self._watch, name=f"watch-{self.id}", daemon=True).start()
 
@@ -91,6 +112,18 @@ class Run:
             self._lines.extend(items)
         self._notify("logs", items)
 
+    def _on_control(self, event: tuple[float, Any]) -> None:
+        for item in metrics.items_of([event]):
+            for record in self.events:
+                if record["attempt"] == item.get("attempt"):
+                    record["phases"].setdefault(item["phase"], item["time"])
+                    self._notify("recovery", [record])
+
+    def note_resume(self, snap: checkpoint.Snapshot) -> None:
+        """Record that the first attempt goes on from a checkpoint (``--resume``)."""
+        self.events.append({"kind": "resume", "attempt": 0, "lost": [], "from_step": snap.step,
+                            "world_size": self.world_size, "phases": {}})
+
     def _notify(self, kind: str, items: list[dict[str, Any]]) -> None:
         for listener in list(self._listeners):
             try:
@@ -108,56 +141,166 @@ class Run:
         return [w for w in self.workers if w not in alive]
 
     def _watch(self) -> None:
-        from distributed import wait
-
         try:
             while True:
-                pending = [f for f in self._futures if not f.done()]
-                if not pending:
-                    break
-                try:
-                    wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
-                except TimeoutError:
-                    pass
-                failed = any(f.status == "error" for f in self._futures)
-                if failed or self._status == "cancelling" or self._missing_workers():
-                    break
-            self._finish()
+                self._await_attempt()
+                outcome, detail = self._outcome()
+                if outcome == "lost" and self.attempt < self.max_failures:
+                    try:
+                        self._recover(detail)
+                        continue
+                    except TrainingError as e:
+                        self._cancel_ranks()
+                        self._status, self._error = "error", e
+                        break
+                self._conclude(outcome, detail)
+                break
+            self._close()
         except Exception as e:  # the watcher itself must always end the run
             self._error = TrainingError(f"the run's watcher failed: {e}")
             self._status = "error"
             self._close()
 
-    def _finish(self) -> None:
+    def _await_attempt(self) -> None:
+        """Until a rank fails, a worker goes, the run is cancelled or every rank is done."""
+        from distributed import wait
+
+        while True:
+            pending = [f for f in self._futures if not f.done()]
+            if not pending:
+                return
+            try:
+                wait(pending, timeout=PULL_INTERVAL_S, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            failed = any(f.status == "error" for f in self._futures)
+            if failed or self._status == "cancelling" or self._missing_workers():
+                return
+            self._pull()
+
+    def _outcome(self) -> tuple[str, Any]:
+        """finished, cancelled, ("error", (rank, exc)) or ("lost", [gone workers])."""
+        if self._status == "cancelling":
+            return "cancelled", None
+        if all(f.status == "finished" for f in self._futures):
+            return "finished", None
         failed = [(r, f) for r, f in enumerate(self._futures) if f.status == "error"]
-        cancelling = self._status == "cancelling"
         # Prefer the rank whose failure was its own, not a consequence of another's.
         errors = [(r, self._exception(f)) for r, f in failed]
         errors.sort(key=lambda e: _consequential(e[1]))
         gone = self._missing_workers()
         if errors and _consequential(errors[0][1]) and not gone:
             gone = self._wait_for_departure(DEPARTURE_GRACE_S)  # a peer's worker died?
-        if failed or gone or cancelling:
-            self._cancel_ranks()
-            if cancelling:
-                self._status = "cancelled"
-                self._error = TrainingError("the run was cancelled; every rank was stopped.")
-            elif errors and not (gone and _consequential(errors[0][1])):
-                rank, exc = errors[0]
-                self._status = "error"
-                self._error = TrainingError(str(exc), rank=rank)
-            else:
-                rank = self.workers.index(gone[0])
-                self._status = "error"
-                self._error = TrainingError(
-                    f"[rank {rank}] worker {gone[0]} died during the run; every other rank was"
-                    " cancelled.",
-                    rank=rank,
-                )
-        else:
+        if errors and not (gone and _consequential(errors[0][1])):
+            return "error", errors[0]
+        if gone:
+            return "lost", gone
+        return "error", errors[0]
+
+    def _conclude(self, outcome: str, detail: Any) -> None:
+        if outcome == "finished":
+            self._pull(final=True)
             self._result = self._futures[0].result()
             self._status = "finished"
-        self._close()
+            return
+        self._cancel_ranks()
+        if outcome == "cancelled":
+            self._status = "cancelled"
+            self._error = TrainingError("the run was cancelled; every rank was stopped.")
+        elif outcome == "error":
+            rank, exc = detail
+            self._status = "error"
+            self._error = TrainingError(str(exc), rank=rank)
+        else:
+            rank = self.workers.index(detail[0])
+            after = (f" It had already recovered {self.attempt} time(s), the most"
+                     f" --max-failures {self.max_failures} allows." if self.max_failures else "")
+            self._status = "error"
+            self._error = TrainingError(
+                f"[rank {rank}] worker {detail[0]} died during the run; every other rank was"
+                f" cancelled.{after}",
+                rank=rank,
+            )
+
+    # ------------------------------------------------------------ commits and recovery
+
+    def _pull(self, final: bool = False) -> None:
+        """Fetch new commits from the ranks; write the durable ones to the checkpoint dir."""
+        if self.store is None or not (final or
+                                      time.monotonic() - self._pulled_at >= PULL_INTERVAL_S):
+            return
+        self._pulled_at = time.monotonic()
+        try:
+            replies = self.client.run(checkpoint.take, self.id, self.store.step, final,
+                                      workers=self.workers, on_error="return")
+        except Exception:
+            return  # a worker went: the watcher sees it next
+        parts = [p for reply in replies.values() if isinstance(reply, list) for p in reply]
+        for snap in self.store.add(parts):
+            if self.checkpoints is None:
+                continue
+            try:
+                self.checkpoints.write(snap)
+            except OSError as e:
+                self._notify("logs", [{"rank": "mlcloud", "stream": "stderr",
+                                       "line": f"checkpoint of step {snap.step} not written: {e}"}])
+
+    def _recover(self, gone: list[str]) -> None:
+        """Cancel the survivors, wait for workers, start the next attempt from the last commit."""
+        phases = {"detected": time.time()}
+        lost_ranks = [self.workers.index(w) for w in gone]
+        self._status = "recovering"
+        self._cancel_ranks()
+        phases["cancelled"] = time.time()
+        workers = self._wait_for_workers(gone)
+        phases["workers ready"] = time.time()
+        snap = self.store.latest if self.store is not None else None
+        self.attempt += 1
+        record = {"kind": "recovery", "attempt": self.attempt, "lost": gone,
+                  "lost_ranks": lost_ranks, "from_step": snap.step if snap else 0,
+                  "world_size": len(workers), "phases": phases}
+        self.events.append(record)
+        if self.store is not None:
+            self.store.reset(len(workers))
+        try:
+            futures = self._starter(workers, snap, self.attempt)
+        except Exception as e:
+            raise TrainingError(f"the run could not be restarted after losing {gone}: {e}") \
+                from None
+        phases["rejoined"] = time.time()
+        self.workers, self.world_size, self._futures = workers, len(workers), futures
+        if self._status == "recovering":
+            self._status = "running"
+        self._notify("recovery", [record])
+
+    def _wait_for_workers(self, gone: list[str]) -> list[str]:
+        """The same number of free workers as before, or at least ``min_workers`` after the
+        replace timeout."""
+        import dask
+
+        need = len(self.workers)
+        timeout = float(dask.config.get("mlcloud.train.replace-timeout", REPLACE_TIMEOUT_S))
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._status == "cancelling":
+                raise TrainingError("the run was cancelled while it waited for workers.")
+            try:
+                free = self._starter.free_workers(self)
+            except Exception:
+                free = []
+            if len(free) >= need:
+                return free[:need]
+            if time.monotonic() >= deadline:
+                if self.min_workers is not None and len(free) >= self.min_workers:
+                    return free
+                least = f" (at least {self.min_workers} with --min-workers)" \
+                    if self.min_workers else ""
+                raise TrainingError(
+                    f"worker(s) {', '.join(gone)} died and only {len(free)} free worker(s)"
+                    f" were there {timeout:g} s later; the run needs {need}{least}. Scale the"
+                    " cluster up and start again (with --resume if it has a --checkpoint-dir)."
+                )
+            time.sleep(0.1)
 
     def _wait_for_departure(self, seconds: float) -> list[str]:
         deadline = time.monotonic() + seconds
@@ -203,14 +346,14 @@ class Run:
                 self._points = metrics.items_of(
                     self.client.get_events(metrics.metrics_topic(self.id))
                 )
-            for topic in (metrics.metrics_topic(self.id), metrics.logs_topic(self.id)):
+            for topic in (metrics.metrics_topic(self.id), metrics.logs_topic(self.id),
+                          metrics.control_topic(self.id)):
                 self.client.unsubscribe_topic(topic)
             self.client.log_event(metrics.RUNS_TOPIC, {"run": self.id, "state": self._status})
         except Exception:
             pass
-        if self._payload is not None:
-            self._payload.release()
-            self._payload = None
+        if self._starter is not None:
+            self._starter.release()
         self.finished = time.time()
         from .launch import _forget
 

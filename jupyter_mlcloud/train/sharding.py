@@ -103,6 +103,7 @@ class Shard:
         variables: Sequence[str] | None = None,
         device: torch.device | None = None,
         cache: dict[int, list[torch.Tensor]] | None = None,
+        tracker: Any = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
@@ -123,6 +124,9 @@ class Shard:
         if self.n == 0:
             raise ValueError("the data to shard has no samples.")
         self._cache = cache if cache is not None else {}
+        # ``ctx``: told when a loop starts, before each batch and at the end (steps, commits,
+        # resume); it says how many batches a resumed loop skips.
+        self._tracker = tracker
 
     def indices(self) -> np.ndarray:
         """This rank's sample indices for this epoch, in the order they are served."""
@@ -148,6 +152,19 @@ class Shard:
         return own, self._cache[key]
 
     def __iter__(self) -> Iterator[Any]:
+        skip = self._tracker._loop_start() if self._tracker is not None else 0
+        if skip is None:
+            return  # a loop a resumed attempt has already done
+        count = 0
+        for count, batch in enumerate(self._batches(skip), start=skip + 1):
+            if self._tracker is not None:
+                self._tracker._before_batch(count - 1)
+            yield batch
+        if self._tracker is not None:
+            self._tracker._loop_end(max(count, min(skip, len(self))))
+
+    def _batches(self, skip: int) -> Iterator[Any]:
+        """Batches ``skip``, ``skip + 1``, ... of this epoch (skipped ones are never loaded)."""
         index = self.indices()
         if self._lazy:
             own, block = self._lazy_block()
@@ -157,7 +174,7 @@ class Shard:
             index = local
         else:
             source = self._columns
-        for start in range(0, len(index), self.batch_size):
+        for start in range(skip * self.batch_size, len(index), self.batch_size):
             batch_index = index[start : start + self.batch_size]
             if self.drop_last and len(batch_index) < self.batch_size:
                 return

@@ -47,6 +47,13 @@ class RankSpec:
     seed: int
     epochs: int | None = None
     out: list[str] = field(default_factory=list)
+    commit_every: int = 0  # 0: no commits
+    checkpoint_every: int = 0  # commits written to the checkpoint directory
+    compression: str = "none"
+    elastic: str = "global-batch"
+    base_world: int = 0  # the world the run was launched with (0: this one)
+    attempt: int = 0
+    resume: Any = None  # checkpoint.Resume without its state (that comes as a task argument)
 
 
 class RankFailed(Exception):
@@ -301,10 +308,19 @@ def _format_failure(rank: int, exc: BaseException) -> str:
     return "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
 
 
-def run_rank(payload: Any, spec: RankSpec) -> Any:
-    """The task each worker runs: set up, run the user's code as rank ``spec.rank``, tear down."""
+def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
+    """The task each worker runs: set up, run the user's code as rank ``spec.rank``, tear down.
+
+    ``resume_state`` (rank 0's committed state, shipped once per worker) with ``spec.resume``
+    makes this attempt go on from that commit.
+    """
+    import dataclasses
+
     import torch.distributed as dist
     from distributed import get_worker
+
+    from . import checkpoint
+    from .compression import parse_compression
 
     worker = get_worker()
     with _lock:
@@ -314,6 +330,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
                 " pick other workers or wait for it."
             )
         _active[spec.run_id] = _Active(spec.run_id, spec.rank, threading.get_ident())
+    checkpoint.open_ring(spec.run_id)
     reporter = metrics.EventBatcher(worker.log_event, metrics.metrics_topic(spec.run_id))
     logs = metrics.EventBatcher(worker.log_event, metrics.logs_topic(spec.run_id))
     sink = _LineSink(spec.rank, logs)
@@ -334,9 +351,20 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
             seed=spec.seed,
             default_epochs=spec.epochs,
             reporter=reporter,
+            commits=checkpoint.CommitPlan(spec.commit_every, spec.checkpoint_every),
+            resume=(dataclasses.replace(spec.resume, state=resume_state)
+                    if spec.resume is not None else None),
+            compression=parse_compression(spec.compression),
+            elastic_rule=spec.elastic,
+            base_world=spec.base_world or spec.world_size,
+            attempt=spec.attempt,
+            emit=lambda event: worker.log_event(metrics.control_topic(spec.run_id),
+                                               {"items": [event]}),
         )
+        resume_state = None
         with _torchrun_env(spec), _owned_process_group(spec):
             result = payload.run(ctx, spec.out)
+            ctx.check_resumed()
             return _to_notebook(result) if spec.rank == 0 else None
     except BaseException as exc:  # noqa: B036 - cancellation arrives as any exception
         failure = _format_failure(spec.rank, exc)
@@ -354,7 +382,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
             ctx.release()
         # Drop every reference to DDP models (and their reducers) before the group goes:
         # the other order can block this thread forever in the reducer's destructor.
-        payload = ctx = None
+        payload = ctx = resume_state = None
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
