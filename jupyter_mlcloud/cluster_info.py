@@ -31,6 +31,13 @@ def summarize(workers: Mapping[str, Mapping[str, Any]]) -> Summary:
 
 async def events(address: str, topic: str, timeout: float = 2.0) -> list[tuple[float, Any]]:
     """The events logged on ``topic`` at the scheduler at ``address`` ([] if it does not answer)."""
+    found = await try_events(address, topic, timeout)
+    return [] if found is None else found
+
+
+async def try_events(address: str, topic: str,
+                     timeout: float = 2.0) -> list[tuple[float, Any]] | None:
+    """The events logged on ``topic`` at the scheduler at ``address``; None if it is silent."""
     from distributed.core import rpc
 
     async def ask() -> list[tuple[float, Any]]:
@@ -40,7 +47,7 @@ async def events(address: str, topic: str, timeout: float = 2.0) -> list[tuple[f
     try:
         return await asyncio.wait_for(ask(), timeout)
     except Exception:
-        return []
+        return None
 
 
 async def worker_resources(address: str, timeout: float = 2.0) -> dict[str, list[Any]] | None:

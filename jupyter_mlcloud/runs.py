@@ -1,16 +1,16 @@
-"""Every training run on the discovered clusters, read back from their Dask event topics.
+"""Training runs as the schedulers record them, and their points as a panel's columns.
 
 The launcher logs one event per run start and end on ``mlcloud-runs``, and ranks log points on
 ``mlcloud-metrics-<run>``. Reading them from the schedulers (not from any kernel) is why run
-lists and loss panels survive kernel restarts.
+lists and loss panels survive kernel restarts; :mod:`jupyter_mlcloud.feeds` keeps them current
+in the Jupyter server. These functions are pure: events and points in, rows and columns out.
 """
 
 from __future__ import annotations
 
-import asyncio
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-from . import cluster_info, discovery, metrics
 
 
 def fold_run_events(events: list[tuple[float, Any]]) -> dict[str, dict[str, Any]]:
@@ -28,46 +28,61 @@ def fold_run_events(events: list[tuple[float, Any]]) -> dict[str, dict[str, Any]
     return runs
 
 
-def metric_columns(points: list[dict[str, Any]], history: int = 5000) -> dict[str, list[Any]]:
-    """Rank 0's points as columns: ``step`` and one list per metric (last ``history`` points)."""
+HISTORY = 5000  # points of rank 0 a panel shows
+RATE_WINDOW_S = 2.0  # steps/s is measured over the last this many seconds
+NOT_METRICS = ("rank", "step", "epoch", "time")
+MAX_OVERLAY = 16  # runs in one loss panel
+_RUN_ID = re.compile(r"[0-9a-f]{1,32}")
+
+
+def parse_run_ids(target: str) -> list[str]:
+    """The run ids of a loss panel's target: one id, or several joined by commas (an overlay).
+
+    Raises ``ValueError`` naming the bad part when the target is not such a list.
+    """
+    ids = [part.strip() for part in target.split(",")]
+    for part in ids:
+        if not _RUN_ID.fullmatch(part):
+            raise ValueError(f"{part!r} is not a run id; give run ids (hex, as listed by"
+                             " GET /mlcloud/runs) joined by commas.")
+    unique = list(dict.fromkeys(ids))
+    if len(unique) > MAX_OVERLAY:
+        raise ValueError(f"{len(unique)} runs in one panel; at most {MAX_OVERLAY} can be overlaid.")
+    return unique
+
+
+def steps_per_s(times: Sequence[float], steps: Sequence[float],
+                window: float = RATE_WINDOW_S) -> list[float | None]:
+    """Steps per second at each point, over the points of the ``window`` seconds before it.
+
+    None where there is no earlier point to measure from, or the step went back (a resume).
+    """
+    rates: list[float | None] = []
+    j = 0
+    for i, (t, s) in enumerate(zip(times, steps, strict=True)):
+        while j < i and times[j] < t - window:
+            j += 1
+        k = j if j < i else i - 1
+        if k < 0 or t <= times[k] or s < steps[k]:
+            rates.append(None)
+        else:
+            rates.append((s - steps[k]) / (t - times[k]))
+    return rates
+
+
+def metric_names(points: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The reported metric names among ``points``, sorted."""
+    return sorted({k for p in points for k in p} - set(NOT_METRICS))
+
+
+def metric_columns(points: list[dict[str, Any]], history: int = HISTORY) -> dict[str, list[Any]]:
+    """Rank 0's last ``history`` points as columns: ``step``, ``time``, ``steps_per_s`` and one
+    list per reported metric (None where a point did not report it)."""
     mine = [p for p in points if p.get("rank") == 0][-history:]
-    names = sorted({k for p in mine for k in p} - {"rank", "step", "epoch", "time"})
-    columns: dict[str, list[Any]] = {"step": [p["step"] for p in mine]}
-    for name in names:
-        columns[name] = [p.get(name, float("nan")) for p in mine]
+    steps = [p["step"] for p in mine]
+    times = [p["time"] for p in mine]
+    columns: dict[str, list[Any]] = {"step": steps, "time": times,
+                                     "steps_per_s": steps_per_s(times, steps)}
+    for name in metric_names(mine):
+        columns.setdefault(name, [p.get(name) for p in mine])
     return columns
-
-
-async def run_points(run_id: str, *, timeout: float = 2.0) -> list[dict[str, Any]] | None:
-    """Every point of run ``run_id``, from whichever discovered cluster ran it; None if none."""
-    for record in discovery.list_records():
-        if not record.address or record.tls:
-            continue
-        known = fold_run_events(
-            await cluster_info.events(record.address, metrics.RUNS_TOPIC, timeout))
-        if run_id in known:
-            return metrics.items_of(await cluster_info.events(
-                record.address, metrics.metrics_topic(run_id), timeout))
-    return None
-
-
-async def list_runs(*, timeout: float = 2.0) -> list[dict[str, Any]]:
-    """Every run on every reachable discovered cluster, newest first, with its last point."""
-
-    async def of_cluster(record: discovery.ClusterRecord) -> list[dict[str, Any]]:
-        if not record.address or record.tls:
-            return []
-        found = fold_run_events(
-            await cluster_info.events(record.address, metrics.RUNS_TOPIC, timeout))
-        for run in found.values():
-            points = metrics.items_of(await cluster_info.events(
-                record.address, metrics.metrics_topic(run["run"]), timeout))
-            last = points[-1] if points else {}
-            run.update(cluster=record.name, points=len(points), step=last.get("step"),
-                       last={k: v for k, v in last.items()
-                             if k not in ("rank", "step", "epoch", "time")})
-        return list(found.values())
-
-    per_cluster = await asyncio.gather(*(of_cluster(r) for r in discovery.list_records()))
-    runs = [run for group in per_cluster for run in group]
-    return sorted(runs, key=lambda r: r["started"], reverse=True)

@@ -84,8 +84,20 @@ def cluster_card(handle: ClusterHandle, *, poll_seconds: float = 1.0) -> w.VBox:
     return card
 
 
+def _loss_panel(run: Any) -> Any:
+    """The run's live loss panel widget; None where it cannot be shown (the progress line
+    says everything it would)."""
+    from .panels.notebook import monitor
+
+    try:
+        return monitor(run)
+    except Exception:
+        return None
+
+
 class RunMonitor:
-    """Progress of a training run: step, epoch, last loss, steps/s and status, live.
+    """Progress of a training run: step, epoch, last loss, steps/s and status, live, above
+    the run's loss panel (every reported metric against step, steps/s).
 
     Rank output is printed with its ``[rank N]`` prefix by :meth:`follow` (blocking cells) or
     appended to an ``Output`` widget under the progress line (``--noblock``).
@@ -97,7 +109,8 @@ class RunMonitor:
         self.run = run
         self.label = w.HTML()
         self.output = w.Output()
-        self.widget = w.VBox([self.label, self.output])
+        self.panel = _loss_panel(run)
+        self.widget = w.VBox([self.label, *([self.panel] if self.panel else []), self.output])
         self.widget.add_class("mlcloud-run-monitor")
         self._lines: queue.Queue[str] = queue.Queue()
         self._last: dict[str, Any] = {}

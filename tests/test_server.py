@@ -2,21 +2,57 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 from tornado.httpclient import HTTPClientError
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud.server.handlers import route_table
+from jupyter_mlcloud.server.handlers import FEEDS_KEY, LISTS_KEY, EventsHandler, route_table
 
+from . import held_cluster
 from .conftest import discovery_files, wait_for
 
 
 @pytest.fixture
 def jp_server_config():
     return {"ServerApp": {"jpserver_extensions": {"jupyter_mlcloud": True}}}
+
+
+@pytest.fixture(autouse=True)
+def close_live_state(jp_serverapp: Any, jp_asyncio_loop: Any) -> Iterator[None]:
+    """The server's clients on schedulers and its list watcher end with the server."""
+    yield
+    settings = jp_serverapp.web_app.settings
+    jp_asyncio_loop.run_until_complete(settings[LISTS_KEY].close())
+    jp_asyncio_loop.run_until_complete(settings[FEEDS_KEY].close())
+
+
+async def until(condition: Callable[[], Awaitable[Any]], timeout: float = 30.0,
+                what: str = "") -> Any:
+    """Await ``condition()`` until it gives something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
+        await asyncio.sleep(0.1)
+
+
+async def status_of(jp_fetch: Any, *path: str) -> tuple[int, Any]:
+    """The status and decoded JSON body of a GET (errors included)."""
+    try:
+        response = await jp_fetch(*path)
+    except HTTPClientError as e:
+        response = e.response
+    return response.code, json.loads(response.body)
 
 
 async def test_clusters_endpoint_lists_discovered_clusters_with_live_figures(jp_fetch) -> None:
@@ -46,6 +82,7 @@ async def test_unreachable_scheduler_is_listed_as_unreachable(jp_fetch) -> None:
 
 
 SAMPLES = ("loss", "0123abcd", "some-cluster", "js/bokeh.min.js")
+SOCKETS = [route[0] for route in route_table("/") if route[1] is EventsHandler]
 
 
 def _sample_path(pattern: str) -> list[str]:
@@ -73,6 +110,14 @@ async def test_every_route_refuses_unauthenticated_requests(jp_fetch, pattern: s
     if err.value.code == 302:
         assert "login" in err.value.response.headers["Location"]
     assert discovery_files() == []
+
+
+@pytest.mark.parametrize("pattern", SOCKETS)
+async def test_the_event_socket_refuses_unauthenticated_connections(jp_ws_fetch,
+                                                                     pattern: str) -> None:
+    with pytest.raises(HTTPClientError) as err:
+        await jp_ws_fetch(*_sample_path(pattern), headers={"Authorization": ""})
+    assert err.value.code == 403
 
 
 async def test_the_walk_covers_every_registered_mlcloud_route(jp_serverapp) -> None:
@@ -153,7 +198,8 @@ async def test_loss_panel_data_page_and_bokehjs(jp_fetch) -> None:
         assert columns["accuracy"] == pytest.approx([0, 0.25, 0.5, 0.75])
 
         page = (await jp_fetch("mlcloud", "panels", "loss", run.id)).body.decode()
-        assert "AjaxDataSource" in page and f"mlcloud/runs/{run.id}/metrics" in page
+        assert "ColumnDataSource" in page and f"mlcloud/runs/{run.id}/metrics" in page
+        assert "document_ready" in page and "figure-accuracy" in page  # the poller, a plot
         assert "mlcloud/bokeh/static/js/bokeh.min.js" in page and "cdn.bokeh" not in page
         script = await jp_fetch("mlcloud", "bokeh", "static", "js", "bokeh.min.js")
         assert script.code == 200 and b"Bokeh" in script.body[:2000]
@@ -166,11 +212,112 @@ async def test_loss_panel_data_page_and_bokehjs(jp_fetch) -> None:
         assert "mlcloud/clusters/panels/resources" in page
 
 
-@pytest.mark.parametrize("path", [["runs", "0123abcd", "metrics"], ["panels", "loss", "0123abcd"],
-                                  ["clusters", "ghost", "resources"],
-                                  ["panels", "resources", "ghost"]])
-async def test_panels_for_things_that_do_not_exist_say_so(jp_fetch, path: list[str]) -> None:
+@pytest.mark.parametrize("path", [["runs", "0123abcd", "metrics"],
+                                  ["clusters", "ghost", "resources"]])
+async def test_data_for_things_that_do_not_exist_say_so(jp_fetch, path: list[str]) -> None:
+    code, body = await status_of(jp_fetch, "mlcloud", *path)
+    assert code == 404 and body["message"].startswith("no ")
+
+
+@pytest.mark.parametrize(("path", "code", "message"), [
+    (["loss", "0123abcd"], 404, "no run &#x27;0123abcd&#x27; on any discovered cluster."),
+    (["loss", "0123abcd,beef"], 404, "no run &#x27;beef&#x27; on any discovered cluster."),
+    (["loss", "0123,zz"], 400, "&#x27;zz&#x27; is not a run id"),
+    (["resources", "ghost"], 404, "no cluster named &#x27;ghost&#x27;."),
+])
+async def test_panels_for_things_that_do_not_exist_say_so(jp_fetch, path: list[str], code: int,
+                                                          message: str) -> None:
     with pytest.raises(HTTPClientError) as err:
-        await jp_fetch("mlcloud", *path)
-    assert err.value.code == 404
-    assert "no " in json.loads(err.value.response.body)["message"]
+        await jp_fetch("mlcloud", "panels", *path)
+    page = err.value.response.body.decode()
+    assert err.value.code == code and "mlcloud-panel-message" in page and message in page
+    assert "Traceback" not in page
+
+
+async def test_overlay_page_polls_every_run_and_plots_every_metric(jp_fetch) -> None:
+    with mlc.up(workers=1, name="overlay") as cluster:
+        def plain(ctx):
+            for step in range(3):
+                ctx.report(loss=1.0 / (step + 1))
+
+        def compressed(ctx):
+            for step in range(3):
+                ctx.report(loss=1.0 / (step + 1), bytes_sent=100.0 * step, bytes_ratio=0.5)
+
+        first = mlc.train(plain, cluster=cluster)
+        first.result(timeout=120)
+        second = mlc.train(compressed, cluster=cluster)
+        second.result(timeout=120)
+        page = (await jp_fetch("mlcloud", "panels", "loss",
+                               f"{first.id},{second.id}")).body.decode()
+        for run in (first, second):
+            assert f"mlcloud/runs/{run.id}/metrics" in page and f"metrics-{run.id}" in page
+        for name in ("figure-loss", "figure-bytes_sent", "figure-bytes_ratio",
+                     "figure-steps_per_s"):
+            assert name in page
+        columns = json.loads((await jp_fetch("mlcloud", "runs", second.id, "metrics")).body)
+        assert columns["bytes_sent"] == [0.0, 100.0, 200.0]
+        assert columns["steps_per_s"][0] is None and columns["steps_per_s"][2] > 0
+
+
+async def test_a_silent_scheduler_gets_503_until_it_answers_and_a_gone_run_404(
+        jp_fetch) -> None:
+    held = held_cluster.start("held", runs=1)
+    try:
+        [run] = held.runs
+        code, columns = await status_of(jp_fetch, "mlcloud", "runs", run, "metrics")
+        assert code == 200 and columns["step"] == [1, 2, 3, 4, 5, 6]
+        assert columns["bytes_ratio"] == [None, 0.25, 0.25, 0.25, 0.25, 0.25]
+
+        held.pause()
+        code, body = await until(
+            lambda: _with_code(jp_fetch, 503, "mlcloud", "runs", run, "metrics"),
+            what="a 503 while the scheduler is stopped")
+        assert body["message"] == "the scheduler of cluster 'held' is unreachable; retrying."
+        held.resume()
+        code, columns = await until(
+            lambda: _with_code(jp_fetch, 200, "mlcloud", "runs", run, "metrics"),
+            what="the points again once the scheduler answers")
+        assert columns["step"] == [1, 2, 3, 4, 5, 6]
+    finally:
+        held.close()
+    code, body = await status_of(jp_fetch, "mlcloud", "runs", run, "metrics")
+    assert code == 404
+    assert body["message"] == f"no run '{run}' any more: its cluster 'held' was shut down."
+
+
+async def _with_code(jp_fetch: Any, code: int, *path: str) -> tuple[int, Any] | None:
+    answer = await status_of(jp_fetch, *path)
+    return answer if answer[0] == code else None
+
+
+async def test_event_socket_pushes_cluster_and_run_changes(jp_ws_fetch, jp_serverapp) -> None:
+    socket = await jp_ws_fetch("mlcloud", "events")
+
+    async def next_lists(check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        async def read() -> dict[str, Any] | None:
+            message = await asyncio.wait_for(socket.read_message(), 30)
+            lists = json.loads(message)
+            return lists if check(lists) else None
+        return await until(read, timeout=60, what="a pushed list")
+
+    assert await next_lists(lambda lists: lists == {"clusters": [], "runs": []})
+    with mlc.up(workers=1, name="pushed") as cluster:
+        lists = await next_lists(lambda lists: len(lists["clusters"]) == 1)
+        assert lists["clusters"][0]["name"] == "pushed"
+
+        def fn(ctx):
+            ctx.report(loss=0.5)
+
+        run = mlc.train(fn, cluster=cluster)
+        run.result(timeout=120)
+        lists = await next_lists(lambda lists: [r["status"] for r in lists["runs"]] == ["finished"])
+        assert lists["runs"][0]["run"] == run.id and lists["runs"][0]["last"] == {"loss": 0.5}
+    await next_lists(lambda lists: lists["clusters"] == [])
+    socket.close()
+    watcher = jp_serverapp.web_app.settings[LISTS_KEY]
+    await until(lambda: _done(watcher), what="the list watcher to stop with no one listening")
+
+
+async def _done(watcher: Any) -> bool:
+    return watcher._task is None or watcher._task.done()

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from .handlers import route_table
+from .handlers import FEEDS_KEY, LISTS_KEY, route_table
+
+
+def install(web_app: Any) -> None:
+    """Add the routes, and the live state they share, to a tornado application."""
+    from .. import feeds
+
+    live = feeds.Feeds()
+    web_app.settings[FEEDS_KEY] = live
+    web_app.settings[LISTS_KEY] = feeds.ListWatcher(live)
+    web_app.add_handlers(".*$", route_table(web_app.settings["base_url"]))
 
 
 def _load_jupyter_server_extension(server_app: Any) -> None:
     from .. import clusters
 
     clusters.OWNER = "jupyter-server"  # clusters started from the sidebar say who holds them
-    web_app = server_app.web_app
-    base_url = web_app.settings["base_url"]
-    web_app.add_handlers(".*$", route_table(base_url))
-    server_app.log.info("jupyter_mlcloud server extension loaded at %smlcloud/", base_url)
+    install(server_app.web_app)
+    server_app.log.info("jupyter_mlcloud server extension loaded at %smlcloud/",
+                        server_app.web_app.settings["base_url"])
 
 
 # Older jupyter_server versions look for this name.

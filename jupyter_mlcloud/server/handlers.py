@@ -7,13 +7,18 @@ import json
 from typing import Any
 
 import tornado.web
+import tornado.websocket
+from jupyter_server.auth.decorator import ws_authenticated
 from jupyter_server.base.handlers import APIHandler, AuthenticatedFileHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
-from .. import cluster_info, clusters, discovery, panels, runs
+from .. import cluster_info, clusters, discovery, feeds, panels, runs
 
 # What the "new cluster" form may send, and the API option each one is.
 START_OPTIONS = ("name", "workers", "threads_per_worker", "memory_limit", "gpu", "adapt")
+# Where the server's live state lives in the tornado settings (see ``server.install``).
+FEEDS_KEY = "mlcloud_feeds"
+LISTS_KEY = "mlcloud_lists"
 
 
 def _refuse(handler: Any, status: int, message: str) -> None:
@@ -95,13 +100,17 @@ class ClusterHandler(_Handler):
 
 
 class RunMetricsHandler(_Handler):
-    """``GET /mlcloud/runs/<id>/metrics``: rank 0's points as columns (the loss panel's data)."""
+    """``GET /mlcloud/runs/<id>/metrics``: rank 0's points as columns (the loss panel's data);
+    404 when the run is gone, 503 while its scheduler does not answer."""
 
     @tornado.web.authenticated
     async def get(self, run_id: str) -> None:
-        points = await runs.run_points(run_id)
-        if points is None:
-            return self.refuse(404, f"no run {run_id!r} on any discovered cluster.")
+        try:
+            points = await _feeds(self).points(run_id)
+        except feeds.RunGone as e:
+            return self.refuse(404, str(e))
+        except feeds.SchedulerUnreachable as e:
+            return self.refuse(503, str(e))
         self.finish(json.dumps(runs.metric_columns(points)))
 
 
@@ -120,30 +129,40 @@ class ClusterResourcesHandler(_Handler):
 
 
 class PanelHandler(JupyterHandler):
-    """``GET /mlcloud/panels/loss/<run>`` and ``/mlcloud/panels/resources/<cluster>``: the
-    Bokeh panels as pages, for sidebar tabs (a page handler: API handlers forbid scripts)."""
+    """``GET /mlcloud/panels/loss/<run>[,<run>...]`` (runs overlaid) and
+    ``/mlcloud/panels/resources/<cluster>``: the Bokeh panels as pages, for sidebar tabs (a
+    page handler: API handlers forbid scripts). Unknown targets get a page that says so."""
 
-    def refuse(self, status: int, message: str) -> None:
-        _refuse(self, status, message)
+    def message(self, status: int, text: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html")
+        self.finish(panels.message_page("ML Cloud panel", text))
 
     @tornado.web.authenticated
     async def get(self, kind: str, target: str) -> None:
         root = url_path_join(self.base_url, "mlcloud")
         bokeh_root = url_path_join(root, "bokeh") + "/"
         if kind == "loss":
-            points = await runs.run_points(target)
-            if points is None:
-                return self.refuse(404, f"no run {target!r} on any discovered cluster.")
-            metrics = [m for m in runs.metric_columns(points) if m != "step"]
-            data_url = url_path_join(root, "runs", target, "metrics")
-            panel = panels.loss_panel(data_url, metrics, title=f"run {target}")
+            try:
+                run_ids = runs.parse_run_ids(target)
+            except ValueError as e:
+                return self.message(400, str(e))
+            metrics, gone = await _feeds(self).panel_metrics(run_ids)
+            if len(gone) == len(run_ids):
+                return self.message(404, " ".join(gone))
+            sources = panels.loss_sources(run_ids, metrics)
+            panel = panels.loss_panel(sources, metrics, title=f"run {', '.join(run_ids)}")
+            urls = {f"metrics-{r}": url_path_join(root, "runs", r, "metrics") for r in run_ids}
+            labels = {f"metrics-{r}": r for r in run_ids}
         else:
             if discovery.get(target) is None:
-                return self.refuse(404, f"no cluster named {target!r}.")
-            data_url = url_path_join(root, "clusters", target, "resources")
-            panel = panels.resources_panel(data_url, title=f"cluster {target}")
+                return self.message(404, f"no cluster named {target!r}.")
+            panel = panels.resources_panel(panels.resources_source(), title=f"cluster {target}")
+            urls = {"resources": url_path_join(root, "clusters", target, "resources")}
+            labels = None
         self.set_header("Content-Type", "text/html")
-        self.finish(panels.page(panel, bokeh_root, f"ML Cloud {kind}: {target}"))
+        self.finish(panels.live_page(panel, urls, bokeh_root, f"ML Cloud {kind}: {target}",
+                                     labels=labels))
 
 
 class BokehStaticHandler(AuthenticatedFileHandler):
@@ -155,7 +174,36 @@ class RunsHandler(_Handler):
 
     @tornado.web.authenticated
     async def get(self) -> None:
-        self.finish(json.dumps({"runs": await runs.list_runs(timeout=2.0)}))
+        self.finish(json.dumps({"runs": await _feeds(self).list_runs()}))
+
+
+class EventsHandler(JupyterHandler, tornado.websocket.WebSocketHandler):
+    """``/mlcloud/events`` (websocket): ``{"clusters": [...], "runs": [...]}`` as
+    ``GET /mlcloud/clusters`` and ``/runs`` answer them, once on connect and again whenever
+    either list changes."""
+
+    @ws_authenticated
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        result = super().get(*args, **kwargs)
+        if result is not None:
+            await result
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        _lists(self).subscribe(self.send_lists)
+
+    def send_lists(self, lists: dict[str, Any]) -> None:
+        self.write_message(json.dumps(lists))  # raises once closed: the watcher drops us
+
+    def on_close(self) -> None:
+        _lists(self).unsubscribe(self.send_lists)
+
+
+def _feeds(handler: Any) -> feeds.Feeds:
+    return handler.settings[FEEDS_KEY]  # type: ignore[no-any-return]
+
+
+def _lists(handler: Any) -> feeds.ListWatcher:
+    return handler.settings[LISTS_KEY]  # type: ignore[no-any-return]
 
 
 def route_table(base_url: str) -> list[tuple[Any, ...]]:
@@ -164,13 +212,15 @@ def route_table(base_url: str) -> list[tuple[Any, ...]]:
 
     root = url_path_join(base_url, "mlcloud")
     name = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
+    target = r"([A-Za-z0-9][A-Za-z0-9_.,%-]{0,600})"  # a cluster, or run ids joined by commas
     return [
         (url_path_join(root, "clusters"), ClustersHandler),
         (url_path_join(root, "clusters", name), ClusterHandler),
         (url_path_join(root, "clusters", name, "resources"), ClusterResourcesHandler),
         (url_path_join(root, "runs"), RunsHandler),
+        (url_path_join(root, "events"), EventsHandler),
         (url_path_join(root, "runs", r"([0-9a-f]{1,32})", "metrics"), RunMetricsHandler),
-        (url_path_join(root, "panels", r"(loss|resources)", name), PanelHandler),
+        (url_path_join(root, "panels", r"(loss|resources)", target), PanelHandler),
         (url_path_join(root, "bokeh", "static", r"(.*)"), BokehStaticHandler,
          {"path": str(bokehjs_path())}),
     ]
