@@ -408,3 +408,10 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<Run {self.id} {self._status} on {self.world_size} worker(s)>"
+
+    def monitor(self, *others: Run) -> Any:
+        """A live loss panel of this run (and of ``others``, overlaid) as a notebook widget;
+        its ``sources`` map run ids to the Bokeh data sources it streams into."""
+        from ..panels.notebook import monitor
+
+        return monitor(self, *others)
