@@ -157,3 +157,44 @@ export async function adaptCluster(name: string, minimum: number, maximum: numbe
 export async function shutDownCluster(name: string): Promise<void> {
   await requestAPI<unknown>(clusterPath(name), { method: 'DELETE' });
 }
+
+/** What the server's event socket sends: both lists, whenever either changes. */
+export interface ILists {
+  clusters: ICluster[];
+  runs: IRun[];
+}
+
+/** The lists in a socket message, or null when the message is not such a pair of lists. */
+export function parseLists(text: string): ILists | null {
+  try {
+    const body = JSON.parse(text) as Partial<ILists>;
+    if (Array.isArray(body.clusters) && Array.isArray(body.runs)) {
+      return { clusters: body.clusters, runs: body.runs };
+    }
+  } catch {
+    // not JSON: ignored like any other unexpected message
+  }
+  return null;
+}
+
+/**
+ * Open the server's event socket (`<wsUrl>mlcloud/events`, behind Jupyter's authentication):
+ * `onLists` gets the cluster and run lists at once and after every change; `onClose` is called
+ * once when the socket closes or cannot open.
+ */
+export function openEvents(onLists: (lists: ILists) => void, onClose: () => void): WebSocket {
+  const settings = ServerConnection.makeSettings();
+  let url = URLExt.join(settings.wsUrl, 'mlcloud', 'events');
+  if (settings.token && settings.appendToken) {
+    url += `?token=${encodeURIComponent(settings.token)}`;
+  }
+  const socket = new settings.WebSocket(url);
+  socket.onmessage = event => {
+    const lists = parseLists(String(event.data));
+    if (lists) {
+      onLists(lists);
+    }
+  };
+  socket.onclose = () => onClose();
+  return socket;
+}

@@ -16,6 +16,32 @@ interface INotebookLike {
 /** Show the ML Cloud panel (and refresh it). */
 export const OPEN_COMMAND = 'jupyter-mlcloud:open';
 
+/** The BokehJS files the notebook loss panels (`run.monitor()`) need, in load order. */
+const BOKEHJS = ['bokeh.min.js', 'bokeh-widgets.min.js'];
+
+/**
+ * Load BokehJS into the page, from this server's `/mlcloud/bokeh/static` (never a CDN), so
+ * that the loss panels kernels show in notebook cells (Bokeh documents in `jupyter_bokeh`
+ * widgets) can render. Skipped when the page already has BokehJS.
+ */
+function loadBokehJS(): void {
+  if ((window as unknown as { Bokeh?: unknown }).Bokeh) {
+    return;
+  }
+  const root = URLExt.join(PageConfig.getBaseUrl(), 'mlcloud', 'bokeh', 'static', 'js');
+  const next = (files: string[]): void => {
+    if (files.length === 0) {
+      return;
+    }
+    const script = document.createElement('script');
+    script.src = URLExt.join(root, files[0]);
+    script.onload = () => next(files.slice(1));
+    script.onerror = () => console.warn(`ML Cloud: could not load ${script.src}`);
+    document.head.appendChild(script);
+  };
+  next(BOKEHJS);
+}
+
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-mlcloud:plugin',
   description: 'ML Cloud sidebar: Dask clusters for distributed PyTorch.',
@@ -42,7 +68,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         );
         tab = new MainAreaWidget({ content: frame });
         tab.id = `mlcloud-panel-${kind}-${target}`;
-        tab.title.label = `${kind === 'loss' ? 'Loss' : 'Resources'}: ${target}`;
+        tab.title.label = `${kind === 'loss' ? 'Loss' : 'Resources'}: ${target.split(',').join(', ')}`;
         tab.title.closable = true;
         tab.title.icon = cloudIcon;
         tab.addClass('jp-mlcloud-panel');
@@ -64,6 +90,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
       );
       app.shell.activateById(current.id);
     };
+    loadBokehJS();
     const sidebar = new MLCloudSidebar(openPanel, insertConnect);
     sidebar.title.icon = cloudIcon;
     app.shell.add(sidebar, 'left', { rank: 200 });

@@ -2,19 +2,25 @@ import { Widget } from '@lumino/widgets';
 
 import {
   ICluster,
+  ILists,
   IRun,
   IStartOptions,
   adaptCluster,
   errorText,
   listClusters,
   listRuns,
+  openEvents,
   scaleCluster,
   shutDownCluster,
   startCluster
 } from './api';
 
-/** How often the lists are refreshed while the panel is visible. */
+/** How often the lists are polled while the event socket is down and the panel visible. */
 export const REFRESH_MS = 3000;
+/** How long after the event socket closed the sidebar tries to open it again. */
+export const RECONNECT_MS = 5000;
+/** The most runs "Overlay all" puts in one loss panel (the server's limit). */
+export const MAX_OVERLAY = 16;
 
 export const EMPTY_MESSAGE = 'No clusters yet. Start one in a notebook with %mlcloud up';
 export const NO_RUNS_MESSAGE = 'No runs yet. Train with %%distributed_train';
@@ -82,6 +88,13 @@ export class MLCloudSidebar extends Widget {
   private readonly runs: HTMLElement;
   private readonly message: HTMLElement;
   private timer: number | undefined;
+  /** The server's event socket; while it is open, the lists come from it, not from polling. */
+  private socket: WebSocket | null = null;
+  private reconnect: number | undefined;
+  /** Runs ticked for an overlay, kept across redraws of the list. */
+  private readonly picked = new Set<string>();
+  /** The runs the list shows now, newest first. */
+  private listedRuns: IRun[] = [];
   private pending: Promise<void> | null = null;
   /** What each list shows now, so an unchanged answer does not redraw (and wipe inputs). */
   private shownClusters = '';
@@ -114,8 +127,33 @@ export class MLCloudSidebar extends Widget {
     this.node.appendChild(this.newClusterForm());
 
     this.node.appendChild(element('div', 'jp-mlcloud-section', 'Training runs'));
+    const overlay = element('div', 'jp-mlcloud-actions jp-mlcloud-run-actions');
+    overlay.appendChild(
+      button('jp-mlcloud-overlay', 'Overlay selected', () =>
+        this.overlay(this.listedRuns.filter(r => this.picked.has(r.run)))
+      )
+    );
+    overlay.appendChild(
+      button('jp-mlcloud-overlay-all', 'Overlay all', () =>
+        this.overlay(this.listedRuns.slice(0, MAX_OVERLAY))
+      )
+    );
+    this.node.appendChild(overlay);
     this.runs = element('div', 'jp-mlcloud-runs');
     this.node.appendChild(this.runs);
+    this.node.dataset.updates = 'polling';
+  }
+
+  /** Open one loss panel with `runs` overlaid. */
+  private overlay(runs: IRun[]): void {
+    if (runs.length === 0) {
+      this.message.className = 'jp-mlcloud-message jp-mlcloud-message-error';
+      this.message.textContent = 'Tick the runs to overlay first.';
+      return;
+    }
+    this.message.className = 'jp-mlcloud-message';
+    this.message.textContent = '';
+    this.openPanel('loss', runs.map(r => r.run).join(','));
   }
 
   /**
@@ -136,21 +174,80 @@ export class MLCloudSidebar extends Widget {
       return;
     }
     this.stopTimer();
+    this.closeSocket();
     super.dispose();
   }
 
   protected onAfterAttach(): void {
     this.stopTimer();
+    // Polling is the fallback: it only fetches while the event socket is not open.
     this.timer = window.setInterval(() => {
-      if (this.isVisible) {
+      if (this.isVisible && !this.socketOpen) {
         void this.refresh();
       }
     }, REFRESH_MS);
+    this.openSocket();
     void this.refresh();
   }
 
   protected onBeforeDetach(): void {
     this.stopTimer();
+    this.closeSocket();
+  }
+
+  private get socketOpen(): boolean {
+    return this.socket?.readyState === WebSocket.OPEN;
+  }
+
+  /** Subscribe to the server's list changes; when the socket drops, poll and retry later. */
+  private openSocket(): void {
+    if (this.socket || this.isDisposed) {
+      return;
+    }
+    let socket: WebSocket;
+    try {
+      socket = openEvents(
+        lists => this.showLists(lists),
+        () => {
+          if (this.socket !== socket) {
+            return; // closed on purpose
+          }
+          this.socket = null;
+          this.node.dataset.updates = 'polling';
+          this.reconnect = window.setTimeout(() => {
+            this.reconnect = undefined;
+            if (this.isAttached) {
+              this.openSocket();
+            }
+          }, RECONNECT_MS);
+        }
+      );
+    } catch {
+      return; // no socket support: polling goes on
+    }
+    socket.addEventListener('open', () => {
+      this.node.dataset.updates = 'socket';
+    });
+    this.socket = socket;
+  }
+
+  private closeSocket(): void {
+    if (this.reconnect !== undefined) {
+      window.clearTimeout(this.reconnect);
+      this.reconnect = undefined;
+    }
+    const socket = this.socket;
+    this.socket = null;
+    socket?.close();
+    this.node.dataset.updates = 'polling';
+  }
+
+  private showLists(lists: ILists): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this.renderClusters({ status: 'fulfilled', value: lists.clusters });
+    this.renderRuns({ status: 'fulfilled', value: lists.runs });
   }
 
   /** Polling pauses while the panel is collapsed: catch up at once when it is shown. */
@@ -237,9 +334,17 @@ export class MLCloudSidebar extends Widget {
         element('div', 'jp-mlcloud-runs-error', `Cannot list runs: ${errorText(result.reason)}`)
       );
     } else if (result.value.length === 0) {
+      this.listedRuns = [];
       this.runs.replaceChildren(element('div', 'jp-mlcloud-runs-empty', NO_RUNS_MESSAGE));
     } else {
-      this.runs.replaceChildren(...result.value.map(run => renderRun(run, this.openPanel)));
+      this.listedRuns = result.value;
+      const listed = new Set(result.value.map(r => r.run));
+      for (const id of [...this.picked].filter(id => !listed.has(id))) {
+        this.picked.delete(id);
+      }
+      this.runs.replaceChildren(
+        ...result.value.map(run => renderRun(run, this.openPanel, this.picked))
+      );
     }
   }
 
@@ -405,14 +510,27 @@ export class MLCloudSidebar extends Widget {
   }
 }
 
-/** One run's row: id, status, cluster, last step and metrics. */
-function renderRun(run: IRun, openPanel: PanelOpener): HTMLElement {
+/** One run's row: a tick for overlays, id, status, cluster, last step and metrics. */
+function renderRun(run: IRun, openPanel: PanelOpener, picked: Set<string>): HTMLElement {
   const row = element('div', 'jp-mlcloud-run');
   row.dataset.runId = run.run;
   row.dataset.runStatus = run.status;
   if (/^[a-z-]+$/.test(run.status)) {
     row.classList.add(`jp-mlcloud-run-${run.status}`); // e.g. jp-mlcloud-run-error
   }
+  const pick = element('input', 'jp-mlcloud-run-pick') as HTMLInputElement;
+  pick.type = 'checkbox';
+  pick.checked = picked.has(run.run);
+  pick.title = 'Overlay this run with the other ticked runs';
+  pick.setAttribute('aria-label', `overlay run ${run.run}`);
+  pick.addEventListener('change', () => {
+    if (pick.checked) {
+      picked.add(run.run);
+    } else {
+      picked.delete(run.run);
+    }
+  });
+  row.appendChild(pick);
   row.appendChild(element('span', 'jp-mlcloud-run-id', run.run));
   row.appendChild(element('span', 'jp-mlcloud-run-status', run.status));
   row.appendChild(button('jp-mlcloud-open-loss', 'Loss', () => openPanel('loss', run.run)));
