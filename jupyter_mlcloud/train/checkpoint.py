@@ -1,12 +1,12 @@
 """Commits: the training state a resume restores, kept off the rank that may die.
 
 A *commit* is taken on every rank at a step boundary (before ``ctx.shard`` hands out the next
-batch): the position in the data, each rank's RNG states and, on rank 0 only (data-parallel
-state is the same on every rank), the registered models, optimizers, LR schedulers and
-comm-hook state, copied. The copy is kept in a small ring in the worker's memory; the
-launcher pulls new ones a few times a second into a :class:`CommitStore` on the client, which
-assembles the latest step that every rank has committed. So a dead worker costs the steps
-since the last pull, never the run.
+batch): the position in the data, each rank's own state (RNG states, comm-hook state such as
+PowerSGD's local error feedback) and, on rank 0 only (data-parallel state is the same on every
+rank), the registered models, optimizers and LR schedulers, copied. The copy is kept in a
+small ring in the worker's memory; the launcher pulls new ones a few times a second into
+a :class:`CommitStore` on the client, which assembles the latest step that every rank has
+committed. So a dead worker costs the steps since the last pull, never the run.
 
 ``--checkpoint-dir`` writes chosen commits to any fsspec path as ``step-NNNNNNNNN.pt`` plus a
 ``step-NNNNNNNNN.done`` marker written after it: a checkpoint without its marker is never read
@@ -49,20 +49,20 @@ class Part:
 
     rank: int
     position: Position
-    rng: dict[str, Any]
+    local: dict[str, Any]  # this rank's own state: RNG states, comm-hook state
     state: dict[str, Any] | None = None  # rank 0 only
     durable: bool = False  # also to be written to the checkpoint directory
 
 
 @dataclass
 class Snapshot:
-    """A consistent commit: the state, and every rank's RNG, at one step."""
+    """A consistent commit: the state, and every rank's own state, at one step."""
 
     position: Position
     world_size: int
     base_world: int  # the world size the run was launched with (for elastic rules)
     state: dict[str, Any]
-    rngs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    per_rank: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -190,7 +190,7 @@ class CommitStore:
                  initial: Snapshot | None = None) -> None:
         self.world_size, self.base_world = world_size, base_world
         self.latest = initial
-        self._rngs: dict[int, dict[int, dict[str, Any]]] = {}  # step -> rank -> rng
+        self._local: dict[int, dict[int, dict[str, Any]]] = {}  # step -> rank -> own state
         self._full: dict[int, Part] = {}  # step -> rank 0's part
         self._lock = threading.Lock()
 
@@ -202,7 +202,7 @@ class CommitStore:
         """A new attempt: forget parts of the old world, keep the latest snapshot."""
         with self._lock:
             self.world_size = world_size
-            self._rngs.clear()
+            self._local.clear()
             self._full.clear()
 
     def add(self, parts: list[Part]) -> list[Snapshot]:
@@ -211,22 +211,22 @@ class CommitStore:
         with self._lock:
             for part in parts:
                 step = part.position.steps
-                self._rngs.setdefault(step, {})[part.rank] = part.rng
+                self._local.setdefault(step, {})[part.rank] = part.local
                 if part.state is not None:
                     self._full[step] = part
             for step in sorted(self._full):
-                rngs = self._rngs.get(step, {})
-                if len(rngs) < self.world_size:
+                local = self._local.get(step, {})
+                if len(local) < self.world_size:
                     continue
                 part = self._full[step]
                 snap = Snapshot(part.position, self.world_size, self.base_world,
-                                part.state, dict(rngs))  # type: ignore[arg-type]
+                                part.state, dict(local))  # type: ignore[arg-type]
                 if part.durable:
                     durable.append(snap)
                 if step > self.step:
                     self.latest = snap
             newest = self.step
-            for table in (self._rngs, self._full):
+            for table in (self._local, self._full):
                 for step in [s for s in table if s <= newest - RING_PARTS]:
                     del table[step]
             for step in [s for s in self._full if s <= newest]:
@@ -306,7 +306,7 @@ class CheckpointDir:
                 self.fs.rm(self._file(step, "pt"))
         buffer = io.BytesIO()
         torch.save({"position": snap.position.__dict__, "world_size": snap.world_size,
-                    "base_world": snap.base_world, "state": snap.state, "rngs": snap.rngs},
+                    "base_world": snap.base_world, "state": snap.state, "per_rank": snap.per_rank},
                    buffer)
         with self.fs.open(self._file(snap.step, "pt"), "wb") as f:
             f.write(buffer.getvalue())
@@ -324,7 +324,7 @@ class CheckpointDir:
         with self.fs.open(self._file(steps[-1], "pt"), "rb") as f:
             data = torch.load(io.BytesIO(f.read()), weights_only=False)
         return Snapshot(Position(**data["position"]), data["world_size"], data["base_world"],
-                        data["state"], data["rngs"])
+                        data["state"], data["per_rank"])
 
 
 @dataclass
@@ -333,7 +333,7 @@ class Resume:
 
     position: Position
     world_size: int  # the world that took the commit
-    rng: dict[str, Any] | None  # this rank's RNG at the commit (None for a rank that is new)
+    local: dict[str, Any] | None  # this rank's own state (None for a rank that is new)
     state: dict[str, Any]
 
 

@@ -7,14 +7,14 @@ PowerSGD hook. Every all-reduce the hooks issue is counted, so ``bytes_sent`` /
 feedback, P/Q memories, its RNG) is part of every commit, so a resume stays bit-identical.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: DDP checks the hooks' annotations as objects.
 import copy
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 POWERSGD_START_ITER = 2  # the earliest PowerSGD allows with error feedback
@@ -74,8 +74,6 @@ class _CountingDist:
     """Stands in for ``torch.distributed`` inside the hook modules: counts all-reduce bytes."""
 
     def __init__(self, counter: ByteCounter) -> None:
-        import torch.distributed as dist
-
         self._dist, self._counter = dist, counter
 
     def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -92,10 +90,8 @@ class _CastState:
     counter: ByteCounter
 
 
-def _cast_hook(state: _CastState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+def _cast_hook(state: _CastState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce the bucket in a narrower float type, then write the mean back."""
-    import torch.distributed as dist
-
     buffer = bucket.buffer()
     compressed = buffer.to(state.dtype).div_(dist.get_world_size())
     state.counter.add(sent=_nbytes(compressed), uncompressed=_nbytes(buffer))
@@ -108,14 +104,27 @@ def _cast_hook(state: _CastState, bucket: Any) -> torch.futures.Future[torch.Ten
     return future.then(decompress)
 
 
+_PER_BUCKET = ("error_dict", "p_memory_dict", "q_memory_dict")
+
+
 class Compression:
-    """The hook attached to one DDP model: its byte counter and its committed state."""
+    """The hook attached to one DDP model: its byte counter and its committed state.
+
+    PowerSGD keeps its error feedback and P/Q memories per *bucket*, flattened in the
+    bucket's parameter order, and DDP orders a bucket differently on its first iteration
+    than after it rebuilds buckets. So commits store them per *parameter* and a resumed
+    attempt re-packs them for whatever layout its buckets have: bit-identical either way.
+    """
 
     def __init__(self, spec: CompressionSpec, ddp: Any) -> None:
         self.spec = spec
         self.counter = ByteCounter()
         self.hook_state: Any = None
         self._patched: list[Any] = []
+        self._params = list(ddp.module.parameters())
+        self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._layouts: dict[int, list[int]] = {}  # bucket index -> parameter indices
+        self._pending: dict[str, dict[int, torch.Tensor]] | None = None  # restored, unpacked
         if spec.kind in ("fp16", "bf16"):
             dtype = torch.float16 if spec.kind == "fp16" else torch.bfloat16
             ddp.register_comm_hook(_CastState(dtype, self.counter), _cast_hook)
@@ -133,26 +142,83 @@ class Compression:
                 module.dist = counting  # type: ignore[attr-defined]
             ddp.register_comm_hook(self.hook_state, self._powersgd)
 
-    def _powersgd(self, state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    def _powersgd(self, state: Any,
+                  bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
+        layout = [self._index[id(p)] for p in bucket.parameters()]
+        self._layouts[bucket.index()] = layout
+        if self._pending is not None:
+            self._unpack(bucket.index(), layout)
         self.counter.add(uncompressed=_nbytes(bucket.buffer()))
         return powerSGD_hook.powerSGD_hook(state, bucket)
 
+    def _compressed(self, layout: list[int]) -> list[int]:
+        """The parameters of a bucket PowerSGD compresses (its own rule), in bucket order."""
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        out = []
+        for i in layout:
+            n = self._params[i].shape[0]
+            m = self._params[i].numel() // n
+            rank = min(n, m, self.hook_state.matrix_approximation_rank)
+            if powerSGD_hook._should_compress(n, m, rank, self.hook_state.min_compression_rate)[0]:
+                out.append(i)
+        return out
+
+    def _sizes(self, kind: str, layout: list[int]) -> tuple[list[int], list[int]]:
+        """(parameter indices, element counts) packed in one bucket tensor of ``kind``."""
+        if kind == "error_dict":
+            return layout, [self._params[i].numel() for i in layout]
+        chosen = self._compressed(layout)
+        rank = self.hook_state.matrix_approximation_rank
+        sizes = []
+        for i in chosen:
+            n = self._params[i].shape[0]
+            m = self._params[i].numel() // n
+            sizes.append(min(n, m, rank) * (n if kind == "p_memory_dict" else m))
+        return chosen, sizes
+
+    def _unpack(self, bucket: int, layout: list[int]) -> None:
+        assert self._pending is not None
+        for kind in _PER_BUCKET:
+            saved = self._pending[kind]
+            indices, _ = self._sizes(kind, layout)
+            if indices and all(i in saved for i in indices):
+                getattr(self.hook_state, kind)[bucket] = torch.cat(
+                    [saved.pop(i).reshape(-1) for i in indices])
+        if not any(self._pending.values()):
+            self._pending = None
+
     def state_dict(self) -> dict[str, Any] | None:
-        """PowerSGD's state, copied (its process group left out), or None for stateless hooks."""
+        """PowerSGD's state, copied, per parameter (see the class), or None for other hooks."""
         if self.hook_state is None:
             return None
         slots = type(self.hook_state).__slots__
-        return copy.deepcopy({s: getattr(self.hook_state, s) for s in slots
-                              if s != "process_group"})
+        state = copy.deepcopy({s: getattr(self.hook_state, s) for s in slots
+                               if s != "process_group" and s not in _PER_BUCKET})
+        per_param: dict[str, dict[int, torch.Tensor]] = {
+            kind: dict(self._pending[kind]) if self._pending else {} for kind in _PER_BUCKET}
+        for kind in _PER_BUCKET:
+            for bucket, flat in getattr(self.hook_state, kind).items():
+                indices, sizes = self._sizes(kind, self._layouts[bucket])
+                for i, piece in zip(indices, torch.split(flat, sizes), strict=True):
+                    per_param[kind][i] = piece.detach().clone()
+        state["per_param"] = per_param
+        return state
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Put committed PowerSGD state back into the live hook state."""
+        """Put committed PowerSGD state back; bucket tensors are re-packed on first use."""
         if self.hook_state is None or state is None:
             return
-        for slot, value in copy.deepcopy(state).items():
+        state = copy.deepcopy(state)
+        self._pending = state.pop("per_param")
+        for slot, value in state.items():
             setattr(self.hook_state, slot, value)
+        for kind in _PER_BUCKET:
+            getattr(self.hook_state, kind).clear()
+        if not any(self._pending.values()):
+            self._pending = None
 
     def close(self) -> None:
         """Give the hook modules their ``torch.distributed`` back."""

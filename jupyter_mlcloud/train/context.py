@@ -46,6 +46,7 @@ class TrainContext:
         base_world: int | None = None,
         attempt: int = 0,
         emit: Callable[[dict[str, Any]], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> None:
         self.run_id = run_id
         self.rank = rank
@@ -69,6 +70,7 @@ class TrainContext:
         self._commits, self._resume = commits or CommitPlan(), resume
         self._compression, self._elastic = compression or CompressionSpec(), elastic_rule
         self._emit = emit
+        self._guard = guard  # raises when the launcher no longer wants this rank
         self._steps = 0  # batches drawn from ctx.shard in the whole run
         self._loop = -1  # index of the current ctx.shard iteration within the epoch
         self._drawn = False  # a batch of the current loop is in the user's hands
@@ -261,6 +263,8 @@ class TrainContext:
         self._drawn = False
 
     def _step_done(self, batch: int) -> None:
+        if self._guard is not None:
+            self._guard()
         self._steps += 1
         if self._first_step_pending:
             self._first_step_pending = False
@@ -268,7 +272,9 @@ class TrainContext:
         commit, durable = self._commits.due(self._steps)
         if commit:
             position = Position(self.epoch, self._loop, batch, self._steps, self.step)
-            checkpoint.put(self.run_id, Part(self.rank, position, checkpoint.rng_state(),
+            local = checkpoint.clone({"rng": checkpoint.rng_state(),
+                                      "hooks": [c.state_dict() for c in self._compressions]})
+            checkpoint.put(self.run_id, Part(self.rank, position, local,
                                              self._state() if self.rank == 0 else None,
                                              durable))
 
@@ -277,7 +283,6 @@ class TrainContext:
             "models": [m.state_dict() for m in self._models],
             "optimizers": [o.state_dict() for o in self._optimizers],
             "schedulers": [s.state_dict() for s in self._schedulers],
-            "hooks": [c.state_dict() for c in self._compressions],
         })
 
     def _restore(self) -> None:
@@ -296,12 +301,13 @@ class TrainContext:
             optimizer.load_state_dict(saved)
         for scheduler, saved in zip(self._schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
-        for compression, saved in zip(self._compressions, state.get("hooks", []), strict=False):
-            compression.load_state_dict(saved)
         elastic.rescale_lr(self._elastic, self._optimizers, self._schedulers,
                            resume.world_size, self.world_size)
-        if resume.rng is not None:
-            checkpoint.set_rng_state(resume.rng)
+        if resume.local is not None:  # None: a rank the committed world did not have
+            checkpoint.set_rng_state(resume.local["rng"])
+            for compression, saved in zip(self._compressions, resume.local["hooks"],
+                                          strict=False):
+                compression.load_state_dict(saved)
         self._steps, self.step = resume.position.steps, resume.position.report_step
         self._bytes_mark = (*self._bytes_mark[:2], self._steps)
         self._first_step_pending = True

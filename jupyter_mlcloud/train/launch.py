@@ -192,7 +192,8 @@ class RankStarter:
         self.shipped.append(payload)
         state = None
         if snap is not None:  # rank 0's state, sent once to each worker
-            state = self.client.scatter(snap.state, broadcast=True, hash=False, workers=chosen)
+            state = self.client.scatter([snap.state], broadcast=True, hash=False,
+                                        workers=chosen)[0]
             self.shipped.append(state)
         return [
             self.client.submit(
@@ -208,7 +209,7 @@ class RankStarter:
                     master_port=port,
                     backend=self.backend,
                     attempt=attempt,
-                    resume=(Resume(snap.position, snap.world_size, snap.rngs.get(rank), {})
+                    resume=(Resume(snap.position, snap.world_size, snap.per_rank.get(rank), {})
                             if snap is not None else None),
                     **self.common,
                 ),

@@ -318,6 +318,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
 
     import torch.distributed as dist
     from distributed import get_worker
+    from distributed.worker import thread_state
 
     from . import checkpoint
     from .compression import parse_compression
@@ -331,6 +332,15 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             )
         _active[spec.run_id] = _Active(spec.run_id, spec.rank, threading.get_ident())
     checkpoint.open_ring(spec.run_id)
+    key = getattr(thread_state, "key", None)
+
+    def still_wanted() -> None:
+        # A launcher that went away (a kernel restart) released this task: stop, so the
+        # worker is free for the resumed run instead of finishing an orphan.
+        task = worker.state.tasks.get(key) if key is not None else None
+        if key is not None and (task is None or task.state in ("cancelled", "released")):
+            raise RunCancelled(f"run {spec.run_id} was released by its launcher; stopping.")
+
     reporter = metrics.EventBatcher(worker.log_event, metrics.metrics_topic(spec.run_id))
     logs = metrics.EventBatcher(worker.log_event, metrics.logs_topic(spec.run_id))
     sink = _LineSink(spec.rank, logs)
@@ -360,6 +370,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             attempt=spec.attempt,
             emit=lambda event: worker.log_event(metrics.control_topic(spec.run_id),
                                                {"items": [event]}),
+            guard=still_wanted,
         )
         resume_state = None
         with _torchrun_env(spec), _owned_process_group(spec):

@@ -1,0 +1,302 @@
+"""Fault tolerance with real parts: SIGKILLed worker processes, nanny restarts, gloo groups."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dask
+import pytest
+import torch
+
+import jupyter_mlcloud as mlc
+from jupyter_mlcloud.train import worker as rank_worker
+from jupyter_mlcloud.train.checkpoint import CheckpointDir
+from jupyter_mlcloud.train.compression import POWERSGD_START_ITER
+
+ROOT = Path(__file__).resolve().parent.parent
+PHASES = ["detected", "cancelled", "workers ready", "rejoined", "restored", "first step"]
+
+
+def make_fit(kills: tuple[tuple[int, int, int], ...] = (), epochs: int = 3,
+             gate: str | None = None) -> Callable[..., Any]:
+    """A small float64 MLP with dropout, momentum and an LR schedule: everything a resume
+    must restore. ``kills``: (attempt, rank, step) at which that rank SIGKILLs its own worker,
+    once the launcher holds a commit of the step before. ``gate``: at step 12 of the first
+    attempt, rank 0 waits until that file exists."""
+
+    def fit(ctx: Any) -> Any:
+        import os
+        import signal
+        import time
+
+        import torch
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                    torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+        ddp = ctx.prepare(model, optimizer, scheduler)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(256, 8, generator=g, dtype=torch.float64)
+        y = x.sum(1, keepdim=True).sin()
+        for _ in ctx.epochs(epochs):
+            for xb, yb in ctx.shard((x, y), batch_size=16):
+                loss = torch.nn.functional.mse_loss(ddp(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                ctx.report(loss=loss)
+                if (ctx.attempt, ctx.rank, ctx.step) in kills:
+                    while ctx.committed_step < ctx.step - 1:
+                        time.sleep(0.01)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if gate and ctx.attempt == 0 and ctx.rank == 0 and ctx.step == 12:
+                    while not os.path.exists(gate):
+                        time.sleep(0.02)
+            scheduler.step()
+        return model
+
+    return fit
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[mlc.ClusterHandle]:
+    with mlc.up(workers=2, name="faults") as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster: mlc.ClusterHandle) -> str:
+    return digest(mlc.train(make_fit(), cluster=cluster).result(timeout=120))
+
+
+def _wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(cluster.client.scheduler_info(n_workers=-1)["workers"]) < n:
+        assert time.monotonic() < deadline, "the nanny did not bring the worker back"
+        time.sleep(0.1)
+
+
+def _check_recovery(record: dict[str, Any], world_size: int) -> None:
+    assert record["kind"] == "recovery" and record["world_size"] == world_size
+    assert record["from_step"] > 0  # resumed from a commit, not from scratch
+    assert list(record["phases"]) == PHASES
+    times = [record["phases"][p] for p in PHASES]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize("compression", ["none", "powersgd:1"])
+def test_a_killed_worker_costs_seconds_and_the_result_is_bit_identical(
+        cluster: mlc.ClusterHandle, uninterrupted: str, compression: str) -> None:
+    expected = uninterrupted if compression == "none" else digest(
+        mlc.train(make_fit(), cluster=cluster, compression=compression).result(timeout=120))
+    run = mlc.train(make_fit(kills=((0, 1, 9),)), cluster=cluster, max_failures=1,
+                    compression=compression)
+    model = run.result(timeout=120)
+    assert digest(model) == expected
+    assert [e["lost_ranks"] for e in run.events] == [[1]]
+    _check_recovery(run.events[0], world_size=2)
+    _wait_for_workers(cluster, 2)
+
+
+def test_two_kills_in_one_run(cluster: mlc.ClusterHandle, uninterrupted: str) -> None:
+    run = mlc.train(make_fit(kills=((0, 1, 5), (1, 0, 20))), cluster=cluster, max_failures=2)
+    assert digest(run.result(timeout=180)) == uninterrupted
+    assert [e["lost_ranks"] for e in run.events] == [[1], [0]]
+    for record in run.events:
+        _check_recovery(record, world_size=2)
+    _wait_for_workers(cluster, 2)
+
+
+def test_more_kills_than_max_failures_fail_with_the_count(cluster: mlc.ClusterHandle) -> None:
+    run = mlc.train(make_fit(kills=((0, 1, 5), (1, 1, 12))), cluster=cluster, max_failures=1)
+    with pytest.raises(mlc.TrainingError, match="already recovered 1 time"):
+        run.result(timeout=180)
+    _wait_for_workers(cluster, 2)
+
+
+def test_a_rank_exception_still_fails_fast(cluster: mlc.ClusterHandle) -> None:
+    def fn(ctx: Any) -> None:
+        if ctx.rank == 1:
+            raise ValueError("bad batch")
+        ctx.report(x=1)
+
+    run = mlc.train(fn, cluster=cluster, max_failures=3)
+    with pytest.raises(mlc.TrainingError, match="bad batch"):
+        run.result(timeout=60)
+    assert run.events == [] and run.finished is not None and run.finished - run.started < 15
+
+
+def test_no_replacement_goes_on_with_min_workers() -> None:
+    with mlc.up(workers=2, name="shrink") as cluster, \
+            dask.config.set({"mlcloud.train.replace-timeout": 2}):
+        async def stay_dead() -> None:
+            return None
+
+        for nanny in cluster.cluster.workers.values():  # a killed worker stays dead
+            nanny.instantiate = stay_dead
+        run = mlc.train(make_fit(kills=((0, 1, 9),)), cluster=cluster, max_failures=1,
+                        min_workers=1)
+        model = run.result(timeout=120)
+        assert run.world_size == 1 and run.events[0]["world_size"] == 1
+        _check_recovery(run.events[0], world_size=1)
+        losses = run.metrics.query("step == step.max()")["loss"]
+        assert torch.isfinite(torch.tensor(losses.to_numpy())).all()
+        assert sum(p.numel() for p in model.parameters()) == 8 * 32 + 32 + 32 + 1
+
+
+def test_a_run_resumes_from_its_checkpoint_after_a_kernel_restart(
+        cluster: mlc.ClusterHandle, uninterrupted: str, tmp_path: Path) -> None:
+    directory, gate = tmp_path / "ckpt", tmp_path / "gate"
+    kernel = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            import jupyter_mlcloud as mlc
+            from tests.test_faults import make_fit
+            from jupyter_mlcloud.train.checkpoint import CheckpointDir
+            mlc.connect({cluster.client.scheduler.address!r})
+            run = mlc.train(make_fit(gate={str(gate)!r}), checkpoint_dir={str(directory)!r},
+                            checkpoint_every=3)
+            while not CheckpointDir({str(directory)!r}).steps():
+                time.sleep(0.05)
+            print("checkpointed", flush=True)
+            time.sleep(600)
+        """)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert kernel.stdout is not None and kernel.stdout.readline().strip() == "checkpointed"
+    finally:
+        kernel.kill()
+        kernel.wait()
+        gate.touch()
+    # The orphaned ranks notice their launcher released them and stop.
+    deadline = time.monotonic() + 60
+    while any(cluster.client.run(rank_worker.busy_with).values()):
+        assert time.monotonic() < deadline, "ranks of the killed kernel kept running"
+        time.sleep(0.1)
+    saved = CheckpointDir(str(directory)).steps()
+    assert saved and all(s % 3 == 0 for s in saved) and len(saved) <= 2
+    run = mlc.train(make_fit(), cluster=cluster, checkpoint_dir=str(directory),
+                    checkpoint_every=3, resume=True)
+    assert digest(run.result(timeout=120)) == uninterrupted
+    assert run.events[0]["kind"] == "resume" and run.events[0]["from_step"] == saved[-1]
+    assert run.events[0]["phases"].keys() >= {"restored", "first step"}
+
+
+def test_checkpoints_are_written_atomically_and_pruned(cluster: mlc.ClusterHandle,
+                                                       tmp_path: Path) -> None:
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "step-000000099.pt").write_bytes(b"half a checkpoint")  # no marker: ignored
+    run = mlc.train(make_fit(epochs=1), cluster=cluster, checkpoint_dir=str(directory),
+                    checkpoint_every=2, checkpoint_keep=2)
+    run.result(timeout=120)
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["step-000000006.done", "step-000000006.pt",
+                     "step-000000008.done", "step-000000008.pt"]
+    with pytest.raises(ValueError, match=r"already holds a checkpoint \(step 8\); pass"):
+        mlc.train(make_fit(epochs=1), cluster=cluster, checkpoint_dir=str(directory))
+
+
+def test_a_checkpoint_of_another_model_names_the_parameter(cluster: mlc.ClusterHandle,
+                                                           tmp_path: Path) -> None:
+    directory = str(tmp_path / "ckpt")
+    mlc.train(make_fit(epochs=1), cluster=cluster, checkpoint_dir=directory,
+              checkpoint_every=8).result(timeout=120)
+
+    def other(ctx: Any) -> None:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Tanh(),
+                                    torch.nn.Dropout(0.2), torch.nn.Linear(64, 1)).double()
+        ctx.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+    with pytest.raises(mlc.TrainingError, match=r"parameter '0.weight' has shape \(32, 8\) there"
+                                                r" but \(64, 8\) in the model"):
+        mlc.train(other, cluster=cluster, checkpoint_dir=directory, resume=True).result(60)
+
+
+def test_unwritable_checkpoint_dir_leaves_nothing(cluster: mlc.ClusterHandle,
+                                                  tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ValueError, match="is not writable"):
+        mlc.train(make_fit(), cluster=cluster, checkpoint_dir=str(blocker / "ckpt"))
+    with pytest.raises(ValueError, match="min_workers=3 is more than the 2 worker"):
+        mlc.train(make_fit(), cluster=cluster, checkpoint_dir=str(tmp_path / "new"),
+                  max_failures=1, min_workers=3)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("kind", ["fp16", "bf16"])
+def test_cast_compression_sends_exactly_half_the_bytes(cluster: mlc.ClusterHandle,
+                                                       kind: str) -> None:
+    def fn(ctx: Any) -> float:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        ddp = ctx.prepare(model, optimizer)
+        x = torch.randn(128, 16, generator=torch.Generator().manual_seed(2))
+        for xb in ctx.shard(x, batch_size=16):
+            loss = ddp(xb).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            ctx.report(loss=loss)
+        return float(loss)
+
+    run = mlc.train(fn, cluster=cluster, compression=kind)
+    assert run.result(timeout=60) < 1.0
+    points = run.metrics
+    params = 16 * 64 + 64 + 64 + 1
+    assert (points["bytes_ratio"] == 0.5).all()
+    assert (points["bytes_sent"] == params * 2).all()
+
+
+def test_powersgd_bytes_match_its_own_stats_and_its_loss_stays_close(
+        cluster: mlc.ClusterHandle) -> None:
+    def fn(ctx: Any) -> Any:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                    torch.nn.Linear(128, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        ddp = ctx.prepare(model, optimizer)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(512, 64, generator=g)
+        y = x[:, :4].sum(1, keepdim=True)
+        for _ in ctx.epochs(4):
+            for xb, yb in ctx.shard((x, y), batch_size=32):
+                loss = torch.nn.functional.mse_loss(ddp(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                ctx.report(loss=loss)
+        stats = ctx.compression.hook_state.compression_stats() if ctx.compression else None
+        return stats
+
+    plain = mlc.train(fn, cluster=cluster)
+    plain.result(timeout=120)
+    run = mlc.train(fn, cluster=cluster, compression="powersgd:2")
+    rate, before, after = run.result(timeout=120)
+    compressed = run.metrics.query(f"rank == 0 and step > {POWERSGD_START_ITER}")
+    assert (compressed["bytes_ratio"] == after / before).all() and after / before < 0.2
+    final = run.metrics.query("rank == 0")["loss"].tail(8).mean()
+    reference = plain.metrics.query("rank == 0")["loss"].tail(8).mean()
+    assert abs(final - reference) / reference < 0.15
