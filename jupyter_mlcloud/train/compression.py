@@ -146,44 +146,61 @@ class Compression:
                   bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-        layout = [self._index[id(p)] for p in bucket.parameters()]
-        self._layouts[bucket.index()] = layout
+        index, layout = bucket.index(), [self._index[id(p)] for p in bucket.parameters()]
+        old = self._layouts.get(index)
+        if old is not None and old != layout:  # DDP rebuilt its buckets: re-pack the state
+            self._pending = self._pending or {kind: {} for kind in _PER_BUCKET}
+            for kind, pieces in self._split(index, old, remove=True).items():
+                self._pending[kind].update(pieces)
+        self._layouts[index] = layout
         if self._pending is not None:
-            self._unpack(bucket.index(), layout)
+            self._unpack(index, layout)
         self.counter.add(uncompressed=_nbytes(bucket.buffer()))
         return powerSGD_hook.powerSGD_hook(state, bucket)
 
-    def _compressed(self, layout: list[int]) -> list[int]:
-        """The parameters of a bucket PowerSGD compresses (its own rule), in bucket order."""
+    def _packing(self, kind: str, layout: list[int]) -> tuple[list[int], list[int]]:
+        """(parameter indices, element counts) in the order PowerSGD packs one bucket tensor of
+        ``kind``: error feedback in bucket order; P/Q memories for the compressed parameters
+        only, grouped by shape in order of first appearance (PowerSGD's own rule)."""
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
-        out = []
+        if kind == "error_dict":
+            return layout, [self._params[i].numel() for i in layout]
+        groups: dict[tuple[int, int], list[int]] = {}
         for i in layout:
             n = self._params[i].shape[0]
             m = self._params[i].numel() // n
             rank = min(n, m, self.hook_state.matrix_approximation_rank)
             if powerSGD_hook._should_compress(n, m, rank, self.hook_state.min_compression_rate)[0]:
-                out.append(i)
-        return out
-
-    def _sizes(self, kind: str, layout: list[int]) -> tuple[list[int], list[int]]:
-        """(parameter indices, element counts) packed in one bucket tensor of ``kind``."""
-        if kind == "error_dict":
-            return layout, [self._params[i].numel() for i in layout]
-        chosen = self._compressed(layout)
-        rank = self.hook_state.matrix_approximation_rank
+                groups.setdefault((n, m), []).append(i)
+        order = [i for members in groups.values() for i in members]
         sizes = []
-        for i in chosen:
+        for i in order:
             n = self._params[i].shape[0]
             m = self._params[i].numel() // n
-            sizes.append(min(n, m, rank) * (n if kind == "p_memory_dict" else m))
-        return chosen, sizes
+            sizes.append(min(n, m, self.hook_state.matrix_approximation_rank)
+                         * (n if kind == "p_memory_dict" else m))
+        return order, sizes
+
+    def _split(self, bucket: int, layout: list[int],
+               remove: bool = False) -> dict[str, dict[int, torch.Tensor]]:
+        """One bucket's PowerSGD tensors, cut into per-parameter pieces."""
+        out: dict[str, dict[int, torch.Tensor]] = {}
+        for kind in _PER_BUCKET:
+            table = getattr(self.hook_state, kind)
+            if bucket not in table:
+                continue
+            flat = table.pop(bucket) if remove else table[bucket]
+            indices, sizes = self._packing(kind, layout)
+            out[kind] = {i: piece.detach().clone()
+                         for i, piece in zip(indices, torch.split(flat, sizes), strict=True)}
+        return out
 
     def _unpack(self, bucket: int, layout: list[int]) -> None:
         assert self._pending is not None
         for kind in _PER_BUCKET:
             saved = self._pending[kind]
-            indices, _ = self._sizes(kind, layout)
+            indices, _ = self._packing(kind, layout)
             if indices and all(i in saved for i in indices):
                 getattr(self.hook_state, kind)[bucket] = torch.cat(
                     [saved.pop(i).reshape(-1) for i in indices])
@@ -199,11 +216,9 @@ class Compression:
                                if s != "process_group" and s not in _PER_BUCKET})
         per_param: dict[str, dict[int, torch.Tensor]] = {
             kind: dict(self._pending[kind]) if self._pending else {} for kind in _PER_BUCKET}
-        for kind in _PER_BUCKET:
-            for bucket, flat in getattr(self.hook_state, kind).items():
-                indices, sizes = self._sizes(kind, self._layouts[bucket])
-                for i, piece in zip(indices, torch.split(flat, sizes), strict=True):
-                    per_param[kind][i] = piece.detach().clone()
+        for bucket, layout in self._layouts.items():
+            for kind, pieces in self._split(bucket, layout).items():
+                per_param[kind].update(pieces)
         state["per_param"] = per_param
         return state
 
