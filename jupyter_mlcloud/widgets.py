@@ -120,6 +120,12 @@ class RunMonitor:
         self.refresh()
 
     def _on_items(self, kind: str, items: list[dict[str, Any]]) -> None:
+        if kind == "recovery":
+            from .train.run import describe_recovery
+
+            for record in items:
+                self._lines.put(describe_recovery(record))
+            return
         if kind == "logs":
             for item in items:
                 self._lines.put(f"[rank {item['rank']}] {item['line']}")

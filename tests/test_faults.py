@@ -19,6 +19,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.train import worker as rank_worker
 from jupyter_mlcloud.train.checkpoint import CheckpointDir
 from jupyter_mlcloud.train.compression import POWERSGD_START_ITER
+from jupyter_mlcloud.train.run import describe_recovery
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["detected", "cancelled", "workers ready", "rejoined", "restored", "first step"]
@@ -113,6 +114,8 @@ def test_a_killed_worker_costs_seconds_and_the_result_is_bit_identical(
     assert digest(model) == expected
     assert [e["lost_ranks"] for e in run.events] == [[1]]
     _check_recovery(run.events[0], world_size=2)
+    assert "resumes from step" in describe_recovery(run.events[0])
+    assert "first step +" in describe_recovery(run.events[0])
     _wait_for_workers(cluster, 2)
 
 

@@ -23,6 +23,19 @@ REPLACE_TIMEOUT_S = 30.0  # default wait for replacement workers (mlcloud.train.
 PHASES = ("detected", "cancelled", "workers ready", "rejoined", "restored", "first step")
 
 
+def describe_recovery(record: dict[str, Any]) -> str:
+    """One line for a recovery record of ``run.events``, with the phases reached so far."""
+    phases = record["phases"]
+    if record["kind"] == "resume":
+        return f"[mlcloud] resumed from checkpoint step {record['from_step']}"
+    start = phases["detected"]
+    steps = " · ".join(f"{name} +{phases[name] - start:.1f} s" for name in PHASES
+                       if name in phases and name != "detected")
+    return (f"[mlcloud] lost rank(s) {record['lost_ranks']}; recovery {record['attempt']}"
+            f" resumes from step {record['from_step']} on {record['world_size']} worker(s):"
+            f" {steps}")
+
+
 def _consequential(exc: BaseException) -> bool:
     return any(s in str(exc) for s in _CONSEQUENTIAL)
 
@@ -117,7 +130,8 @@ class Run:
             for record in self.events:
                 if record["attempt"] == item.get("attempt"):
                     record["phases"].setdefault(item["phase"], item["time"])
-                    self._notify("recovery", [record])
+                    if item["phase"] == "first step":  # the recovery is complete
+                        self._notify("recovery", [record])
 
     def note_resume(self, snap: checkpoint.Snapshot) -> None:
         """Record that the first attempt goes on from a checkpoint (``--resume``)."""
