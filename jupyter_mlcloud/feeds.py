@@ -168,6 +168,7 @@ class Feeds:
         self._feeds: dict[str, _SchedulerFeed] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._homes: dict[str, tuple[str, str]] = {}  # run id -> (cluster name, address)
+        self._listed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # last run lists
         self._connect = connect or _connect
 
     async def _feed(self, address: str) -> _SchedulerFeed:
@@ -222,22 +223,22 @@ class Feeds:
         watch = await feed.watch(run_id, keep_points=True)
         if not await feed.alive():
             raise SchedulerUnreachable(
-                f"the scheduler of cluster {record.name!r} is unreachable; retrying.")
+                f"the scheduler of cluster {record.name!r} does not answer.")
         return list(watch.points or ())
 
     async def panel_metrics(self, run_ids: list[str]) -> tuple[list[str], list[str]]:
         """The metric names reported so far by any of ``run_ids``, and one sentence for each
         run that is gone. A run whose scheduler is silent counts as neither."""
-        names: set[str] = set()
+        names: dict[str, None] = {}
         gone: list[str] = []
         for run_id in run_ids:
             try:
-                names.update(runs.metric_names(await self.points(run_id)))
+                names.update(dict.fromkeys(runs.metric_names(await self.points(run_id))))
             except RunGone as e:
                 gone.append(str(e))
             except SchedulerUnreachable:
                 pass
-        return sorted(names), gone
+        return list(names), gone
 
     async def list_runs(self) -> list[dict[str, Any]]:
         """Every run on every reachable discovered cluster, newest first, with its last point."""
@@ -245,7 +246,11 @@ class Feeds:
         async def of_cluster(record: discovery.ClusterRecord) -> list[dict[str, Any]]:
             events = await cluster_info.try_events(record.address or "", metrics.RUNS_TOPIC,
                                                    TIMEOUT_S)
-            found = runs.fold_run_events(events or [])
+            key = (record.name, record.address or "")
+            if events is None:  # silent for now: its runs as last seen, marked so
+                return [{**run, "reachable": False} for run in self._listed.get(key, [])]
+            found = runs.fold_run_events(events)
+            self._listed[key] = list(found.values())
             if not found:
                 return []
             try:
@@ -265,6 +270,9 @@ class Feeds:
             return list(found.values())
 
         records = [r for r in discovery.list_records() if r.address and not r.tls]
+        known = {(r.name, r.address or "") for r in records}
+        for key in [k for k in self._listed if k not in known]:
+            del self._listed[key]  # the cluster was shut down: its runs with it
         per_cluster = await asyncio.gather(*(of_cluster(r) for r in records))
         found = [run for group in per_cluster for run in group]
         return sorted(found, key=lambda r: r["started"], reverse=True)

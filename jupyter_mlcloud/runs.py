@@ -71,8 +71,9 @@ def steps_per_s(times: Sequence[float], steps: Sequence[float],
 
 
 def metric_names(points: Iterable[Mapping[str, Any]]) -> list[str]:
-    """The reported metric names among ``points``, sorted."""
-    return sorted({k for p in points for k in p} - set(NOT_METRICS))
+    """The reported metric names among ``points``, in the order they first appear."""
+    names = dict.fromkeys(k for p in points for k in p if k not in NOT_METRICS)
+    return list(names)
 
 
 def metric_columns(points: list[dict[str, Any]], history: int = HISTORY) -> dict[str, list[Any]]:

@@ -269,11 +269,14 @@ async def test_a_silent_scheduler_gets_503_until_it_answers_and_a_gone_run_404(
         assert code == 200 and columns["step"] == [1, 2, 3, 4, 5, 6]
         assert columns["bytes_ratio"] == [None, 0.25, 0.25, 0.25, 0.25, 0.25]
 
+        await jp_fetch("mlcloud", "runs")  # the list, as the sidebar saw it last
         held.pause()
         code, body = await until(
             lambda: _with_code(jp_fetch, 503, "mlcloud", "runs", run, "metrics"),
             what="a 503 while the scheduler is stopped")
-        assert body["message"] == "the scheduler of cluster 'held' is unreachable; retrying."
+        assert body["message"] == "the scheduler of cluster 'held' does not answer."
+        [listed] = json.loads((await jp_fetch("mlcloud", "runs")).body)["runs"]
+        assert listed["run"] == run and listed["reachable"] is False  # as last seen
         held.resume()
         code, columns = await until(
             lambda: _with_code(jp_fetch, 200, "mlcloud", "runs", run, "metrics"),

@@ -81,7 +81,10 @@ def rates_text(run_id: str, columns: Mapping[str, Sequence[Any]]) -> str:
     if not steps:
         return f"{run_id}: no points yet"
     rate = (columns.get(RATE) or [None])[-1]
-    text = f"{run_id}: step {steps[-1]}"
+    step = steps[-1]
+    if isinstance(step, float) and step.is_integer():
+        step = int(step)
+    text = f"{run_id}: step {step}"
     if isinstance(rate, (int, float)) and rate == rate:  # not None, not NaN
         text += f" · {rate:.1f} steps/s"
     return text
@@ -187,7 +190,7 @@ async function poll() {
   if (state.busy || pause.active) { return; }
   state.busy = true;
   try {
-    const problems = (await Promise.all(urls.map((_, i) => load(i)))).filter(p => p);
+    const problems = [...new Set(await Promise.all(urls.map((_, i) => load(i))))].filter(p => p);
     notice.text = problems.map(p => p.replace(/&/g, "&amp;").replace(/</g, "&lt;")).join("<br>");
     notice.visible = problems.length > 0;
     if (rates) { rates.text = lines.join(" | "); }

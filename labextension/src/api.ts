@@ -105,6 +105,8 @@ export interface IRun {
   step: number | null;
   /** The last logged point's metrics (loss, ...), without rank/step/epoch/time. */
   last: { [metric: string]: number };
+  /** False while its scheduler does not answer: the run is shown as last seen. */
+  reachable?: boolean;
 }
 
 /** Every training run on the discovered clusters, newest first. */

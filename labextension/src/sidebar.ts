@@ -541,8 +541,12 @@ function renderRun(run: IRun, openPanel: PanelOpener, picked: Set<string>): HTML
     element(
       'div',
       'jp-mlcloud-run-detail',
-      `${run.cluster} · step ${count(run.step)}${metrics ? ` · ${metrics}` : ''}`
+      `${run.cluster} · step ${count(run.step)}${metrics ? ` · ${metrics}` : ''}` +
+        (run.reachable === false ? ' · scheduler not answering' : '')
     )
   );
+  if (run.reachable === false) {
+    row.classList.add('jp-mlcloud-run-unreachable');
+  }
   return row;
 }

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+from .. import held_cluster
 from ..conftest import wait_for
 from .conftest import ARTIFACTS, Lab
 
@@ -37,9 +40,16 @@ def _wait_for_workers(page: Any, cluster: str, workers: int) -> None:
 def _open_sidebar(page: Any) -> None:
     tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
     tab.wait_for()
-    if not page.locator("#mlcloud-sidebar").is_visible():
-        tab.click()
-    page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
+    header = page.locator("#mlcloud-sidebar .jp-mlcloud-header")
+    for _ in range(3):  # a layout still being restored may close it again: look, then retry
+        if not page.locator("#mlcloud-sidebar").is_visible():
+            tab.click()
+        try:
+            header.wait_for(timeout=15_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    header.wait_for()
 
 
 def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> None:
@@ -122,8 +132,16 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
                 "def fn(ctx):\n"
                 "    for step in range(5):\n"
                 "        ctx.report(loss=1.0 / (step + 1))\n"
-                "mlc.train(fn).result(120)")
+                "run = mlc.train(fn)\nrun.result(120)\nrun.monitor()")
     page.keyboard.press("Shift+Enter")
+    # The notebook shows the run's loss panel: BokehJS came from the server, the points from
+    # the kernel's own run.
+    page.locator(".mlcloud-loss-monitor canvas").first.wait_for(timeout=120_000)
+    page.wait_for_function(
+        """() => window.Bokeh && Bokeh.documents.some(doc => doc.all_models && [...doc.all_models]
+             .some(m => m.name?.startsWith('metrics-') && m.data.step?.length === 5))""",
+        timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "notebook-loss-panel.png"))
     run = sidebar.locator(".jp-mlcloud-run").first
     run.wait_for(timeout=120_000)
     page.wait_for_function(
@@ -137,8 +155,7 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     panel = _frame(page, ".jp-mlcloud-panel iframe")
     assert "/mlcloud/panels/loss/" in panel.url
     panel.wait_for_function(
-        "() => window.Bokeh && Bokeh.documents.length"
-        " && Bokeh.documents[0].get_model_by_name('metrics').data.step.length === 5",
+        _model(f"metrics-{run.get_attribute('data-run-id')}", "m.data.step.length === 5"),
         timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "sidebar-run.png"))
 
@@ -155,3 +172,54 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     page.get_by_text("Adapting from-form: done.").wait_for()
     card.locator(".jp-mlcloud-shutdown").click()
     card.wait_for(state="detached", timeout=60_000)
+
+
+def _model(name: str, expression: str) -> str:
+    """A JS condition on the Bokeh model ``name`` (as ``m``) of the frame's document."""
+    return ("() => { const m = window.Bokeh && Bokeh.documents.length &&"
+            f" Bokeh.documents[0].get_model_by_name({json.dumps(name)});"
+            f" return !!m && ({expression}); }}")
+
+
+def test_overlay_two_runs_and_the_scheduler_gone_notice(lab: Lab, page: Any) -> None:
+    held = held_cluster.start("held-ui", runs=2)
+    try:
+        page.goto(f"{lab.url}/lab?token={lab.token}")
+        _open_sidebar(page)
+        sidebar = page.locator("#mlcloud-sidebar")
+        page.wait_for_function(  # the lists come over the event socket
+            "() => document.querySelector('#mlcloud-sidebar')?.dataset.updates === 'socket'")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#mlcloud-sidebar .jp-mlcloud-run').length === 2",
+            timeout=60_000)
+        for run_id in held.runs:
+            sidebar.locator(f'.jp-mlcloud-run[data-run-id="{run_id}"] .jp-mlcloud-run-pick').check()
+        sidebar.locator(".jp-mlcloud-overlay").click()
+
+        frame = _frame(page, ".jp-mlcloud-panel iframe")
+        for run_id in held.runs:  # both runs' points, in one panel
+            frame.wait_for_function(_model(f"metrics-{run_id}", "m.data.step.length === 6"),
+                                    timeout=60_000)
+        frame.wait_for_function(_model("figure-bytes_sent", "m.renderers.length === 2"))
+        frame.wait_for_function(_model("rates", "m.text.includes('step 6')"))
+        assert frame.evaluate(_model("notice", "!m.visible"))
+        page.screenshot(path=str(ARTIFACTS / "loss-overlay.png"))
+
+        held.pause()  # the scheduler stops answering
+        frame.wait_for_function(_model(
+            "notice", "m.visible && m.text.includes('scheduler unreachable — retrying')"),
+            timeout=30_000)
+        page.wait_for_function(  # the run list keeps them, as last seen
+            "() => document.querySelectorAll('#mlcloud-sidebar .jp-mlcloud-run-unreachable')"
+            ".length === 2", timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "loss-scheduler-gone.png"))
+        held.resume()  # ... and answers again
+        frame.wait_for_function(_model("notice", "!m.visible"), timeout=30_000)
+
+        held.close()  # the cluster is shut down: its runs are gone
+        frame.wait_for_function(_model("notice", "m.visible && m.text.includes('was shut down')"),
+                                timeout=30_000)
+        page.wait_for_function(
+            "() => !document.querySelector('#mlcloud-sidebar .jp-mlcloud-run')", timeout=30_000)
+    finally:
+        held.close()
