@@ -120,9 +120,11 @@ def test_a_killed_worker_costs_seconds_and_the_result_is_bit_identical(
 
 
 def test_two_kills_in_one_run(cluster: mlc.ClusterHandle, uninterrupted: str) -> None:
-    run = mlc.train(make_fit(kills=((0, 1, 5), (1, 0, 20))), cluster=cluster, max_failures=2)
+    run = mlc.train(make_fit(kills=((0, 1, 5), (1, 0, 20))), cluster=cluster, max_failures=2,
+                    commit_every=2)
     assert digest(run.result(timeout=180)) == uninterrupted
     assert [e["lost_ranks"] for e in run.events] == [[1], [0]]
+    assert all(e["from_step"] % 2 == 0 for e in run.events)
     for record in run.events:
         _check_recovery(record, world_size=2)
     _wait_for_workers(cluster, 2)
@@ -277,8 +279,11 @@ def test_powersgd_bytes_match_its_own_stats_and_its_loss_stays_close(
         cluster: mlc.ClusterHandle) -> None:
     def fn(ctx: Any) -> Any:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                                    torch.nn.Linear(128, 1))
+        # Over 1 MB of gradients: DDP makes several buckets, whose PowerSGD all-reduces
+        # must not interleave differently on the two gloo ranks.
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                                    torch.nn.Linear(256, 1024), torch.nn.ReLU(),
+                                    torch.nn.Linear(1024, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
         ddp = ctx.prepare(model, optimizer)
         g = torch.Generator().manual_seed(3)
@@ -303,3 +308,20 @@ def test_powersgd_bytes_match_its_own_stats_and_its_loss_stays_close(
     final = run.metrics.query("rank == 0")["loss"].tail(8).mean()
     reference = plain.metrics.query("rank == 0")["loss"].tail(8).mean()
     assert abs(final - reference) / reference < 0.15
+
+
+def test_elastic_rules_for_a_smaller_world() -> None:
+    from jupyter_mlcloud.train import elastic
+
+    assert elastic.per_rank_batch("global-batch", 16, base_world=2, world=1) == 32
+    assert elastic.per_rank_batch("linear-lr", 16, base_world=2, world=1) == 16
+    assert elastic.map_batch("global-batch", 5, old_world=2, world=1) == 5
+    assert elastic.map_batch("linear-lr", 5, old_world=2, world=1) == 10
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    elastic.rescale_lr("linear-lr", [optimizer], [scheduler], old_world=2, world=1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2)
+    assert scheduler.base_lrs == [pytest.approx(0.2)]
+    with pytest.raises(ValueError, match="elastic rule 'x' is unknown; allowed: global-batch"):
+        elastic.check_rule("x")

@@ -125,6 +125,7 @@ class Compression:
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._layouts: dict[int, list[int]] = {}  # bucket index -> parameter indices
         self._pending: dict[str, dict[int, torch.Tensor]] | None = None  # restored, unpacked
+        self._in_order = dist.get_backend() == "gloo"
         if spec.kind in ("fp16", "bf16"):
             dtype = torch.float16 if spec.kind == "fp16" else torch.bfloat16
             ddp.register_comm_hook(_CastState(dtype, self.counter), _cast_hook)
@@ -156,7 +157,12 @@ class Compression:
         if self._pending is not None:
             self._unpack(index, layout)
         self.counter.add(uncompressed=_nbytes(bucket.buffer()))
-        return powerSGD_hook.powerSGD_hook(state, bucket)
+        future = powerSGD_hook.powerSGD_hook(state, bucket)
+        if self._in_order:
+            # PowerSGD issues its P and Q all-reduces from future callbacks, so with several
+            # buckets they can interleave differently on each rank; gloo needs one order.
+            future.wait()
+        return future
 
     def _packing(self, kind: str, layout: list[int]) -> tuple[list[int], list[int]]:
         """(parameter indices, element counts) in the order PowerSGD packs one bucket tensor of
