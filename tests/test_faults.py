@@ -325,3 +325,23 @@ def test_elastic_rules_for_a_smaller_world() -> None:
     assert scheduler.base_lrs == [pytest.approx(0.2)]
     with pytest.raises(ValueError, match="elastic rule 'x' is unknown; allowed: global-batch"):
         elastic.check_rule("x")
+
+
+def test_ctx_checkpoint_writes_one_off_the_schedule(cluster: mlc.ClusterHandle,
+                                                     tmp_path: Path) -> None:
+    def fn(ctx: Any) -> None:
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ddp = ctx.prepare(model, optimizer)
+        for i, xb in enumerate(ctx.shard(torch.randn(64, 4), batch_size=4, shuffle=False)):
+            ddp(xb).sum().backward()
+            optimizer.step()
+            if i == 4:
+                ctx.checkpoint()
+
+    directory = tmp_path / "ckpt"
+    mlc.train(fn, cluster=cluster, checkpoint_dir=str(directory),
+              checkpoint_every=100).result(timeout=60)
+    assert CheckpointDir(str(directory)).steps() == [5]
+    with pytest.raises(mlc.TrainingError, match=r"ctx.checkpoint\(\) needs --checkpoint-dir"):
+        mlc.train(fn, cluster=cluster).result(timeout=60)

@@ -76,6 +76,7 @@ class TrainContext:
         self._drawn = False  # a batch of the current loop is in the user's hands
         self._at_target = False  # the current loop is the one the resume stopped in
         self._first_step_pending = False
+        self._asked = False  # ctx.checkpoint() was called: commit at the next boundary
         self._bytes_mark = (0, 0, 0)  # (sent, uncompressed, steps) at the last report
 
     @property
@@ -185,6 +186,19 @@ class TrainContext:
         if self._reporter is not None:
             self._reporter.add(metrics.point(self.rank, self.step, self.epoch, values))
 
+    def checkpoint(self) -> None:
+        """Commit at the next step boundary, and write it to ``--checkpoint-dir`` if one is set.
+
+        Use it where a checkpoint matters outside the ``--checkpoint-every`` schedule (the end
+        of a validation epoch, say).
+        """
+        if not (self._commits.every or self._commits.durable_every):
+            raise ValueError(
+                "ctx.checkpoint() needs --checkpoint-dir PATH (or --max-failures N for"
+                " in-memory commits)."
+            )
+        self._asked = True
+
     @property
     def committed_step(self) -> int:
         """The newest step whose commit the launcher holds (-1 before the first)."""
@@ -270,6 +284,9 @@ class TrainContext:
             self._first_step_pending = False
             self._event("first step")
         commit, durable = self._commits.due(self._steps)
+        if self._asked:
+            self._asked = False
+            commit, durable = True, bool(self._commits.durable_every)
         if commit:
             position = Position(self.epoch, self._loop, batch, self._steps, self.step)
             local = checkpoint.clone({"rng": checkpoint.rng_state(),
