@@ -127,7 +127,8 @@ def check_shapes(saved: dict[str, Any], model: torch.nn.Module, index: int) -> N
 
 
 class _Ring:
-    def __init__(self) -> None:
+    def __init__(self, attempt: int = 0) -> None:
+        self.attempt = attempt
         self.parts: deque[Part] = deque(maxlen=RING_PARTS)
         self.full: deque[Part] = deque(maxlen=RING_FULL)
         self.durable: list[Part] = []  # kept until pulled, whatever the ring drops
@@ -138,12 +139,13 @@ _rings: dict[str, _Ring] = {}
 _rings_lock = threading.Lock()
 
 
-def open_ring(run_id: str) -> None:
-    """Start this worker's ring for ``run_id``, dropping rings of earlier runs."""
+def open_ring(run_id: str, attempt: int) -> None:
+    """Start this worker's ring for ``run_id``'s ``attempt``, dropping every older ring."""
     with _rings_lock:
-        for other in [r for r in _rings if r != run_id]:
-            del _rings[other]
-        _rings.setdefault(run_id, _Ring())
+        client_step = _rings[run_id].client_step if run_id in _rings else -1
+        _rings.clear()
+        _rings[run_id] = _Ring(attempt)
+        _rings[run_id].client_step = client_step
 
 
 def put(run_id: str, part: Part) -> None:

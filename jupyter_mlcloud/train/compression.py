@@ -126,6 +126,7 @@ class Compression:
         self._layouts: dict[int, list[int]] = {}  # bucket index -> parameter indices
         self._pending: dict[str, dict[int, torch.Tensor]] | None = None  # restored, unpacked
         self._in_order = dist.get_backend() == "gloo"
+        self._tail: torch.futures.Future[torch.Tensor] | None = None  # the last bucket's result
         if spec.kind in ("fp16", "bf16"):
             dtype = torch.float16 if spec.kind == "fp16" else torch.bfloat16
             ddp.register_comm_hook(_CastState(dtype, self.counter), _cast_hook)
@@ -157,12 +158,34 @@ class Compression:
         if self._pending is not None:
             self._unpack(index, layout)
         self.counter.add(uncompressed=_nbytes(bucket.buffer()))
-        future = powerSGD_hook.powerSGD_hook(state, bucket)
-        if self._in_order:
-            # PowerSGD issues its P and Q all-reduces from future callbacks, so with several
-            # buckets they can interleave differently on each rank; gloo needs one order.
-            future.wait()
-        return future
+        if not self._in_order:
+            return powerSGD_hook.powerSGD_hook(state, bucket)
+        # PowerSGD issues its P and Q all-reduces from future callbacks, so with several
+        # buckets they could interleave differently on each rank, and gloo needs one order:
+        # each bucket starts when the one before has finished (never blocking this thread).
+        result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+        def start(_: Any = None) -> None:
+            try:
+                future = powerSGD_hook.powerSGD_hook(state, bucket)
+            except Exception as e:  # noqa: BLE001 - handed to DDP through the future
+                result.set_exception(e)  # type: ignore[arg-type]
+                return
+
+            def finish(done: torch.futures.Future[torch.Tensor]) -> None:
+                try:
+                    result.set_result(done.value())
+                except Exception as e:  # noqa: BLE001
+                    result.set_exception(e)  # type: ignore[arg-type]
+
+            future.add_done_callback(finish)
+
+        previous, self._tail = self._tail, result
+        if previous is None or previous.done():
+            start()
+        else:
+            previous.add_done_callback(start)
+        return result
 
     def _packing(self, kind: str, layout: list[int]) -> tuple[list[int], list[int]]:
         """(parameter indices, element counts) in the order PowerSGD packs one bucket tensor of

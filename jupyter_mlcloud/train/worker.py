@@ -331,7 +331,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
                 " pick other workers or wait for it."
             )
         _active[spec.run_id] = _Active(spec.run_id, spec.rank, threading.get_ident())
-    checkpoint.open_ring(spec.run_id)
+    checkpoint.open_ring(spec.run_id, spec.attempt)
     key = getattr(thread_state, "key", None)
 
     def still_wanted() -> None:
