@@ -86,11 +86,15 @@ def test_cell_equals_torchrun_bit_for_bit(shell: InteractiveShell, tmp_path: Pat
     script.write_text(SCRIPT)
     digest_file = tmp_path / "digest"
     env = {**os.environ, "DIGEST_FILE": str(digest_file), "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script)],
-        env=env, check=True, capture_output=True, timeout=300,
-    )
+    for _ in range(2):  # the peer: torchrun's own rendezvous can fail on a busy machine
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", str(script)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        if done.returncode == 0:
+            break
+    assert done.returncode == 0, done.stderr[-3000:]
     shell.run_cell_magic("distributed_train", "--workers 2 --out digest", SCRIPT)
     assert shell.user_ns["digest"] == digest_file.read_text()
 
