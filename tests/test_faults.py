@@ -85,6 +85,12 @@ def cluster() -> Iterator[mlc.ClusterHandle]:
         yield handle
 
 
+@pytest.fixture(autouse=True)
+def two_workers(cluster: mlc.ClusterHandle) -> None:
+    """Every test starts with both workers up (a restart from the test before may be due)."""
+    _wait_for_workers(cluster, 2)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(cluster: mlc.ClusterHandle) -> str:
     return digest(mlc.train(make_fit(), cluster=cluster).result(timeout=300))

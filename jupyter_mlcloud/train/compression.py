@@ -70,14 +70,38 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-class _CountingDist:
-    """Stands in for ``torch.distributed`` inside the hook modules: counts all-reduce bytes."""
+class _Done:
+    """A finished all-reduce, shaped like the ``Work`` that ``async_op=True`` returns."""
 
-    def __init__(self, counter: ByteCounter) -> None:
-        self._dist, self._counter = dist, counter
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._future: torch.futures.Future[list[torch.Tensor]] = torch.futures.Future()
+        self._future.set_result([tensor])
+
+    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
+        return self._future
+
+    def wait(self) -> bool:
+        return True
+
+
+class _CountingDist:
+    """Stands in for ``torch.distributed`` inside the hook modules: counts all-reduce bytes.
+
+    With ``synchronous``, each all-reduce completes before it returns, so the hook's ``.then``
+    callbacks run at once in the calling (autograd) thread. PowerSGD issues its P and Q
+    all-reduces from such callbacks; left asynchronous on gloo they run on gloo's own threads,
+    where buckets interleave differently per rank (a collective mismatch) and a work object
+    can be released on its own thread (an abort).
+    """
+
+    def __init__(self, counter: ByteCounter, synchronous: bool) -> None:
+        self._dist, self._counter, self._synchronous = dist, counter, synchronous
 
     def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self._counter.add(sent=_nbytes(tensor))
+        if self._synchronous and kwargs.get("async_op"):
+            self._dist.all_reduce(tensor, *args, **{**kwargs, "async_op": False})
+            return _Done(tensor)
         return self._dist.all_reduce(tensor, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -125,8 +149,6 @@ class Compression:
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._layouts: dict[int, list[int]] = {}  # bucket index -> parameter indices
         self._pending: dict[str, dict[int, torch.Tensor]] | None = None  # restored, unpacked
-        self._in_order = dist.get_backend() == "gloo"
-        self._tail: torch.futures.Future[torch.Tensor] | None = None  # the last bucket's result
         if spec.kind in ("fp16", "bf16"):
             dtype = torch.float16 if spec.kind == "fp16" else torch.bfloat16
             ddp.register_comm_hook(_CastState(dtype, self.counter), _cast_hook)
@@ -138,7 +160,7 @@ class Compression:
                 matrix_approximation_rank=spec.rank,
                 start_powerSGD_iter=POWERSGD_START_ITER,
             )
-            counting = _CountingDist(self.counter)
+            counting = _CountingDist(self.counter, synchronous=dist.get_backend() == "gloo")
             for module in (powerSGD_hook, default_hooks):
                 self._patched.append((module, module.dist))
                 module.dist = counting  # type: ignore[attr-defined]
@@ -158,34 +180,7 @@ class Compression:
         if self._pending is not None:
             self._unpack(index, layout)
         self.counter.add(uncompressed=_nbytes(bucket.buffer()))
-        if not self._in_order:
-            return powerSGD_hook.powerSGD_hook(state, bucket)
-        # PowerSGD issues its P and Q all-reduces from future callbacks, so with several
-        # buckets they could interleave differently on each rank, and gloo needs one order:
-        # each bucket starts when the one before has finished (never blocking this thread).
-        result: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-
-        def start(_: Any = None) -> None:
-            try:
-                future = powerSGD_hook.powerSGD_hook(state, bucket)
-            except Exception as e:  # noqa: BLE001 - handed to DDP through the future
-                result.set_exception(e)  # type: ignore[arg-type]
-                return
-
-            def finish(done: torch.futures.Future[torch.Tensor]) -> None:
-                try:
-                    result.set_result(done.value())
-                except Exception as e:  # noqa: BLE001
-                    result.set_exception(e)  # type: ignore[arg-type]
-
-            future.add_done_callback(finish)
-
-        previous, self._tail = self._tail, result
-        if previous is None or previous.done():
-            start()
-        else:
-            previous.add_done_callback(start)
-        return result
+        return powerSGD_hook.powerSGD_hook(state, bucket)
 
     def _packing(self, kind: str, layout: list[int]) -> tuple[list[int], list[int]]:
         """(parameter indices, element counts) in the order PowerSGD packs one bucket tensor of
