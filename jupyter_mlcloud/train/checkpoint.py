@@ -4,7 +4,7 @@ A *commit* is taken on every rank at a step boundary (before ``ctx.shard`` hands
 batch): the position in the data, each rank's own state (RNG states, comm-hook state such as
 PowerSGD's local error feedback) and, on rank 0 only (data-parallel state is the same on every
 rank), the registered models, optimizers and LR schedulers, copied. The copy is kept in a
-small ring in the worker's memory; the launcher pulls new ones a few times a second into
+small ring in the worker's memory; the launcher pulls new ones once a second into
 a :class:`CommitStore` on the client, which assembles the latest step that every rank has
 committed. So a dead worker costs the steps since the last pull, never the run.
 

@@ -289,8 +289,9 @@ class TrainContext:
             commit, durable = True, bool(self._commits.durable_every)
         if commit:
             position = Position(self.epoch, self._loop, batch, self._steps, self.step)
-            local = checkpoint.clone({"rng": checkpoint.rng_state(),
-                                      "hooks": [c.state_dict() for c in self._compressions]})
+            # Both are fresh copies already (RNG getters copy; hooks deep-copy their state).
+            local = {"rng": checkpoint.rng_state(),
+                     "hooks": [c.state_dict() for c in self._compressions]}
             checkpoint.put(self.run_id, Part(self.rank, position, local,
                                              self._state() if self.rank == 0 else None,
                                              durable))

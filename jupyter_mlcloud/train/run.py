@@ -18,7 +18,8 @@ _CONSEQUENTIAL = ("RunCancelled", "Connection closed by peer", "Connection reset
                   "Broken pipe", "gloo", "Timed out waiting")
 CANCEL_GRACE_S = 30.0  # how long cancelled ranks get to tear down before we stop waiting
 DEPARTURE_GRACE_S = 5.0  # how long the scheduler gets to notice a dead worker
-PULL_INTERVAL_S = 0.25  # how often new commits are fetched from the ranks
+PULL_INTERVAL_S = 1.0  # how often new commits are fetched from the ranks
+WATCH_INTERVAL_S = 0.25  # how often the watcher looks for a lost worker
 REPLACE_TIMEOUT_S = 30.0  # default wait for replacement workers (mlcloud.train.replace-timeout)
 PHASES = ("detected", "cancelled", "workers ready", "rejoined", "restored", "first step")
 
@@ -184,7 +185,7 @@ class Run:
             if not pending:
                 return
             try:
-                wait(pending, timeout=PULL_INTERVAL_S, return_when="FIRST_COMPLETED")
+                wait(pending, timeout=WATCH_INTERVAL_S, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 pass
             failed = any(f.status == "error" for f in self._futures)
