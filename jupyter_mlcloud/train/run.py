@@ -231,7 +231,6 @@ class Run:
             self._status = "error"
             self._error = TrainingError(str(exc), rank=rank)
         else:
-            self._restart_survivors(detail)
             rank = self.workers.index(detail[0])
             after = (f" It had already recovered {self.attempt} time(s), the most"
                      f" --max-failures {self.max_failures} allows." if self.max_failures else "")
@@ -272,7 +271,6 @@ class Run:
         self._status = "recovering"
         self._cancel_ranks()
         phases["cancelled"] = time.time()
-        self._restart_survivors(gone)
         workers = self._wait_for_workers(gone)
         phases["workers ready"] = time.time()
         snap = self.store.latest if self.store is not None else None
@@ -293,20 +291,6 @@ class Run:
         if self._status == "recovering":
             self._status = "running"
         self._notify("recovery", [record])
-
-    def _restart_survivors(self, gone: list[str]) -> None:
-        """Give the ranks that outlived a dead peer fresh processes.
-
-        A process whose gloo group broke mid-collective can abort later, when that group's
-        last reference goes on one of its own threads; a nanny restart costs about as long as
-        the dead worker's own restart, which the run waits for anyway.
-        """
-        survivors = [w for w in self.workers if w not in gone]
-        if survivors:
-            try:
-                self.client.restart_workers(survivors, timeout=60, raise_for_error=False)
-            except Exception:
-                pass  # workers without a nanny stay as they are
 
     def _wait_for_workers(self, gone: list[str]) -> list[str]:
         """The same number of free workers as before, or at least ``min_workers`` after the
