@@ -184,16 +184,7 @@ class MLCloudMagics(Magics):
                 epochs=args.epochs,
                 strategy=args.strategy,
                 compression=args.compression,
-                faults=FaultOptions(
-                    max_failures=args.max_failures,
-                    min_workers=args.min_workers,
-                    commit_every=args.commit_every,
-                    checkpoint_dir=args.checkpoint_dir,
-                    checkpoint_every=args.checkpoint_every,
-                    checkpoint_keep=args.checkpoint_keep,
-                    resume=args.resume,
-                    elastic=args.elastic,
-                ),
+                faults=FaultOptions.from_options(vars(args)),
             )
         except SyntaxError as e:
             raise UsageError(

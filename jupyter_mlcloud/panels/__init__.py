@@ -231,6 +231,24 @@ def live_page(panel: Any, urls: Mapping[str, str], bokeh_root: str, title: str, 
     return _html(document, bokeh_root, title)
 
 
+def loss_page(run_ids: Sequence[str], metrics: Sequence[str], root: str) -> str:
+    """The loss panel page of ``run_ids`` (overlaid), fed from ``<root>/runs/<id>/metrics``;
+    ``root`` is the server's ``/mlcloud`` URL (BokehJS comes from ``<root>/bokeh``)."""
+    sources = loss_sources(run_ids, metrics)
+    panel = loss_panel(sources, metrics, title=f"run {', '.join(run_ids)}")
+    urls = {f"metrics-{r}": f"{root}/runs/{r}/metrics" for r in run_ids}
+    labels = {f"metrics-{r}": r for r in run_ids}
+    return live_page(panel, urls, f"{root}/bokeh/", f"ML Cloud loss: {', '.join(run_ids)}",
+                     labels=labels)
+
+
+def resources_page(cluster: str, root: str) -> str:
+    """The resource panel page of ``cluster``, fed from ``<root>/clusters/<name>/resources``."""
+    panel = resources_panel(resources_source(), title=f"cluster {cluster}")
+    urls = {"resources": f"{root}/clusters/{cluster}/resources"}
+    return live_page(panel, urls, f"{root}/bokeh/", f"ML Cloud resources: {cluster}")
+
+
 def message_page(title: str, message: str) -> str:
     """A plain page that says one thing (a panel for a run or cluster that does not exist)."""
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"

@@ -141,7 +141,6 @@ class PanelHandler(JupyterHandler):
     @tornado.web.authenticated
     async def get(self, kind: str, target: str) -> None:
         root = url_path_join(self.base_url, "mlcloud")
-        bokeh_root = url_path_join(root, "bokeh") + "/"
         if kind == "loss":
             try:
                 run_ids = runs.parse_run_ids(target)
@@ -150,19 +149,13 @@ class PanelHandler(JupyterHandler):
             metrics, gone = await _feeds(self).panel_metrics(run_ids)
             if len(gone) == len(run_ids):
                 return self.message(404, " ".join(gone))
-            sources = panels.loss_sources(run_ids, metrics)
-            panel = panels.loss_panel(sources, metrics, title=f"run {', '.join(run_ids)}")
-            urls = {f"metrics-{r}": url_path_join(root, "runs", r, "metrics") for r in run_ids}
-            labels = {f"metrics-{r}": r for r in run_ids}
+            page = panels.loss_page(run_ids, metrics, root)
         else:
             if discovery.get(target) is None:
                 return self.message(404, f"no cluster named {target!r}.")
-            panel = panels.resources_panel(panels.resources_source(), title=f"cluster {target}")
-            urls = {"resources": url_path_join(root, "clusters", target, "resources")}
-            labels = None
+            page = panels.resources_page(target, root)
         self.set_header("Content-Type", "text/html")
-        self.finish(panels.live_page(panel, urls, bokeh_root, f"ML Cloud {kind}: {target}",
-                                     labels=labels))
+        self.finish(page)
 
 
 class BokehStaticHandler(AuthenticatedFileHandler):

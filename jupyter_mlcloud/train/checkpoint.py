@@ -151,7 +151,7 @@ def open_ring(run_id: str, attempt: int) -> None:
 def put(run_id: str, part: Part) -> None:
     """Keep ``part`` until the launcher pulls it."""
     with _rings_lock:
-        ring = _rings.setdefault(run_id, _Ring())
+        ring = _rings.get(run_id) or _rings.setdefault(run_id, _Ring())
         target = ring.full if part.state is not None else ring.parts
         target.append(part)
         if part.durable and part.state is not None:

@@ -232,8 +232,8 @@ class TrainContext:
     # ------------------------------------------------------------ steps, commits, resume
 
     def _bytes_per_step(self) -> dict[str, float]:
-        sent = sum(c.counter.totals()[0] for c in self._compressions)
-        full = sum(c.counter.totals()[1] for c in self._compressions)
+        totals = [c.counter.totals() for c in self._compressions]
+        sent, full = sum(t[0] for t in totals), sum(t[1] for t in totals)
         last_sent, last_full, last_steps = self._bytes_mark
         self._bytes_mark = (sent, full, self._steps)
         steps = max(1, self._steps - last_steps)
@@ -262,19 +262,20 @@ class TrainContext:
 
     def _before_batch(self, index: int) -> None:
         """Batch ``index`` of the current loop is about to be handed out."""
-        if self._at_target and self._resume is not None:
-            self._restore()
-        elif self._drawn:
-            self._step_done(index)
+        self._boundary(index)
         self._drawn = True
 
     def _loop_end(self, count: int) -> None:
         """The current loop handed out its last batch (``count`` in all)."""
+        self._boundary(count)
+        self._drawn = False
+
+    def _boundary(self, batch: int) -> None:
+        """Position ``batch`` of the current loop: restore there, or end the step before it."""
         if self._at_target and self._resume is not None:
             self._restore()
         elif self._drawn:
-            self._step_done(count)
-        self._drawn = False
+            self._step_done(batch)
 
     def _step_done(self, batch: int) -> None:
         if self._guard is not None:

@@ -12,7 +12,7 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import clusters, metrics
@@ -60,6 +60,11 @@ class FaultOptions:
     checkpoint_keep: int = 2
     resume: bool = False
     elastic: str = "global-batch"
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> FaultOptions:
+        """The fault options among ``options`` (e.g. a magic's parsed arguments, same names)."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
     def check(self, workers: int | None) -> None:
         """One sentence for the first bad value."""

@@ -210,8 +210,6 @@ class Run:
             return "error", errors[0]
         if gone:
             return "lost", gone
-        if errors:
-            return "error", errors[0]
         lost = next(r for r, f in enumerate(self._futures) if f.status != "finished")
         text = f"[rank {lost}] its task was cancelled by the scheduler."
         return "error", (lost, RankFailed(lost, self.workers[lost], text))
