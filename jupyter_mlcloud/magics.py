@@ -97,7 +97,15 @@ def _build_train_parser() -> _Parser:
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds for the rendezvous and each collective (300)")
     p.add_argument("--epochs", type=_int, help="default count for ctx.epochs()")
-    p.add_argument("--strategy", default="ddp", help="how the model is distributed (ddp)")
+    p.add_argument("--strategy", default="ddp",
+                   help="how the model is distributed: ddp, fsdp, pipeline, ps-sync, ps-async"
+                        " (ddp)")
+    p.add_argument("--microbatches", type=_int, help="pipeline: microbatches per batch (4)")
+    p.add_argument("--pipeline-schedule", default="1f1b",
+                   help="pipeline: 1f1b or gpipe (1f1b)")
+    p.add_argument("--ps-workers", type=_int, help="ps-*: parameter-server shards (1)")
+    p.add_argument("--max-staleness", type=_int,
+                   help="ps-async: most pushes a trainer may run ahead of the slowest")
     p.add_argument("--compression", default="none",
                    help="gradient compression: none, fp16, bf16, powersgd[:RANK] (none)")
     p.add_argument("--max-failures", type=_int, default=0,
@@ -164,7 +172,7 @@ class MLCloudMagics(Magics):
         """%%distributed_train [--workers N] [--out a,b] [--noblock] ...: the cell on every rank."""
         from .train import launch
         from .train.cell import prepare_cell
-        from .train.launch import FaultOptions
+        from .train.launch import FaultOptions, StrategyOptions
         from .widgets import RunMonitor
 
         args = _parse(_TRAIN_PARSER, line)
@@ -182,7 +190,9 @@ class MLCloudMagics(Magics):
                 out=out,
                 timeout=args.timeout,
                 epochs=args.epochs,
-                strategy=args.strategy,
+                strategy=StrategyOptions(args.strategy, args.microbatches,
+                                         args.pipeline_schedule, args.ps_workers,
+                                         args.max_staleness),
                 compression=args.compression,
                 faults=FaultOptions.from_options(vars(args)),
             )

@@ -20,10 +20,11 @@ from . import elastic
 from .checkpoint import CheckpointDir, CommitPlan, CommitStore, Resume, Snapshot
 from .compression import CompressionSpec, parse_compression
 from .run import Run
+from .strategies import STRATEGIES, StrategyOptions
 from .worker import FunctionPayload, RankSpec, free_port, run_rank
 
 BACKENDS = ("gloo", "nccl")
-STRATEGIES = ("ddp",)
+__all__ = ["STRATEGIES", "FaultOptions", "StrategyOptions", "launch", "train"]
 CHECKPOINT_EVERY = 100  # default steps between checkpoints written to --checkpoint-dir
 
 _lock = threading.RLock()
@@ -96,12 +97,9 @@ class FaultOptions:
         return CommitPlan(self.commit_every if self.max_failures else 0, durable)
 
 
-def _check_options(strategy: str, compression: Any, backend: str | None, seed: Any,
-                   timeout: Any, epochs: Any) -> CompressionSpec:
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"strategy {strategy!r} is not available; allowed: {', '.join(STRATEGIES)}."
-        )
+def _check_options(strategy: StrategyOptions, compression: Any, backend: str | None,
+                   seed: Any, timeout: Any, epochs: Any) -> CompressionSpec:
+    strategy.check()
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not supported; allowed: {', '.join(BACKENDS)}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -109,7 +107,9 @@ def _check_options(strategy: str, compression: Any, backend: str | None, seed: A
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
     _count("epochs", epochs, 0, allow_none=True)
-    return parse_compression(compression)
+    spec = parse_compression(compression)
+    strategy.check(str(spec))
+    return spec
 
 
 def _open_checkpoints(faults: FaultOptions) -> tuple[CheckpointDir | None, Snapshot | None]:
@@ -173,6 +173,7 @@ class RankStarter:
     run_id: str
     payload: Any
     backend: str
+    strategy: StrategyOptions = StrategyOptions()
     common: dict[str, Any] = field(default_factory=dict)  # RankSpec fields every rank shares
     shipped: list[Any] = field(default_factory=list)  # futures to release when the run ends
 
@@ -195,6 +196,7 @@ class RankStarter:
                 " define such objects inside the cell or function instead."
             ) from None
         self.shipped.append(payload)
+        servers = self._start_servers(chosen, attempt)
         state = None
         if snap is not None:  # rank 0's state, sent once to each worker
             state = self.client.scatter([snap.state], broadcast=True, hash=False,
@@ -214,6 +216,8 @@ class RankStarter:
                     master_port=port,
                     backend=self.backend,
                     attempt=attempt,
+                    strategy=self.strategy,
+                    servers=servers,
                     resume=(Resume(snap.position, snap.world_size, snap.per_rank.get(rank), {})
                             if snap is not None else None),
                     **self.common,
@@ -228,8 +232,24 @@ class RankStarter:
             for rank, address in enumerate(chosen)
         ]
 
+    def _start_servers(self, chosen: list[str], attempt: int) -> list[tuple[str, str]]:
+        """This attempt's parameter-server actors, one per shard, spread over ``chosen``."""
+        from .param_server import ParamServerShard
+
+        mode = "sync" if self.strategy.name == "ps-sync" else "async"
+        futures = [
+            self.client.submit(ParamServerShard, shard, len(chosen), mode,
+                               self.strategy.max_staleness, self.common.get("timeout", 300.0),
+                               actor=True, workers=[chosen[shard % len(chosen)]],
+                               allow_other_workers=False, pure=False,
+                               key=f"mlcloud-ps-{self.run_id}-a{attempt}-shard-{shard}")
+            for shard in range(self.strategy.servers)
+        ]
+        self.shipped.extend(futures)
+        return [(chosen[shard % len(chosen)], f.result().key) for shard, f in enumerate(futures)]
+
     def release(self) -> None:
-        """Let the workers drop the shipped payload and states."""
+        """Let the workers drop the shipped payload, states and server actors."""
         for future in self.shipped:
             future.release()
         self.shipped.clear()
@@ -245,11 +265,13 @@ def launch(
     out: Sequence[str] = (),
     timeout: float = 300.0,
     epochs: int | None = None,
-    strategy: str = "ddp",
+    strategy: str | StrategyOptions = "ddp",
     compression: str = "none",
     faults: FaultOptions = FaultOptions(),
 ) -> Run:
     """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`."""
+    if not isinstance(strategy, StrategyOptions):
+        strategy = StrategyOptions(str(strategy))
     spec = _check_options(strategy, compression, backend, seed, timeout, epochs)
     faults.check(workers)
     client, kind = clusters.resolve(cluster)
@@ -263,9 +285,10 @@ def launch(
                     f" this run gets; use at most {len(chosen)}."
                 )
             backend = _backend(backend, kind, info, chosen)
+            strategy.check_backend(backend)
             run_id = uuid.uuid4().hex[:12]
             base_world = snap.base_world if snap is not None else len(chosen)
-            starter = RankStarter(client, run_id, payload, backend, dict(
+            starter = RankStarter(client, run_id, payload, backend, strategy, dict(
                 timeout=float(timeout), seed=seed, epochs=epochs, out=list(out),
                 commit_every=faults.commits.every, checkpoint_every=faults.commits.durable_every,
                 compression=str(spec), elastic=faults.elastic, base_world=base_world,
@@ -316,6 +339,10 @@ def train(
     checkpoint_keep: int = 2,
     resume: bool = False,
     elastic: str = "global-batch",
+    microbatches: int | None = None,
+    pipeline_schedule: str = "1f1b",
+    ps_workers: int | None = None,
+    max_staleness: int | None = None,
     **kwargs: Any,
 ) -> Run:
     """Run ``fn(ctx, *args, **kwargs)`` on every selected worker, data-parallel; return a ``Run``.
@@ -337,7 +364,12 @@ def train(
     ``resume=True`` goes on from the newest one there (after a kernel restart, say).
     ``compression``: ``none``, ``fp16``, ``bf16`` or ``powersgd[:RANK]`` for the gradients.
 
-    ``run.result()`` returns rank 0's return value (models unwrapped from DDP, on CPU).
+    ``strategy``: ``ddp`` (default), ``fsdp`` (GPUs), ``pipeline`` (one stage per rank over
+    ``microbatches`` microbatches, default 4, with the ``pipeline_schedule`` ``1f1b`` or
+    ``gpipe``), ``ps-sync`` or ``ps-async`` (a parameter server in ``ps_workers`` Dask actors,
+    default 1; ``max_staleness`` bounds how far an async trainer runs ahead).
+
+    ``run.result()`` returns rank 0's return value (models unwrapped, whole, on CPU).
     """
     if not callable(fn):
         raise ValueError(f"train needs a function taking ctx, got {type(fn).__name__}.")
@@ -349,7 +381,8 @@ def train(
         seed=seed,
         timeout=timeout,
         epochs=epochs,
-        strategy=strategy,
+        strategy=StrategyOptions(strategy, microbatches, pipeline_schedule, ps_workers,
+                                 max_staleness),
         compression=compression,
         faults=FaultOptions(max_failures, min_workers, commit_every, checkpoint_dir,
                             checkpoint_every, checkpoint_keep, resume, elastic),

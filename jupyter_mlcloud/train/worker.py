@@ -54,6 +54,8 @@ class RankSpec:
     base_world: int = 0  # the world the run was launched with (0: this one)
     attempt: int = 0
     resume: Any = None  # checkpoint.Resume without its state (that comes as a task argument)
+    strategy: Any = None  # strategies.StrategyOptions (None: ddp)
+    servers: list[tuple[str, str]] = field(default_factory=list)  # (worker, key) of PS actors
 
 
 class RankFailed(Exception):
@@ -285,17 +287,28 @@ def _device() -> Any:
     return torch.device("cpu")
 
 
-def _to_notebook(value: Any) -> Any:
-    """What rank 0 sends back: models unwrapped from DDP and on CPU, tensors on CPU."""
+def _to_notebook(value: Any, export: Any) -> Any:
+    """What rank 0 sends back: models unwrapped (``export``: the strategy's rule) and on CPU,
+    tensors on CPU."""
     import torch
 
-    if isinstance(value, torch.nn.parallel.DistributedDataParallel):
-        value = value.module
+    value = export(value)
     if isinstance(value, (torch.nn.Module, torch.Tensor)):
         return value.to("cpu")
     if isinstance(value, dict):
-        return {k: _to_notebook(v) for k, v in value.items()}
+        return {k: _to_notebook(v, export) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_to_notebook(v, export) for v in value)
     return value
+
+
+def _servers(spec: RankSpec) -> list[Any]:
+    """Handles to this attempt's parameter-server actors."""
+    from distributed.actor import Actor
+
+    from .param_server import ParamServerShard
+
+    return [Actor(ParamServerShard, address, key) for address, key in spec.servers]
 
 
 def _format_failure(rank: int, exc: BaseException) -> str:
@@ -322,6 +335,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
 
     from . import checkpoint
     from .compression import parse_compression
+    from .strategies import StrategyOptions, make_strategy
 
     worker = get_worker()
     with _lock:
@@ -352,12 +366,13 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
         from .context import TrainContext
 
         _seed_everything(spec.seed)
+        device = _device()
         ctx = TrainContext(
             run_id=spec.run_id,
             rank=spec.rank,
             world_size=spec.world_size,
             local_rank=spec.local_rank,
-            device=_device(),
+            device=device,
             seed=spec.seed,
             default_epochs=spec.epochs,
             reporter=reporter,
@@ -371,12 +386,15 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             emit=lambda event: worker.log_event(metrics.control_topic(spec.run_id),
                                                {"items": [event]}),
             guard=still_wanted,
+            strategy=make_strategy(spec.strategy or StrategyOptions(), spec.rank,
+                                   spec.world_size, device, _servers(spec), spec.timeout),
         )
         resume_state = None
         with _torchrun_env(spec), _owned_process_group(spec):
             result = payload.run(ctx, spec.out)
             ctx.check_resumed()
-            return _to_notebook(result) if spec.rank == 0 else None
+            ctx.finish()
+            return _to_notebook(result, ctx.export) if spec.rank == 0 else None
     except BaseException as exc:  # noqa: B036 - cancellation arrives as any exception
         failure = _format_failure(spec.rank, exc)
         traceback.clear_frames(exc.__traceback__)
