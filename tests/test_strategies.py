@@ -231,3 +231,60 @@ def test_bad_pipelines_fail_with_one_sentence(cluster: mlc.ClusterHandle, split:
     run = mlc.train(bad_pipeline, split, batch, cluster=cluster, strategy="pipeline")
     with pytest.raises(TrainingError, match=message):
         run.result(timeout=120)
+
+
+def pipeline_kill_fit(kills: tuple[tuple[int, int, int], ...] = ()) -> Any:
+    """``pipeline_fit`` with momentum whose ``kills`` (attempt, rank, step) SIGKILL a worker
+    once the launcher holds the commit before that step."""
+
+    def fit(ctx: Any) -> Any:
+        import os
+        import signal
+
+        model = _net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        stages = ctx.prepare(model, optimizer, loss_fn=torch.nn.MSELoss())
+        for _ in ctx.epochs(3):
+            for xb, yb in ctx.shard(_data(), batch_size=16):
+                optimizer.zero_grad()
+                loss = stages.step(xb, yb)
+                optimizer.step()
+                ctx.report(loss=loss)
+                if (ctx.attempt, ctx.rank, ctx.step) in kills:
+                    while ctx.committed_step < ctx.step - 1:
+                        time.sleep(0.01)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return stages
+
+    return fit
+
+
+def test_killed_pipeline_stage_resumes_bit_identical(cluster: mlc.ClusterHandle) -> None:
+    expected = digest(mlc.train(pipeline_kill_fit(), cluster=cluster, strategy="pipeline")
+                      .result(timeout=300))
+    # Rank 1 holds the second stage only: the commit must carry its slice of the model.
+    run = mlc.train(pipeline_kill_fit(kills=((0, 1, 7),)), cluster=cluster,
+                    strategy="pipeline", max_failures=1)
+    model = run.result(timeout=300)
+    assert [e["kind"] for e in run.events] == ["recovery"]
+    assert digest(model) == expected
+
+
+def test_pipeline_shrinks_to_one_stage() -> None:
+    with mlc.up(workers=2, name="pipeline-shrink") as cluster, \
+            dask.config.set({"mlcloud.train.replace-timeout": 2}):
+        async def stay_dead() -> None:
+            return None
+
+        victim = sorted(cluster.client.scheduler_info()["workers"])[1]  # rank 1's worker
+        for nanny in cluster.cluster.workers.values():  # the killed worker stays dead
+            if nanny.worker_address == victim:
+                nanny.instantiate = stay_dead
+        run = mlc.train(pipeline_kill_fit(kills=((0, 1, 7),)), cluster=cluster,
+                        strategy="pipeline", max_failures=1, min_workers=1)
+        model = run.result(timeout=300)
+    assert run.events[0]["world_size"] == 1
+    x, y = _data()
+    final = torch.nn.functional.mse_loss(model(x), y).item()
+    first = run.metrics.query("step == 1")["loss"].iloc[0]
+    assert final < first  # one stage took the whole model over and went on learning
