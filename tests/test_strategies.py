@@ -288,3 +288,15 @@ def test_pipeline_shrinks_to_one_stage() -> None:
     final = torch.nn.functional.mse_loss(model(x), y).item()
     first = run.metrics.query("step == 1")["loss"].iloc[0]
     assert final < first  # one stage took the whole model over and went on learning
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 needs GPU workers (NCCL)")
+def test_fsdp_follows_ddp_on_gpus(cluster: mlc.ClusterHandle) -> None:
+    with mlc.up(gpu=True, name="fsdp") as gpus:
+        workers = min(2, len(gpus.client.scheduler_info()["workers"]))
+        ddp = mlc.train(ps_fit, cluster=gpus, workers=workers).result(timeout=300)
+        fsdp = mlc.train(ps_fit, cluster=gpus, workers=workers, strategy="fsdp")
+        model = fsdp.result(timeout=300)
+    for (name, got), want in zip(model.state_dict().items(), ddp.state_dict().values(),
+                                 strict=True):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-8), name

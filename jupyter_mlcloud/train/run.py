@@ -15,7 +15,8 @@ from .worker import RankFailed, cancel_rank
 
 # Errors a rank raises only because another rank failed first.
 _CONSEQUENTIAL = ("RunCancelled", "Connection closed by peer", "Connection reset by peer",
-                  "Broken pipe", "gloo", "Timed out waiting")
+                  "Broken pipe", "gloo", "Timed out waiting", "Unable to contact Actor's worker",
+                  "Worker holding Actor was lost")
 CANCEL_GRACE_S = 30.0  # how long cancelled ranks get to tear down before we stop waiting
 DEPARTURE_GRACE_S = 5.0  # how long the scheduler gets to notice a dead worker
 PULL_INTERVAL_S = 1.0  # how often new commits are fetched from the ranks
