@@ -55,7 +55,7 @@ class TrainingError(RuntimeError):
 
 
 class Run:
-    """A data-parallel training run: one task per rank on pinned workers.
+    """A training run: one task per rank on pinned workers.
 
     ``result()`` waits and returns rank 0's result; ``cancel()`` stops every rank;
     ``status`` is pending, running, recovering, finished, error or cancelled; ``metrics`` is a
