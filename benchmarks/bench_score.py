@@ -5,8 +5,12 @@
 (a) ours vs 2 x a plain single-process torch loop over the same rows (the ideal), target >= 0.85
 (b) ours vs dask-ml ParallelPostFit (the model travels inside every task), target >= 2
 (c) ours vs a naive map_blocks with the model captured in the closure
-Rows/s are medians of several runs; every contender scores the same dask array, generated on
-the workers, and brings the scores back.
+Every Dask contender scores the same dask array, generated on the workers, and brings the
+scores back. The plain loop runs in its own process with the workers' environment (one
+thread for torch, OpenMP, MKL and OpenBLAS; glibc's default malloc trimming, as `mlc.up`
+gives its workers) and keeps its scores too. Contenders take turns within each repeat, so
+load from other work on the machine falls on all of them alike; rows/s are medians.
+For context it also prints two plain loops run at once (what 2 cores give two processes).
 """
 
 from __future__ import annotations
@@ -14,21 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
-# The same thread settings as Dask's workers (the nanny sets all three), so no contender
-# gets more BLAS threads than another.
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-import dask.array as da  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import jupyter_mlcloud as mlc  # noqa: E402
+import numpy as np
+import torch
 
 FEATURES = 64
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def make_model() -> torch.nn.Module:
@@ -55,24 +55,73 @@ class TorchPredictor:
         return {"model": self.model}
 
 
-def plain_loop(model: torch.nn.Module, rows: np.ndarray, batch_size: int) -> float:
-    """Rows/s of one process scoring ``rows`` in batches: the per-worker ideal."""
-    torch.set_num_threads(1)
-    start = time.perf_counter()
+# ---------------------------------------------------------------- the plain loop, a process
+
+
+def plain_loop(model: torch.nn.Module, rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """What one process does without any framework: batches through the model, scores kept."""
+    scores = np.empty((len(rows), 1), dtype=np.float32)
     with torch.inference_mode():
         for i in range(0, len(rows), batch_size):
-            model(torch.as_tensor(rows[i : i + batch_size]))
-    return len(rows) / (time.perf_counter() - start)
+            scores[i : i + batch_size] = model(torch.as_tensor(rows[i : i + batch_size])).numpy()
+    return scores
 
 
-def timed(fn: Callable[[], object], rows: int, repeats: int) -> float:
-    fn()  # warm up: imports, model caches
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        rates.append(rows / (time.perf_counter() - start))
-    return statistics.median(rates)
+def peer_main(rows: int, batch_size: int) -> None:
+    """The peer process: on each line from stdin, score its rows; print start and end time."""
+    torch.set_num_threads(1)
+    model = make_model()
+    data = np.random.default_rng(0).random((rows, FEATURES), dtype=np.float32)
+    plain_loop(model, data, batch_size)  # warm up
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        start = time.time()
+        plain_loop(model, data, batch_size)
+        print(start, time.time(), flush=True)
+
+
+class Peer:
+    """A plain-loop process, started once and told when to run."""
+
+    def __init__(self, rows: int, batch_size: int) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+        env.update(dict.fromkeys(THREAD_VARS, "1"))
+        self.rows = rows
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--peer", str(rows), "--batch-size", str(batch_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.stdin, self.stdout = self.process.stdin, self.process.stdout
+        assert self.stdout.readline().strip() == "ready"
+
+    def go(self) -> None:
+        self.stdin.write("go\n")
+        self.stdin.flush()
+
+    def span(self) -> tuple[float, float]:
+        start, end = self.stdout.readline().split()
+        return float(start), float(end)
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def peers_rate(peers: list[Peer]) -> float:
+    """Rows/s of these peers run at once: all their rows over first start to last end."""
+    for peer in peers:
+        peer.go()
+    spans = [peer.span() for peer in peers]
+    return sum(p.rows for p in peers) / (max(e for _, e in spans) - min(s for s, _ in spans))
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def timed(fn: Callable[[], object], rows: int) -> float:
+    start = time.perf_counter()
+    fn()
+    return rows / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -80,51 +129,78 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer:
+        peer_main(args.peer, args.batch_size)
+        return
+    for var in THREAD_VARS:  # as in the workers, for the contenders that run here
+        os.environ.setdefault(var, "1")
+
+    import dask.array as da
+
+    import jupyter_mlcloud as mlc
+
     model = make_model()
     chunk = args.rows // 8
+    rates: dict[str, list[float]] = {}
+    loads: list[float] = []
+    peers = [Peer(args.rows // 2, args.batch_size) for _ in range(2)]
+    try:
+        with mlc.up(workers=2, gpu=False, name="bench-score") as cluster:
+            cluster.client.wait_for_workers(2)
+            X = da.random.random((args.rows, FEATURES), chunks=(chunk, FEATURES))
+            X = X.astype(np.float32).persist()
 
-    with mlc.up(workers=2, gpu=False, name="bench-score") as cluster:
-        X = da.random.random((args.rows, FEATURES), chunks=(chunk, FEATURES)).astype(np.float32)
-        X = X.persist()
-        cluster.client.wait_for_workers(2)
+            def naive() -> object:
+                def block(b: np.ndarray) -> np.ndarray:
+                    with torch.inference_mode():
+                        return model(torch.as_tensor(b)).numpy()
 
-        ours = timed(lambda: mlc.score(model, X, batch_size=args.batch_size).compute(),
-                     args.rows, args.repeats)
+                return X.map_blocks(block, chunks=(X.chunks[0], (1,)),
+                                    dtype=np.float32).compute()
 
-        def naive() -> object:
-            def block(b: np.ndarray) -> np.ndarray:
-                with torch.inference_mode():
-                    return model(torch.as_tensor(b)).numpy()
+            contenders: dict[str, Callable[[], Any]] = {
+                "ours": lambda: mlc.score(model, X, batch_size=args.batch_size).compute(),
+                "naive": naive,
+            }
+            try:
+                from dask_ml.wrappers import ParallelPostFit
 
-            return X.map_blocks(block, chunks=(X.chunks[0], (1,)), dtype=np.float32).compute()
+                wrapped = ParallelPostFit(TorchPredictor(model))
+                contenders["dask-ml"] = lambda: wrapped.predict(X).compute()
+            except ImportError:
+                pass
+            for fn in contenders.values():
+                fn()  # warm up: imports, model caches
+            for _ in range(args.repeats):
+                loads.append(os.getloadavg()[0])
+                for name, fn in contenders.items():
+                    rates.setdefault(name, []).append(timed(fn, args.rows))
+                rates.setdefault("plain", []).append(2 * peers_rate(peers[:1]))
+                rates.setdefault("plain-at-once", []).append(peers_rate(peers))
+    finally:
+        for peer in peers:
+            peer.close()
 
-        naive_rate = timed(naive, args.rows, args.repeats)
-        try:
-            from dask_ml.wrappers import ParallelPostFit
-
-            wrapped = ParallelPostFit(TorchPredictor(model))
-            dask_ml_rate: float | None = timed(lambda: wrapped.predict(X).compute(),
-                                               args.rows, args.repeats)
-        except ImportError:
-            dask_ml_rate = None
-
-    local = np.random.default_rng(0).random((args.rows // 2, FEATURES), dtype=np.float32)
-    ideal = 2 * statistics.median(plain_loop(model, local, args.batch_size)
-                                  for _ in range(args.repeats))
-
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    ours = median["ours"]
     print(f"\nscoring {args.rows} rows x {FEATURES} features, MLP 64-256-256-1, 2 CPU workers,"
-          f" median of {args.repeats}")
-    print(f"{'contender':<40}{'rows/s':>12}{'ours / it':>11}{'target':>9}")
-    print(f"{'mlc.score (ours)':<40}{ours:>12,.0f}{'':>11}{'':>9}")
-    rows = [("2 x plain torch loop (ideal)", ideal, ">= 0.85"),
-            ("dask-ml ParallelPostFit", dask_ml_rate, ">= 2"),
-            ("naive map_blocks, model in closure", naive_rate, "")]
-    for label, rate, target in rows:
-        if rate is None:
-            print(f"{label:<40}{'not installed':>12}")
+          f" batch {args.batch_size}, median of {args.repeats} (1-min load average"
+          f" {min(loads):.1f}-{max(loads):.1f})")
+    print(f"{'contender':<44}{'rows/s':>12}{'ours / it':>11}{'target':>9}")
+    print(f"{'mlc.score (ours)':<44}{ours:>12,.0f}{'':>11}{'':>9}")
+    rows = [("2 x plain torch loop, one process (ideal)", "plain", ">= 0.85"),
+            ("dask-ml ParallelPostFit", "dask-ml", ">= 2"),
+            ("naive map_blocks, model in closure", "naive", ""),
+            ("2 plain torch loops at once (context)", "plain-at-once", "")]
+    for label, name, target in rows:
+        if name not in median:
+            print(f"{label:<44}{'not installed':>12}")
             continue
-        print(f"{label:<40}{rate:>12,.0f}{ours / rate:>11.2f}{target:>9}")
+        print(f"{label:<44}{median[name]:>12,.0f}{ours / median[name]:>11.2f}{target:>9}")
+    ratios = [o / p for o, p in zip(rates["ours"], rates["plain"], strict=True)]
+    print(f"ours / ideal per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 if __name__ == "__main__":

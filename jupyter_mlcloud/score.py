@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 
 from . import clusters, scoring_io
-from .scoring_model import DEVICES, ModelBlob, output_shape, resolve_dtype, score_block
+from .scoring_model import (
+    DEVICES,
+    ModelBlob,
+    ModelRef,
+    output_shape,
+    resolve_dtype,
+    score_block,
+    ship,
+)
 
 
 @dataclass
@@ -101,11 +109,11 @@ def _matrix(data: Any, sample_dim: str | None, features: Sequence[str] | None) -
     return array.rechunk({0: rows, 1: -1}), template
 
 
-def _score_frame(frame: Any, blob: ModelBlob, batch_size: int, device: str, dtype: Any,
+def _score_frame(frame: Any, ref: ModelRef, batch_size: int, device: str, dtype: Any,
                  columns: list[str]) -> Any:
     import pandas as pd
 
-    values = score_block(frame.to_numpy(), blob, batch_size, device, dtype)
+    values = score_block(frame.to_numpy(), ref, batch_size, device, dtype)
     return pd.DataFrame(values.reshape(len(frame), -1), index=frame.index, columns=columns)
 
 
@@ -183,7 +191,7 @@ def score(
             _check_numeric(column_dtype, f"feature column {name!r}")
         width, out_dtype = output_shape(local_model, len(features), torch_dtype)
         columns = ["score"] if width == 1 else [f"score_{j}" for j in range(width)]
-        shipped = client.scatter(blob, broadcast=True, hash=False)
+        shipped = ship(client, blob)
         meta = pd.DataFrame({c: np.array([], dtype=out_dtype) for c in columns})
         scores = frame.map_partitions(_score_frame, shipped, batch_size, device, torch_dtype,
                                       columns, meta=meta)
@@ -195,7 +203,7 @@ def score(
 
     array, template = _matrix(data, sample_dim, features)
     width, out_dtype = output_shape(local_model, int(array.shape[1]), torch_dtype)
-    shipped = client.scatter(blob, broadcast=True, hash=False)
+    shipped = ship(client, blob)
     import dask.array as da
     import xarray as xr
 

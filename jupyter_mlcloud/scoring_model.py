@@ -1,8 +1,9 @@
 """The model side of scoring: what crosses to the workers once, and how blocks use it.
 
 A model (a ``torch.nn.Module``, a saved file, or any callable) becomes a :class:`ModelBlob`:
-bytes plus their SHA-256. The blob is broadcast to every worker once; there it is loaded once
-per hash and cached, and every block of every scoring call reuses it.
+bytes plus their SHA-256. The blob is broadcast to every worker once (:func:`ship`); there it
+is loaded once per hash and cached, and every block of every scoring call reuses it. Tasks
+carry only a :class:`ModelRef` to it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -92,13 +93,102 @@ class ModelBlob:
             model.eval()  # exported programs are traced in eval mode already
         return model
 
-    def cached(self) -> Any:
-        """The model, loaded on first use in this process and cached by content hash."""
-        with _load_lock:
-            if self.digest not in _loaded:
-                _loaded[self.digest] = self.load()
-                _load_counts[self.digest] = _load_counts.get(self.digest, 0) + 1
-            return _loaded[self.digest]
+
+class ModelRef:
+    """What each scoring task carries instead of the model: its hash and the key of the copy
+    broadcast to the workers.
+
+    Deliberately not a task-graph dependency: a dependency held by every worker makes every
+    worker a candidate for every block, and the scheduler then moves whole blocks between
+    workers to even out their queues (dask/distributed#6570). Without it each block is scored
+    where it lies. The future that keeps the broadcast copy alive stays in this process, in
+    the ref held by the scores' graph; pickling drops it.
+    """
+
+    __slots__ = ("digest", "key", "future")
+
+    def __init__(self, digest: str, key: str, future: Any = None) -> None:
+        self.digest, self.key, self.future = digest, key, future
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return ModelRef, (self.digest, self.key)
+
+    def __copy__(self) -> ModelRef:
+        return self  # immutable; a copy must keep the future
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ModelRef:
+        return self
+
+    def __dask_tokenize__(self) -> tuple[str, str]:
+        return (self.digest, self.key)
+
+    def __repr__(self) -> str:
+        return f"ModelRef({self.digest[:12]})"
+
+
+def ship(client: Any, blob: ModelBlob) -> ModelRef:
+    """Broadcast ``blob`` to every worker of ``client``; the ref that tasks carry to it.
+
+    A fresh copy per call, so each call's tasks have their own keys (a failed block of an
+    earlier call, still held somewhere, is never handed back as this call's result).
+    """
+    future = client.scatter(blob, broadcast=True, hash=False)
+    return ModelRef(blob.digest, future.key, future)
+
+
+class _Held:
+    """A key already in cluster memory, as a task argument: the task depends on it."""
+
+    __dask_future__ = True
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _same(blob: ModelBlob) -> ModelBlob:
+    return blob
+
+
+def _fetch(ref: ModelRef) -> ModelBlob:
+    """On a worker: the broadcast blob, from this worker's memory or, on a worker that joined
+    or restarted since the broadcast, through a task that depends on it."""
+    from distributed import get_worker, worker_client
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        raise RuntimeError(
+            "scores from mlc.score are computed on the cluster's workers; call .compute()"
+            " without scheduler=."
+        ) from None
+    if ref.key in worker.data:
+        return cast(ModelBlob, worker.data[ref.key])
+    # Seceded from the worker's thread pool while waiting: the helper may run right here.
+    with worker_client() as client:
+        try:
+            blob: ModelBlob = client.submit(_same, _Held(ref.key), pure=False).result()
+            return blob
+        except Exception:
+            raise RuntimeError(
+                f"the model {ref.digest[:12]} of these scores is no longer on the cluster (its"
+                " workers restarted, or nothing holds the scores any more); call mlc.score"
+                " again."
+            ) from None
+
+
+def cached_model(ref: ModelRef) -> Any:
+    """On a worker: the model, loaded on first use in this process and cached by hash."""
+    with _load_lock:
+        if ref.digest in _loaded:
+            return _loaded[ref.digest]
+    # Fetched outside the lock: a fetch gives up its thread while it waits for a helper
+    # task, and a block waiting for the lock in that thread would starve the helper.
+    blob = _fetch(ref)
+    with _load_lock:
+        if ref.digest not in _loaded:
+            _loaded[ref.digest] = blob.load()
+            _load_counts[ref.digest] = _load_counts.get(ref.digest, 0) + 1
+        return _loaded[ref.digest]
 
 
 def load_counts() -> dict[str, int]:
@@ -149,27 +239,37 @@ def predict(model: Any, rows: np.ndarray, batch_size: int, device: str = "auto",
     low_precision = dtype in (torch.bfloat16, torch.float16)
     input_dtype = parameter_dtype(model) if (dtype is None or low_precision) else dtype
     autocast = torch.autocast("cuda", dtype=dtype) if (use_cuda and low_precision) else None
-    outputs = []
+    total = len(rows)
+    # Scores go straight into one array made at the first batch, on the device (one copy
+    # back at the end, no sync per batch). Nothing of a batch outlives it: per-batch
+    # outputs kept alive between batches left holes that made glibc return and re-fault
+    # the activations' memory, ~25% more CPU per row than a bare loop.
+    scores = None
     with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            batch = torch.as_tensor(np.ascontiguousarray(rows[start : start + batch_size]))
+        for start in range(0, total, batch_size):
+            stop = min(start + batch_size, total)
+            batch = torch.as_tensor(np.ascontiguousarray(rows[start:stop]))
             batch = batch.to(target, dtype=input_dtype)
             if autocast is not None:
                 with autocast:
                     result = model(batch)
             else:
                 result = model(batch)
-            outputs.append(result.reshape(len(batch), -1).float().cpu().numpy()
-                           if low_precision else result.reshape(len(batch), -1).cpu().numpy())
-    if not outputs:
+            result = result.reshape(stop - start, -1)
+            if scores is None:
+                out_dtype = torch.float32 if low_precision else result.dtype
+                scores = torch.empty((total, result.shape[1]), dtype=out_dtype, device=target)
+            scores[start:stop] = result
+            del batch, result
+    if scores is None:
         return np.zeros((0, 1), dtype=np.float32)
-    return np.concatenate(outputs)
+    return scores.cpu().numpy()
 
 
-def score_block(block: np.ndarray, blob: ModelBlob, batch_size: int, device: str,
+def score_block(block: np.ndarray, ref: ModelRef, batch_size: int, device: str,
                 dtype: Any) -> np.ndarray:
     """One block of rows, on a worker, with the cached model."""
-    return predict(blob.cached(), np.asarray(block), batch_size, device, dtype)
+    return predict(cached_model(ref), np.asarray(block), batch_size, device, dtype)
 
 
 def output_shape(model: Any, width: int, dtype: Any) -> tuple[int, np.dtype]:

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
+from distributed import wait
 
 import jupyter_mlcloud as mlc
 
@@ -97,6 +98,45 @@ def test_model_crosses_to_each_worker_once(cluster: mlc.ClusterHandle) -> None:
     counts = cluster.client.run(_load_counts)
     assert len(counts) == 2
     assert all(n == 1 for per_worker in counts.values() for n in per_worker.values())
+
+
+def _incoming_transfers(dask_worker: Any) -> list[str]:
+    keys = [str(key) for entry in dask_worker.transfer_incoming_log for key in entry["keys"]]
+    dask_worker.transfer_incoming_log.clear()
+    return keys
+
+
+def test_blocks_in_worker_memory_are_scored_where_they_lie(cluster: mlc.ClusterHandle,
+                                                           model: torch.nn.Module) -> None:
+    client = cluster.client
+    client.wait_for_workers(2)
+    data = da.random.random((4000, 5), chunks=(250, 5)).persist()
+    wait(data)
+    holders = {tuple(v) for v in client.who_has(data).values()}
+    assert len(holders) == 2  # the blocks lie on both workers
+    expected = _expected(model, data.compute())  # (gathering the rows moves blocks)
+    client.run(_incoming_transfers)
+    for _ in range(3):
+        result = mlc.score(model, data, batch_size=64).compute()
+        np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-15)
+    moved = [k for keys in client.run(_incoming_transfers).values() for k in keys
+             if data.name in k]
+    assert moved == []  # only scores travel (to be gathered), never the blocks
+
+
+def test_a_worker_that_joins_later_fetches_the_model_once(tmp_path: Path) -> None:
+    with mlc.up(workers=1, name="score-join") as handle:
+        torch.manual_seed(2)
+        fresh = torch.nn.Linear(5, 1).double()
+        lazy = mlc.score(fresh, da.from_array(ROWS, chunks=(100, 5)))  # shipped to 1 worker
+        first = set(handle.client.scheduler_info()["workers"])
+        handle.scale(2)
+        handle.wait_for_workers(2)
+        (joined,) = set(handle.client.scheduler_info(n_workers=-1)["workers"]) - first
+        result = handle.client.compute(lazy, workers=[joined]).result()
+        np.testing.assert_allclose(result, _expected(fresh), rtol=1e-12)
+        counts = handle.client.run(_load_counts, workers=[joined])[joined]
+        assert list(counts.values()) == [1]
 
 
 def test_saved_model_files_and_callables(cluster: mlc.ClusterHandle, model: torch.nn.Module,
