@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,9 +17,14 @@ import pytest
 import torch
 
 import jupyter_mlcloud as mlc
+from jupyter_mlcloud.train import checkpoint
 from jupyter_mlcloud.train import worker as rank_worker
-from jupyter_mlcloud.train.checkpoint import CheckpointDir
-from jupyter_mlcloud.train.compression import POWERSGD_START_ITER
+from jupyter_mlcloud.train.checkpoint import CheckpointDir, Position
+from jupyter_mlcloud.train.compression import (
+    POWERSGD_START_ITER,
+    CompressionSpec,
+    parse_compression,
+)
 from jupyter_mlcloud.train.run import describe_recovery
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +117,7 @@ def _check_recovery(record: dict[str, Any], world_size: int) -> None:
     assert times == sorted(times)
 
 
-@pytest.mark.parametrize("compression", ["none", "powersgd:1"])
+@pytest.mark.parametrize("compression", ["none", "powersgd:1:4"])
 def test_a_killed_worker_costs_seconds_and_the_result_is_bit_identical(
         cluster: mlc.ClusterHandle, uninterrupted: str, compression: str) -> None:
     expected = uninterrupted if compression == "none" else digest(
@@ -120,6 +126,9 @@ def test_a_killed_worker_costs_seconds_and_the_result_is_bit_identical(
                     compression=compression)
     model = run.result(timeout=300)
     assert digest(model) == expected
+    if compression != "none":  # plain all-reduces for the first START steps, then compressed
+        ratios = run.metrics.query("rank == 0").groupby("step")["bytes_ratio"].last()
+        assert (ratios[ratios.index <= 4] == 1.0).all() and (ratios[ratios.index > 4] < 1).all()
     assert [e["lost_ranks"] for e in run.events] == [[1]]
     _check_recovery(run.events[0], world_size=2)
     assert "resumes from step" in describe_recovery(run.events[0])
@@ -314,11 +323,80 @@ def test_powersgd_bytes_match_its_own_stats_and_its_loss_stays_close(
     plain.result(timeout=300)
     run = mlc.train(fn, cluster=cluster, compression="powersgd:2")
     rate, before, after = run.result(timeout=300)
-    compressed = run.metrics.query(f"rank == 0 and step > {POWERSGD_START_ITER}")
+    points = run.metrics.query("rank == 0")
+    compressed = points.query(f"step > {POWERSGD_START_ITER}")
     assert (compressed["bytes_ratio"] == after / before).all() and after / before < 0.2
-    final = run.metrics.query("rank == 0")["loss"].tail(8).mean()
+    final = points["loss"].tail(8).mean()
     reference = plain.metrics.query("rank == 0")["loss"].tail(8).mean()
     assert abs(final - reference) / reference < 0.15
+
+
+def test_compression_values_and_their_errors() -> None:
+    assert parse_compression("powersgd") == CompressionSpec("powersgd", 1, 2)
+    assert parse_compression("powersgd:2:40") == CompressionSpec("powersgd", 2, 40)
+    for text in ("none", "fp16", "powersgd:3", "powersgd:2:40"):
+        assert str(parse_compression(text)) == text  # what travels to the workers
+    for text, message in [
+        ("powersgd:2:1", "compression 'powersgd:2:1' needs a whole PowerSGD start step >= 2"),
+        ("powersgd:2:x", "needs a whole PowerSGD start step >= 2"),
+        ("powersgd:2:", "needs a start step after the second ':'"),
+        ("powersgd:0:9", "needs a whole PowerSGD rank >= 1"),
+        ("fp16:9", "compression 'fp16:9' is not available; allowed: none, fp16, bf16, powersgd,"
+                   " powersgd:RANK, powersgd:RANK:START."),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_compression(text)
+
+
+def test_commits_reuse_buffers_but_a_pulled_commit_never_changes() -> None:
+    run_id = "recycling-test"
+    checkpoint.open_ring(run_id, attempt=0)
+    model = torch.nn.Linear(4, 3)
+    try:
+        pulled: list[checkpoint.Part] = []
+        tensors = []  # every commit's copy of the weight (kept alive: ids stay unique)
+        for step in range(1, 10):
+            with torch.no_grad():
+                model.weight.fill_(step)
+            checkpoint.commit(run_id, 0, Position(steps=step), {"hooks": []},
+                              {"models": [model.state_dict()]}, durable=step == 5)
+            tensors.append(checkpoint._rings[run_id].full[-1].state["models"][0]["weight"])
+            if step in (3, 9):
+                pulled += checkpoint.take(run_id, since=0 if step == 3 else 3)
+        ring = checkpoint._rings[run_id]
+        assert [p.position.steps for p in ring.full] == [8, 9]
+        assert all((p.state["models"][0]["weight"] == p.position.steps).all() for p in ring.full)
+        # Pulled copies keep their values; the durable commit (step 5) was kept until pulled.
+        assert sorted(p.position.steps for p in pulled) == [2, 3, 5, 8, 9]
+        assert all((p.state["models"][0]["weight"] == p.position.steps).all() for p in pulled)
+        # Later commits wrote into the tensors of dropped ones: the ring's, the spare and the
+        # durable one held aside, not one new tensor per commit.
+        assert len({id(t) for t in tensors}) <= checkpoint.RING_FULL + 2
+    finally:
+        checkpoint.take(run_id, since=-1, final=True)
+
+
+def test_rng_states_follow_numpy_draws_and_its_cached_gaussian() -> None:
+    import numpy as np
+
+    np.random.seed(3)
+    captured, following = [], []
+    # A legacy normal draw caches a second value; the next one uses it without moving the
+    # generator, so the states after draw 1 and draw 2 differ only in that cache.
+    for action in ["none", "normal", "normal", "none", "uniform", "seed", "seed", "normal"]:
+        if action == "normal":
+            np.random.standard_normal()
+        elif action == "uniform":
+            np.random.random_sample(5)
+        elif action == "seed":
+            np.random.seed(0)
+        captured.append(checkpoint.rng_state())
+        now = np.random.get_state()
+        following.append(np.random.standard_normal(3))
+        np.random.set_state(now)
+    for state, expected in zip(captured, following, strict=True):
+        checkpoint.set_rng_state(state)
+        assert np.array_equal(np.random.standard_normal(3), expected)
 
 
 def test_elastic_rules_for_a_smaller_world() -> None:

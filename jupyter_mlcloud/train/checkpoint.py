@@ -16,6 +16,7 @@ committed. So a dead worker costs the steps since the last pull, never the run.
 from __future__ import annotations
 
 import copy
+import ctypes
 import io
 import random
 import re
@@ -72,22 +73,105 @@ class Snapshot:
 # ---------------------------------------------------------------- copying state
 
 
-def clone(value: Any) -> Any:
-    """A deep copy in which tensors are detached clones (so later steps cannot change it)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
+# Values a copy may share: immutable, so no later step can change them.
+_SHARED = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype,
+                     torch.device, torch.layout, torch.memory_format})
+_NOTHING: dict[Any, Any] = {}
+
+
+def clone(value: Any, into: Any = None) -> Any:
+    """A deep copy in which tensors are detached copies (so later steps cannot change it).
+
+    ``into``: an older copy of the same structure that nothing else holds any more. Its
+    tensors of the same shape, strides, dtype and device are overwritten in place instead of
+    allocating new ones (on every commit, fresh allocations of this size cost page faults).
+    """
+    targets: list[torch.Tensor] = []
+    sources: list[torch.Tensor] = []
+    out = _copy(value, into, targets, sources)
+    if targets:
+        torch._foreach_copy_(targets, sources)  # one call for all: less per-tensor overhead
+    return out
+
+
+def _copy(value: Any, into: Any, targets: list[torch.Tensor],
+          sources: list[torch.Tensor]) -> Any:
+    if type(value) in _SHARED:
+        return value
     if isinstance(value, dict):
-        return {k: clone(v) for k, v in value.items()}
+        old = into if isinstance(into, dict) else _NOTHING
+        return {k: v if type(v) in _SHARED else _copy(v, old.get(k), targets, sources)
+                for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        if (type(into) is torch.Tensor and value.layout == torch.strided
+                and into.dtype == value.dtype and into.shape == value.shape
+                and into.device == value.device and into.stride() == value.stride()):
+            targets.append(into)
+            sources.append(value.detach() if value.requires_grad else value)
+            return into
+        return value.detach().clone()
     if isinstance(value, (list, tuple)):
-        return type(value)(clone(v) for v in value)
+        same = isinstance(into, (list, tuple)) and len(into) == len(value)
+        items = [v if type(v) in _SHARED else
+                 _copy(v, into[n] if same else None, targets, sources)
+                 for n, v in enumerate(value)]
+        return type(value)(items)
     return copy.deepcopy(value)
 
 
+class _NumpyState:
+    """``np.random.get_state()``, reused while the global generator has not moved.
+
+    The getter costs about 40 µs (it copies the 624-word key one element at a time), a
+    large share of a commit, while most training code never draws from numpy. So the
+    generator's raw state (key and position, read through numpy's documented ``ctypes``
+    interface) is compared with the one of the last capture; if it is unchanged and no
+    cached Gaussian was pending then, no draw has happened since, so the last capture still
+    holds. (A pending cached Gaussian can be consumed without moving the raw state, hence
+    the second condition.) If the raw layout is not what it should be, every call asks numpy.
+    """
+
+    _RAW_BYTES = 624 * 4 + 4  # MT19937: uint32 key[624]; int pos
+
+    def __init__(self) -> None:
+        self._address: int | None = None
+        self._checked = False
+        self._last: tuple[bytes, Any] | None = None  # (raw state, captured state)
+
+    def _raw(self) -> bytes | None:
+        if not self._checked:
+            self._checked = True
+            try:
+                generator = np.random.get_state.__self__._bit_generator  # type: ignore[attr-defined]
+                address = int(generator.ctypes.state_address)
+                legacy: Any = np.random.get_state()  # ('MT19937', key, pos, has_gauss, gauss)
+                key, pos = legacy[1], legacy[2]
+                expected = key.astype("<u4").tobytes() + int(pos).to_bytes(4, "little", signed=True)
+                if ctypes.string_at(address, self._RAW_BYTES) == expected:
+                    self._address = address
+            except Exception:  # noqa: BLE001 - another numpy: fall back to get_state
+                self._address = None
+        return None if self._address is None else ctypes.string_at(self._address,
+                                                                   self._RAW_BYTES)
+
+    def get(self) -> Any:
+        raw, last = self._raw(), self._last
+        if raw is not None and last is not None and raw == last[0] and last[1][3] == 0:
+            return last[1]
+        state = np.random.get_state()
+        if raw is not None:
+            self._last = (raw, state)  # one assignment: rank threads may share a process
+        return state
+
+
+_numpy_state = _NumpyState()
+
+
 def rng_state() -> dict[str, Any]:
-    """This thread's python, numpy, torch (and CUDA) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """The python, numpy, torch (and CUDA) RNG states, as fresh or immutable values."""
+    state = {"python": random.getstate(), "numpy": _numpy_state.get(),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -133,6 +217,7 @@ class _Ring:
         self.full: deque[Part] = deque(maxlen=RING_FULL)
         self.durable: list[Part] = []  # kept until pulled, whatever the ring drops
         self.client_step = -1  # the newest step the launcher holds (told on each pull)
+        self.spare: Part | None = None  # a part the ring dropped: the next commit reuses it
 
 
 _rings: dict[str, _Ring] = {}
@@ -149,13 +234,45 @@ def open_ring(run_id: str, attempt: int) -> None:
 
 
 def put(run_id: str, part: Part) -> None:
-    """Keep ``part`` until the launcher pulls it."""
+    """Keep ``part`` (which nothing else may change) until the launcher pulls it."""
     with _rings_lock:
         ring = _rings.get(run_id) or _rings.setdefault(run_id, _Ring())
         target = ring.full if part.state is not None else ring.parts
+        if len(target) == target.maxlen and all(target[0] is not p for p in ring.durable):
+            ring.spare = target[0]  # about to be dropped; its buffers are free
         target.append(part)
         if part.durable and part.state is not None:
             ring.durable.append(part)
+
+
+def commit(run_id: str, rank: int, position: Position, local: dict[str, Any],
+           state: dict[str, Any] | None, durable: bool = False) -> None:
+    """Copy this rank's state at ``position`` and keep the copy until the launcher pulls it.
+
+    ``local`` (this rank's own state: comm-hook states, say) and ``state`` (rank 0's models,
+    optimizers and schedulers; None elsewhere) may be live views: they are copied here, into
+    the buffers of a commit the ring dropped where they fit. The RNG states are captured
+    here too, as ``local["rng"]``.
+    """
+    with _rings_lock:
+        ring = _rings.get(run_id)
+        spare = None
+        if ring is not None:
+            spare, ring.spare = ring.spare, None
+    copied = clone(local, spare.local if spare is not None else None)
+    copied["rng"] = rng_state()
+    full = None if state is None else clone(state, spare.state if spare is not None else None)
+    put(run_id, Part(rank, position, copied, full, durable))
+
+
+def _detached(part: Part) -> Part:
+    """A copy of ``part`` that a later commit cannot overwrite (the ring recycles buffers).
+
+    RNG states are fresh objects per commit and never recycled, so they are shared.
+    """
+    local = {k: v if k == "rng" else clone(v) for k, v in part.local.items()}
+    state = None if part.state is None else clone(part.state)
+    return Part(part.rank, part.position, local, state, part.durable)
 
 
 def client_step(run_id: str) -> int:
@@ -179,7 +296,8 @@ def take(run_id: str, since: int, final: bool = False) -> list[Part]:
         ring.durable = []
         if final:
             del _rings[run_id]
-        return out
+        # Copied under the lock: the rank thread only writes into a part no longer in the ring.
+        return [_detached(p) for p in out]
 
 
 # ---------------------------------------------------------------- client side

@@ -1,15 +1,17 @@
 """Gradient compression through DDP communication hooks, with the bytes each rank sends.
 
 ``fp16`` / ``bf16`` cast each gradient bucket before the all-reduce (our own hook: PyTorch's
-bf16 hook refuses gloo, though gloo reduces bf16 fine); ``powersgd[:RANK]`` is PyTorch's
-PowerSGD hook. Every all-reduce the hooks issue is counted, so ``bytes_sent`` /
-``bytes_ratio`` are what went over the wire, not an estimate. PowerSGD's state (error
-feedback, P/Q memories, its RNG) is part of every commit, so a resume stays bit-identical.
+bf16 hook refuses gloo, though gloo reduces bf16 fine). ``powersgd[:RANK[:START]]`` is
+PyTorch's PowerSGD hook, of rank ``RANK`` (default 1), compressing from step ``START`` on
+(default :data:`POWERSGD_START_ITER`; the steps before are plain all-reduces). Every
+all-reduce the hooks issue is counted, so ``bytes_sent`` / ``bytes_ratio`` are what went over
+the wire, not an estimate. PowerSGD's state (error feedback, P/Q memories, its RNG) is part of
+every commit, so a resume stays bit-identical.
 """
 
 # No ``from __future__ import annotations`` here: DDP checks the hooks' annotations as objects.
-import copy
 import threading
+from copy import deepcopy
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,10 @@ import torch
 import torch.distributed as dist
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
-POWERSGD_START_ITER = 2  # the earliest PowerSGD allows with error feedback
+# Plain all-reduce steps before PowerSGD starts compressing (``powersgd:RANK:START`` sets it).
+# A short run of exact gradients first is what PowerSGD's authors and PyTorch advise (PyTorch
+# defaults to 1000 steps, tuned for long runs); 2 is the least error feedback allows.
+POWERSGD_START_ITER = 2
 
 
 @dataclass(frozen=True)
@@ -26,26 +31,46 @@ class CompressionSpec:
 
     kind: str = "none"
     rank: int = 1  # PowerSGD's matrix approximation rank
+    start: int = POWERSGD_START_ITER  # PowerSGD: plain all-reduce steps before compressing
 
     def __str__(self) -> str:
-        return f"powersgd:{self.rank}" if self.kind == "powersgd" else self.kind
+        if self.kind != "powersgd":
+            return self.kind
+        if self.start != POWERSGD_START_ITER:
+            return f"powersgd:{self.rank}:{self.start}"
+        return f"powersgd:{self.rank}"
 
 
 def parse_compression(text: Any) -> CompressionSpec:
-    """``none``, ``fp16``, ``bf16``, ``powersgd`` or ``powersgd:RANK`` as a spec."""
+    """``none``, ``fp16``, ``bf16``, ``powersgd``, ``powersgd:RANK`` or ``powersgd:RANK:START``.
+
+    ``START`` is the number of plain all-reduce steps before PowerSGD compresses (default
+    :data:`POWERSGD_START_ITER`).
+    """
     if isinstance(text, CompressionSpec):
         return text
-    kind, _, rank = str(text).partition(":")
-    if kind not in COMPRESSIONS or (rank and kind != "powersgd"):
+    kind, _, rest = str(text).partition(":")
+    rank, _, start = rest.partition(":")
+    if kind not in COMPRESSIONS or (rest and kind != "powersgd"):
         raise ValueError(
             f"compression {text!r} is not available; allowed: none, fp16, bf16, powersgd,"
-            " powersgd:RANK."
+            " powersgd:RANK, powersgd:RANK:START."
         )
-    if not rank:
+    if not rest:
         return CompressionSpec(kind)
     if not rank.isdigit() or int(rank) < 1:
         raise ValueError(f"compression {text!r} needs a whole PowerSGD rank >= 1, e.g. powersgd:2.")
-    return CompressionSpec(kind, int(rank))
+    if not start:
+        if rest.endswith(":"):
+            raise ValueError(f"compression {text!r} needs a start step after the second ':',"
+                             " e.g. powersgd:2:20.")
+        return CompressionSpec(kind, int(rank))
+    if not start.isdigit() or int(start) < POWERSGD_START_ITER:
+        raise ValueError(
+            f"compression {text!r} needs a whole PowerSGD start step >= {POWERSGD_START_ITER}"
+            " (plain all-reduce steps before compressing), e.g. powersgd:2:20."
+        )
+    return CompressionSpec(kind, int(rank), int(start))
 
 
 class ByteCounter:
@@ -158,7 +183,7 @@ class Compression:
             self.hook_state = powerSGD_hook.PowerSGDState(
                 process_group=None,
                 matrix_approximation_rank=spec.rank,
-                start_powerSGD_iter=POWERSGD_START_ITER,
+                start_powerSGD_iter=spec.start,
             )
             counting = _CountingDist(self.counter, synchronous=dist.get_backend() == "gloo")
             for module in (powerSGD_hook, default_hooks):
@@ -206,9 +231,9 @@ class Compression:
                          * (n if kind == "p_memory_dict" else m))
         return order, sizes
 
-    def _split(self, bucket: int, layout: list[int],
-               remove: bool = False) -> dict[str, dict[int, torch.Tensor]]:
-        """One bucket's PowerSGD tensors, cut into per-parameter pieces."""
+    def _split(self, bucket: int, layout: list[int], remove: bool = False,
+               copy: bool = True) -> dict[str, dict[int, torch.Tensor]]:
+        """One bucket's PowerSGD tensors, cut into per-parameter pieces (views if not ``copy``)."""
         out: dict[str, dict[int, torch.Tensor]] = {}
         for kind in _PER_BUCKET:
             table = getattr(self.hook_state, kind)
@@ -216,7 +241,7 @@ class Compression:
                 continue
             flat = table.pop(bucket) if remove else table[bucket]
             indices, sizes = self._packing(kind, layout)
-            out[kind] = {i: piece.detach().clone()
+            out[kind] = {i: piece.detach().clone() if copy else piece.detach()
                          for i, piece in zip(indices, torch.split(flat, sizes), strict=True)}
         return out
 
@@ -231,17 +256,24 @@ class Compression:
         if not any(self._pending.values()):
             self._pending = None
 
-    def state_dict(self) -> dict[str, Any] | None:
-        """PowerSGD's state, copied, per parameter (see the class), or None for other hooks."""
+    def state_dict(self, copy: bool = True) -> dict[str, Any] | None:
+        """PowerSGD's state per parameter (see the class), or None for other hooks.
+
+        With ``copy`` (the default) nothing in it is shared with the live hook; without, its
+        tensors are views of the hook's own and its RNG is the live one, for a caller that
+        copies it at once (a commit copies into reused buffers).
+        """
         if self.hook_state is None:
             return None
         slots = type(self.hook_state).__slots__
-        state = copy.deepcopy({s: getattr(self.hook_state, s) for s in slots
-                               if s != "process_group" and s not in _PER_BUCKET})
+        state = {s: getattr(self.hook_state, s) for s in slots
+                 if s != "process_group" and s not in _PER_BUCKET}
+        if copy:
+            state = deepcopy(state)
         per_param: dict[str, dict[int, torch.Tensor]] = {
             kind: dict(self._pending[kind]) if self._pending else {} for kind in _PER_BUCKET}
         for bucket, layout in self._layouts.items():
-            for kind, pieces in self._split(bucket, layout).items():
+            for kind, pieces in self._split(bucket, layout, copy=copy).items():
                 per_param[kind].update(pieces)
         state["per_param"] = per_param
         return state
@@ -250,7 +282,7 @@ class Compression:
         """Put committed PowerSGD state back; bucket tensors are re-packed on first use."""
         if self.hook_state is None or state is None:
             return
-        state = copy.deepcopy(state)
+        state = deepcopy(state)
         self._pending = state.pop("per_param")
         for slot, value in state.items():
             setattr(self.hook_state, slot, value)

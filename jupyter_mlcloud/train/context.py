@@ -10,7 +10,7 @@ import torch
 
 from .. import metrics
 from . import checkpoint, elastic
-from .checkpoint import CommitPlan, Part, Position, Resume
+from .checkpoint import CommitPlan, Position, Resume
 from .compression import Compression, CompressionSpec
 from .sharding import Shard
 
@@ -290,19 +290,18 @@ class TrainContext:
             commit, durable = True, bool(self._commits.durable_every)
         if commit:
             position = Position(self.epoch, self._loop, batch, self._steps, self.step)
-            # Both are fresh copies already (RNG getters copy; hooks deep-copy their state).
-            local = {"rng": checkpoint.rng_state(),
-                     "hooks": [c.state_dict() for c in self._compressions]}
-            checkpoint.put(self.run_id, Part(self.rank, position, local,
-                                             self._state() if self.rank == 0 else None,
-                                             durable))
+            # Live views: commit() copies them (into recycled buffers) and adds RNG states.
+            local = {"hooks": [c.state_dict(copy=False) for c in self._compressions]}
+            checkpoint.commit(self.run_id, self.rank, position, local,
+                              self._state() if self.rank == 0 else None, durable)
 
     def _state(self) -> dict[str, Any]:
-        return checkpoint.clone({
+        """The registered state, as live views (a commit copies it)."""
+        return {
             "models": [m.state_dict() for m in self._models],
             "optimizers": [o.state_dict() for o in self._optimizers],
             "schedulers": [s.state_dict() for s in self._schedulers],
-        })
+        }
 
     def _restore(self) -> None:
         resume, self._resume = self._resume, None
