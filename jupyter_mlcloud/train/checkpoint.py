@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .strategies import merge_slices
+
 RING_PARTS = 16  # per-rank commits kept on a worker: ranks drift apart by at most one step
 RING_FULL = 2  # rank 0's full states kept: the latest and the one before
 
@@ -339,8 +341,10 @@ class CommitStore:
                 if len(local) < self.world_size:
                     continue
                 part = self._full[step]
-                snap = Snapshot(part.position, self.world_size, self.base_world,
-                                part.state, dict(local))  # type: ignore[arg-type]
+                # A pipeline rank's own stage is laid over rank 0's state: the whole model.
+                state = merge_slices(part.state, local)  # type: ignore[arg-type]
+                snap = Snapshot(part.position, self.world_size, self.base_world, state,
+                                dict(local))
                 if part.durable:
                     durable.append(snap)
                 if step > self.step:

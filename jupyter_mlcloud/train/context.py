@@ -13,13 +13,14 @@ from . import checkpoint, elastic
 from .checkpoint import CommitPlan, Position, Resume
 from .compression import Compression, CompressionSpec
 from .sharding import Shard
+from .strategies import Strategy, StrategyOptions
 
 
 class TrainContext:
     """Handed to the training cell (as ``ctx``) or function (as its argument) on every rank.
 
     ``rank``, ``world_size``, ``local_rank`` and ``device`` say where the code runs;
-    ``prepare`` wraps the model for data-parallel training; ``shard`` gives this rank's
+    ``prepare`` wraps the model for the run's ``--strategy``; ``shard`` gives this rank's
     batches; ``epochs`` counts epochs; ``report`` sends metrics to the live panels.
 
     With commits on (``--max-failures`` / ``--checkpoint-dir``), a *step* is one batch drawn
@@ -47,6 +48,7 @@ class TrainContext:
         attempt: int = 0,
         emit: Callable[[dict[str, Any]], None] | None = None,
         guard: Callable[[], None] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.run_id = run_id
         self.rank = rank
@@ -60,7 +62,7 @@ class TrainContext:
         self._reporter = reporter
         self.attempt = attempt  # 0, then one more after each recovery
         self.base_world = base_world or world_size
-        self._wrapped: list[Any] = []  # DDP modules to drop before the group is destroyed
+        self._strategy = strategy or Strategy(StrategyOptions(), rank, world_size, device)
         self._cache: dict[int, list[torch.Tensor]] = {}
         # What a commit saves and a resume restores, in ``prepare`` order.
         self._models: list[torch.nn.Module] = []
@@ -84,16 +86,20 @@ class TrainContext:
         """True on rank 0, the rank whose results come back to the notebook."""
         return self.rank == 0
 
-    def prepare(self, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None) -> Any:
-        """Move ``model`` to ``ctx.device``, wrap it in ``DistributedDataParallel``, register state.
+    def prepare(self, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+                *, split: Sequence[str] | None = None, loss_fn: Any = None) -> Any:
+        """Move ``model`` to ``ctx.device``, wrap it for the run's ``--strategy``, register state.
 
         ``model``, ``optimizer`` and ``scheduler`` (an LR scheduler) are what commits save and
         a resume restores, with the RNG states and the data position. Build the optimizer on
-        the model's parameters before calling: DDP keeps the same parameter objects. With
-        ``--compression`` the gradient hook is attached here. Returns the wrapped model.
+        the model's parameters before calling. With ``--compression`` the gradient hook is
+        attached here. Returns the model to train with: a ``DistributedDataParallel`` (ddp),
+        the sharded module (fsdp), the model itself (ps-sync/ps-async: ``optimizer.step()``
+        goes through the parameter server) or a pipeline stage trained with
+        ``loss = model.step(inputs, target)`` (pipeline: ``split`` names the submodules that
+        start a stage, default an even split by parameter count; ``loss_fn(output, target)``
+        is applied on the last stage).
         """
-        from torch.nn.parallel import DistributedDataParallel
-
         if not isinstance(model, torch.nn.Module):
             raise ValueError(
                 f"ctx.prepare needs a torch.nn.Module, got {type(model).__name__}."
@@ -113,9 +119,7 @@ class TrainContext:
                 )
             checkpoint.check_shapes(saved[index], model, index)
         model = model.to(self.device)
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        wrapped = DistributedDataParallel(model, device_ids=device_ids)
-        self._wrapped.append(wrapped)
+        wrapped = self._strategy.wrap(model, optimizer, split=split, loss_fn=loss_fn)
         self._models.append(model)
         if optimizer is not None:
             self._optimizers.append(optimizer)
@@ -146,11 +150,12 @@ class TrainContext:
         if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
             batch_size = elastic.per_rank_batch(self._elastic, batch_size, self.base_world,
                                                 self.world_size)
+        rank, world = self._strategy.data_view()  # pipeline: every stage sees every batch
         return Shard(
             data,
             batch_size,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=rank,
+            world_size=world,
             epoch=self.epoch,
             shuffle=shuffle,
             seed=self.seed if seed is None else seed,
@@ -183,6 +188,7 @@ class TrainContext:
         self.step = self.step + 1 if step is None else int(step)
         if self._compressions:
             values = {**values, **self._bytes_per_step()}
+        values = {**values, **self._strategy.metrics()}
         if self._reporter is not None:
             self._reporter.add(metrics.point(self.rank, self.step, self.epoch, values))
 
@@ -213,11 +219,19 @@ class TrainContext:
         """Drop every reference this context holds to models, optimizers and loaded data."""
         for compression in self._compressions:
             compression.close()
-        for held in (self._wrapped, self._models, self._optimizers, self._schedulers,
-                     self._compressions):
+        self._strategy.release()
+        for held in (self._models, self._optimizers, self._schedulers, self._compressions):
             held.clear()
         self._cache.clear()
         self._resume = None
+
+    def finish(self) -> Any:
+        """After the training code returned, on every rank: bring the results to rank 0."""
+        self._strategy.finish()
+
+    def export(self, value: Any) -> Any:
+        """What the notebook gets for ``value`` (a wrapped model: the whole plain module)."""
+        return self._strategy.export(value)
 
     def check_resumed(self) -> None:
         """After the training code returned: fail if a resume never found its position."""
@@ -291,16 +305,25 @@ class TrainContext:
         if commit:
             position = Position(self.epoch, self._loop, batch, self._steps, self.step)
             # Live views: commit() copies them (into recycled buffers) and adds RNG states.
-            local = {"hooks": [c.state_dict(copy=False) for c in self._compressions]}
-            checkpoint.commit(self.run_id, self.rank, position, local,
-                              self._state() if self.rank == 0 else None, durable)
+            local = {"hooks": [c.state_dict(copy=False) for c in self._compressions],
+                     "slice": self._strategy.commit_slice()}
+            checkpoint.commit(self.run_id, self.rank, position, local, self._rank0_state(),
+                              durable)
+
+    def _rank0_state(self) -> dict[str, Any] | None:
+        """Rank 0's state for a commit (every rank takes part where gathering it is collective)."""
+        if self.rank == 0 or self._strategy.collective_state:
+            state = self._state()
+            return state if self.rank == 0 else None
+        return None
 
     def _state(self) -> dict[str, Any]:
         """The registered state, as live views (a commit copies it)."""
         return {
-            "models": [m.state_dict() for m in self._models],
-            "optimizers": [o.state_dict() for o in self._optimizers],
+            "models": self._strategy.model_states(self._models),
+            "optimizers": self._strategy.optimizer_states(self._optimizers),
             "schedulers": [s.state_dict() for s in self._schedulers],
+            "strategy": self._strategy.extra_state(),
         }
 
     def _restore(self) -> None:
@@ -313,10 +336,8 @@ class TrainContext:
                     f"the checkpoint holds {len(state[kind])} {kind} but ctx.prepare registered"
                     f" {len(live)}; resume with the code that wrote it."
                 )
-        for model, saved in zip(self._models, state["models"], strict=False):
-            model.load_state_dict(saved)
-        for optimizer, saved in zip(self._optimizers, state["optimizers"], strict=True):
-            optimizer.load_state_dict(saved)
+        self._strategy.load_states(self._models, state["models"], self._optimizers,
+                                   state["optimizers"])
         for scheduler, saved in zip(self._schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         elastic.rescale_lr(self._elastic, self._optimizers, self._schedulers,
@@ -326,6 +347,7 @@ class TrainContext:
             for compression, saved in zip(self._compressions, resume.local["hooks"],
                                           strict=False):
                 compression.load_state_dict(saved)
+        self._strategy.restore(state.get("strategy"))
         self._steps, self.step = resume.position.steps, resume.position.report_step
         self._bytes_mark = (*self._bytes_mark[:2], self._steps)
         self._first_step_pending = True
