@@ -202,25 +202,27 @@ class MLCloudMagics(Magics):
             ) from None
         except ValueError as e:
             raise UsageError(str(e)) from None
-        monitor = RunMonitor(run)
-        display(monitor.widget)
-        if args.noblock:
-            monitor.follow_in_background()
-            if out:
-                user_ns = self.shell.user_ns
+        monitor = None
+        try:  # from here on, Ctrl-C must stop the ranks, wherever it lands
+            monitor = RunMonitor(run)
+            display(monitor.widget)
+            if args.noblock:
+                monitor.follow_in_background()
+                if out:
+                    user_ns = self.shell.user_ns
 
-                def bring_back() -> None:  # the --out names arrive when the run finishes
-                    run.wait()
-                    if run.status == "finished":
-                        user_ns.update(run.result())
+                    def bring_back() -> None:  # the --out names arrive when the run finishes
+                        run.wait()
+                        if run.status == "finished":
+                            user_ns.update(run.result())
 
-                threading.Thread(target=bring_back, daemon=True).start()
-            return run
-        try:
+                    threading.Thread(target=bring_back, daemon=True).start()
+                return run
             monitor.follow()
         except KeyboardInterrupt:
             run.cancel()
-            monitor.refresh()
+            if monitor is not None:
+                monitor.refresh()
             print(f"Run {run.id} cancelled: every rank stopped and the workers are free.")
             return None
         result = run.result()  # TrainingError shows the failing rank's traceback
