@@ -107,7 +107,7 @@ def _build_train_parser() -> _Parser:
     p.add_argument("--max-staleness", type=_int,
                    help="ps-async: most pushes a trainer may run ahead of the slowest")
     p.add_argument("--compression", default="none",
-                   help="gradient compression: none, fp16, bf16, powersgd[:RANK] (none)")
+                   help="gradient compression: none, fp16, bf16, powersgd[:RANK[:START]] (none)")
     p.add_argument("--max-failures", type=_int, default=0,
                    help="lost workers to survive by resuming from the last commit (0)")
     p.add_argument("--min-workers", type=_int,
