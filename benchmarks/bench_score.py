@@ -10,7 +10,8 @@ scores back. The plain loop runs in its own process with the workers' environmen
 thread for torch, OpenMP, MKL and OpenBLAS; glibc's default malloc trimming, as `mlc.up`
 gives its workers) and keeps its scores too. Contenders take turns within each repeat, so
 load from other work on the machine falls on all of them alike; rows/s are medians.
-For context it also prints two plain loops run at once (what 2 cores give two processes).
+For context it also prints two plain loops run at once (what 2 cores give two processes), and
+CPU seconds per row of every contender, which other load on the machine skews much less.
 """
 
 from __future__ import annotations
@@ -75,9 +76,9 @@ def peer_main(rows: int, batch_size: int) -> None:
     plain_loop(model, data, batch_size)  # warm up
     print("ready", flush=True)
     for _ in sys.stdin:
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         plain_loop(model, data, batch_size)
-        print(start, time.time(), flush=True)
+        print(start, time.time(), time.process_time() - cpu, flush=True)
 
 
 class Peer:
@@ -98,30 +99,44 @@ class Peer:
         self.stdin.write("go\n")
         self.stdin.flush()
 
-    def span(self) -> tuple[float, float]:
-        start, end = self.stdout.readline().split()
-        return float(start), float(end)
+    def span(self) -> tuple[float, float, float]:
+        """Start and end (wall clock) of the last run, and its CPU seconds."""
+        start, end, cpu = self.stdout.readline().split()
+        return float(start), float(end), float(cpu)
 
     def close(self) -> None:
         self.stdin.close()
         self.process.wait(timeout=30)
 
 
-def peers_rate(peers: list[Peer]) -> float:
-    """Rows/s of these peers run at once: all their rows over first start to last end."""
+def peers_rate(peers: list[Peer]) -> tuple[float, float]:
+    """Rows/s of these peers run at once (all their rows over first start to last end), and
+    their CPU seconds per million rows."""
     for peer in peers:
         peer.go()
     spans = [peer.span() for peer in peers]
-    return sum(p.rows for p in peers) / (max(e for _, e in spans) - min(s for s, _ in spans))
+    rows = sum(p.rows for p in peers)
+    wall = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+    return rows / wall, 1e6 * sum(c for _, _, c in spans) / rows
 
 
 # ---------------------------------------------------------------- the comparison
 
 
-def timed(fn: Callable[[], object], rows: int) -> float:
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def timed(fn: Callable[[], object], rows: int, client: Any) -> tuple[float, float]:
+    """Rows/s of ``fn``, and CPU seconds per million rows of the workers and this process
+    (client and scheduler) together."""
+    before = sum(client.run(_cpu_seconds).values()) + _cpu_seconds()
     start = time.perf_counter()
     fn()
-    return rows / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    cpu = sum(client.run(_cpu_seconds).values()) + _cpu_seconds() - before
+    return rows / wall, 1e6 * cpu / rows
 
 
 def main() -> None:
@@ -144,6 +159,7 @@ def main() -> None:
     model = make_model()
     chunk = args.rows // 8
     rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     loads: list[float] = []
     peers = [Peer(args.rows // 2, args.batch_size) for _ in range(2)]
     try:
@@ -176,9 +192,13 @@ def main() -> None:
             for _ in range(args.repeats):
                 loads.append(os.getloadavg()[0])
                 for name, fn in contenders.items():
-                    rates.setdefault(name, []).append(timed(fn, args.rows))
-                rates.setdefault("plain", []).append(2 * peers_rate(peers[:1]))
-                rates.setdefault("plain-at-once", []).append(peers_rate(peers))
+                    rate, cost = timed(fn, args.rows, cluster.client)
+                    rates.setdefault(name, []).append(rate)
+                    cpu.setdefault(name, []).append(cost)
+                rate, cost = peers_rate(peers[:1])
+                rates.setdefault("plain", []).append(2 * rate)
+                cpu.setdefault("plain", []).append(cost)
+                rates.setdefault("plain-at-once", []).append(peers_rate(peers)[0])
     finally:
         for peer in peers:
             peer.close()
@@ -201,6 +221,12 @@ def main() -> None:
         print(f"{label:<44}{median[name]:>12,.0f}{ours / median[name]:>11.2f}{target:>9}")
     ratios = [o / p for o, p in zip(rates["ours"], rates["plain"], strict=True)]
     print(f"ours / ideal per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
+    # Load from other work skews wall-clock ratios; CPU seconds per row much less so.
+    per_row = {name: statistics.median(values) for name, values in cpu.items()}
+    print("CPU s per million rows (Dask contenders: workers + client/scheduler process):"
+          f" ours {per_row['ours']:.2f}, plain loop {per_row['plain']:.2f} (plain / ours"
+          f" {per_row['plain'] / per_row['ours']:.2f}), "
+          + ", ".join(f"{n} {c:.2f}" for n, c in per_row.items() if n not in ("ours", "plain")))
 
 
 if __name__ == "__main__":
