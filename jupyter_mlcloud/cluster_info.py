@@ -7,6 +7,16 @@ from collections.abc import Mapping
 from typing import Any, TypedDict
 
 
+def workers(client: Any) -> dict[str, Any]:
+    """Every worker the scheduler knows now, by address (a synchronous ``Client``).
+
+    Asks the scheduler directly: ``Client.scheduler_info()`` returns a cache that the
+    client's own periodic refresh overwrites with a worker-less summary, so a caller can read
+    no workers at all while every worker is up.
+    """
+    return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+
 class Summary(TypedDict):
     """Totals over a scheduler's workers."""
 

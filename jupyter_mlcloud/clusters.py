@@ -80,7 +80,7 @@ class ClusterHandle:
 
     def info(self) -> dict[str, Any]:
         """Live figures: name, kind, workers, threads, memory (bytes), gpus, dashboard."""
-        workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+        workers = cluster_info.workers(self.client)
         return {
             "name": self.name,
             "kind": self.kind,

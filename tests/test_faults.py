@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import jupyter_mlcloud as mlc
+from jupyter_mlcloud import cluster_info
 from jupyter_mlcloud.train import checkpoint
 from jupyter_mlcloud.train import worker as rank_worker
 from jupyter_mlcloud.train.checkpoint import CheckpointDir, Position
@@ -104,7 +105,7 @@ def uninterrupted(cluster: mlc.ClusterHandle) -> str:
 
 def _wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> None:
     deadline = time.monotonic() + 60
-    while len(cluster.client.scheduler_info(n_workers=-1)["workers"]) < n:
+    while len(cluster_info.workers(cluster.client)) < n:
         assert time.monotonic() < deadline, "the nanny did not bring the worker back"
         time.sleep(0.1)
 
@@ -172,7 +173,7 @@ def test_no_replacement_goes_on_with_min_workers() -> None:
         async def stay_dead() -> None:
             return None
 
-        victim = sorted(cluster.client.scheduler_info()["workers"])[1]  # rank 1's worker
+        victim = sorted(cluster_info.workers(cluster.client))[1]  # rank 1's worker
         for nanny in cluster.cluster.workers.values():  # the killed worker stays dead
             if nanny.worker_address == victim:
                 nanny.instantiate = stay_dead

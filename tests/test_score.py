@@ -19,6 +19,7 @@ import xarray as xr
 from distributed import wait
 
 import jupyter_mlcloud as mlc
+from jupyter_mlcloud import cluster_info
 
 ROWS = np.random.default_rng(0).normal(size=(1000, 5))
 SAMPLES = np.arange(1000) * 10
@@ -129,10 +130,10 @@ def test_a_worker_that_joins_later_fetches_the_model_once(tmp_path: Path) -> Non
         torch.manual_seed(2)
         fresh = torch.nn.Linear(5, 1).double()
         lazy = mlc.score(fresh, da.from_array(ROWS, chunks=(100, 5)))  # shipped to 1 worker
-        first = set(handle.client.scheduler_info()["workers"])
+        first = set(cluster_info.workers(handle.client))
         handle.scale(2)
         handle.wait_for_workers(2)
-        (joined,) = set(handle.client.scheduler_info(n_workers=-1)["workers"]) - first
+        (joined,) = set(cluster_info.workers(handle.client)) - first
         result = handle.client.compute(lazy, workers=[joined]).result()
         np.testing.assert_allclose(result, _expected(fresh), rtol=1e-12)
         counts = handle.client.run(_load_counts, workers=[joined])[joined]

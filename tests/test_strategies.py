@@ -14,6 +14,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
+from jupyter_mlcloud import cluster_info
 from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.train.param_server import assign_shards
 from jupyter_mlcloud.train.strategies import stage_bounds
@@ -32,7 +33,7 @@ def cluster() -> Iterator[mlc.ClusterHandle]:
 def two_workers(cluster: mlc.ClusterHandle) -> None:
     """Every test starts with both workers up (the kill test's worker restarts)."""
     deadline = time.monotonic() + 60
-    while len(cluster.client.scheduler_info(n_workers=-1)["workers"]) < 2:
+    while len(cluster_info.workers(cluster.client)) < 2:
         assert time.monotonic() < deadline, "the nanny did not bring the worker back"
         time.sleep(0.1)
 
@@ -276,7 +277,7 @@ def test_pipeline_shrinks_to_one_stage() -> None:
         async def stay_dead() -> None:
             return None
 
-        victim = sorted(cluster.client.scheduler_info()["workers"])[1]  # rank 1's worker
+        victim = sorted(cluster_info.workers(cluster.client))[1]  # rank 1's worker
         for nanny in cluster.cluster.workers.values():  # the killed worker stays dead
             if nanny.worker_address == victim:
                 nanny.instantiate = stay_dead
@@ -293,7 +294,7 @@ def test_pipeline_shrinks_to_one_stage() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 needs GPU workers (NCCL)")
 def test_fsdp_follows_ddp_on_gpus(cluster: mlc.ClusterHandle) -> None:
     with mlc.up(gpu=True, name="fsdp") as gpus:
-        workers = min(2, len(gpus.client.scheduler_info()["workers"]))
+        workers = min(2, len(cluster_info.workers(gpus.client)))
         ddp = mlc.train(ps_fit, cluster=gpus, workers=workers).result(timeout=300)
         fsdp = mlc.train(ps_fit, cluster=gpus, workers=workers, strategy="fsdp")
         model = fsdp.result(timeout=300)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .. import clusters, metrics
+from .. import cluster_info, clusters, metrics
 from . import elastic
 from .checkpoint import CheckpointDir, CommitPlan, CommitStore, Resume, Snapshot
 from .compression import CompressionSpec, parse_compression
@@ -130,7 +130,7 @@ def _open_checkpoints(faults: FaultOptions) -> tuple[CheckpointDir | None, Snaps
 
 def free_workers(client: Any, run: Run | None = None) -> tuple[list[str], dict[str, Any]]:
     """Workers no other run of this process is using (sorted by host), and the worker info."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
+    info = cluster_info.workers(client)
     busy = {w for other in active_runs() if other is not run for w in other.workers}
     return sorted((w for w in info if w not in busy), key=lambda w: (info[w]["host"], w)), info
 
@@ -182,7 +182,7 @@ class RankStarter:
         return free_workers(self.client, run)[0]
 
     def __call__(self, chosen: list[str], snap: Snapshot | None, attempt: int) -> list[Any]:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        info = cluster_info.workers(self.client)
         port = self.client.run(free_port, workers=[chosen[0]])[chosen[0]]
         hosts = [info[w]["host"] for w in chosen]
         local_world = {h: hosts.count(h) for h in hosts}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from .. import metrics
+from .. import cluster_info, metrics
 from . import checkpoint
 from .worker import RankFailed, cancel_rank
 
@@ -151,7 +151,7 @@ class Run:
 
     def _missing_workers(self) -> list[str]:
         try:
-            alive = set(self.client.scheduler_info(n_workers=-1)["workers"])
+            alive = set(cluster_info.workers(self.client))
         except Exception:
             return []
         return [w for w in self.workers if w not in alive]
