@@ -286,6 +286,7 @@ class Run:
             raise TrainingError(f"the run could not be restarted after losing {gone}: {e}") \
                 from None
         phases["rejoined"] = time.time()
+        self._release_ranks()
         self.workers, self.world_size, self._futures = workers, len(workers), futures
         if self._status == "recovering":
             self._status = "running"
@@ -357,6 +358,13 @@ class Run:
             if not future.done():
                 future.cancel()
 
+    def _release_ranks(self) -> None:
+        # A held rank future whose result lay on a worker that later dies would make the
+        # scheduler run that rank's training again elsewhere.
+        for future in self._futures:
+            future.release()
+        self._futures = []
+
     def _close(self) -> None:
         # The event log is the truth: re-read it so no point flushed at the end is missed.
         try:
@@ -372,6 +380,7 @@ class Run:
             pass
         if self._starter is not None:
             self._starter.release()
+        self._release_ranks()
         self.finished = time.time()
         from .launch import _forget
 
