@@ -362,7 +362,7 @@ def train(
     ``linear-lr``). ``checkpoint_dir`` (any fsspec URL) also gets a checkpoint every
     ``checkpoint_every`` steps (default 100), keeping the last ``checkpoint_keep``;
     ``resume=True`` goes on from the newest one there (after a kernel restart, say).
-    ``compression``: ``none``, ``fp16``, ``bf16`` or ``powersgd[:RANK]`` for the gradients.
+    ``compression``: ``none``, ``fp16``, ``bf16`` or ``powersgd[:RANK[:START]]`` for the gradients.
 
     ``strategy``: ``ddp`` (default), ``fsdp`` (GPUs), ``pipeline`` (one stage per rank over
     ``microbatches`` microbatches, default 4, with the ``pipeline_schedule`` ``1f1b`` or
