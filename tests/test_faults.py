@@ -167,16 +167,21 @@ def test_a_rank_exception_still_fails_fast(cluster: mlc.ClusterHandle) -> None:
     assert run.events == [] and run.finished is not None and run.finished - run.started < 15
 
 
+def keep_rank1_worker_dead(cluster: mlc.ClusterHandle) -> None:
+    """Once killed, rank 1's worker is not restarted by its nanny (no replacement comes)."""
+    async def stay_dead() -> None:
+        return None
+
+    victim = sorted(cluster_info.workers(cluster.client))[1]
+    for nanny in cluster.cluster.workers.values():
+        if nanny.worker_address == victim:
+            nanny.instantiate = stay_dead
+
+
 def test_no_replacement_goes_on_with_min_workers() -> None:
     with mlc.up(workers=2, name="shrink") as cluster, \
             dask.config.set({"mlcloud.train.replace-timeout": 2}):
-        async def stay_dead() -> None:
-            return None
-
-        victim = sorted(cluster_info.workers(cluster.client))[1]  # rank 1's worker
-        for nanny in cluster.cluster.workers.values():  # the killed worker stays dead
-            if nanny.worker_address == victim:
-                nanny.instantiate = stay_dead
+        keep_rank1_worker_dead(cluster)
         run = mlc.train(make_fit(kills=((0, 1, 9),)), cluster=cluster, max_failures=1,
                         min_workers=1)
         model = run.result(timeout=300)

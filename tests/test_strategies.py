@@ -19,7 +19,7 @@ from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.train.param_server import assign_shards
 from jupyter_mlcloud.train.strategies import stage_bounds
 
-from .test_faults import digest, make_fit
+from .test_faults import digest, keep_rank1_worker_dead, make_fit
 
 
 @pytest.fixture(scope="module")
@@ -274,13 +274,7 @@ def test_killed_pipeline_stage_resumes_bit_identical(cluster: mlc.ClusterHandle)
 def test_pipeline_shrinks_to_one_stage() -> None:
     with mlc.up(workers=2, name="pipeline-shrink") as cluster, \
             dask.config.set({"mlcloud.train.replace-timeout": 2}):
-        async def stay_dead() -> None:
-            return None
-
-        victim = sorted(cluster_info.workers(cluster.client))[1]  # rank 1's worker
-        for nanny in cluster.cluster.workers.values():  # the killed worker stays dead
-            if nanny.worker_address == victim:
-                nanny.instantiate = stay_dead
+        keep_rank1_worker_dead(cluster)
         run = mlc.train(pipeline_kill_fit(kills=((0, 1, 7),)), cluster=cluster,
                         strategy="pipeline", max_failures=1, min_workers=1)
         model = run.result(timeout=300)
