@@ -23,7 +23,7 @@ import dask
 import pandas as pd
 from dask.utils import format_bytes, parse_bytes
 
-from . import cluster_info, discovery
+from . import cluster_info, discovery, revive
 from .discovery import ClusterRecord
 from .hardware import gpu_count
 
@@ -263,12 +263,15 @@ def _start_local(
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         devices = [d for d in visible.split(",") if d.strip()] if visible else list(range(gpus))
         devices_str = ",".join(str(d) for d in devices[:n])
-        return LocalCUDACluster(n_workers=n, CUDA_VISIBLE_DEVICES=devices_str, **common)
-    from dask.system import CPU_COUNT
-    from distributed import LocalCluster
+        cluster = LocalCUDACluster(n_workers=n, CUDA_VISIBLE_DEVICES=devices_str, **common)
+    else:
+        from dask.system import CPU_COUNT
+        from distributed import LocalCluster
 
-    n = workers if workers is not None else max(1, CPU_COUNT // (threads_per_worker or 1))
-    return LocalCluster(n_workers=n, processes=True, **common)
+        n = workers if workers is not None else max(1, CPU_COUNT // (threads_per_worker or 1))
+        cluster = LocalCluster(n_workers=n, processes=True, **common)
+    revive.watch(cluster)
+    return cluster
 
 
 def _start_factory(spec: Mapping[str, Any], workers: int | None) -> Any:

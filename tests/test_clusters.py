@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import discovery
+from jupyter_mlcloud import cluster_info, discovery
 
 from .conftest import child_processes, discovery_files, wait_for
 
@@ -39,6 +40,28 @@ def test_workers_run_without_the_nanny_malloc_trim_setting() -> None:
     with mlc.up(workers=1) as cluster:
         env = cluster.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
         assert list(env.values()) == [None]
+
+
+def test_a_worker_whose_nanny_restart_failed_is_started_again() -> None:
+    with mlc.up(workers=1, name="revive") as cluster, \
+            dask.config.set({"mlcloud.cluster.revive-after": 1}):
+        (nanny,) = cluster.cluster.workers.values()
+        start, calls = nanny.instantiate, []
+
+        async def fails_once() -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("the worker could not start")  # the nanny gives up here
+            return await start()
+
+        nanny.instantiate = fails_once
+        (first,) = cluster.client.scheduler_info()["workers"]
+        pid = cluster.client.run(os.getpid)[first]
+        os.kill(pid, signal.SIGKILL)
+        back = wait_for(lambda: set(cluster_info.workers(cluster.client)) - {first},
+                        timeout=60, what="the worker to be started again")
+        assert len(calls) == 2 and len(back) == 1
+        assert cluster.client.submit(lambda: 1 + 1).result() == 2
 
 
 def test_scale_and_adapt() -> None:

@@ -106,7 +106,10 @@ def uninterrupted(cluster: mlc.ClusterHandle) -> str:
 def _wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> None:
     deadline = time.monotonic() + 60
     while len(cluster_info.workers(cluster.client)) < n:
-        assert time.monotonic() < deadline, "the nanny did not bring the worker back"
+        if time.monotonic() > deadline:
+            states = {name: (str(nanny.status), str(getattr(nanny.process, "status", None)))
+                      for name, nanny in cluster.cluster.workers.items()}
+            pytest.fail(f"the nanny did not bring the worker back; nanny, process: {states}")
         time.sleep(0.1)
 
 
