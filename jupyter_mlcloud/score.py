@@ -22,6 +22,7 @@ from .scoring_model import (
     DEVICES,
     ModelBlob,
     ModelRef,
+    check_device,
     output_shape,
     resolve_dtype,
     score_block,
@@ -178,6 +179,7 @@ def score(
     blob = ModelBlob.of(model)
     local_model = blob.load()
     client = clusters.resolve_client(cluster)
+    check_device(client, device)
 
     if is_frame:
         if not features:

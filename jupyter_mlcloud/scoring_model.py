@@ -222,6 +222,22 @@ def resolve_dtype(dtype: Any) -> Any:
     return found
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def check_device(client: Any, device: str) -> None:
+    """Refuse ``device="cuda"`` up front when no worker of ``client`` has a usable GPU (the
+    blocks would otherwise each fail on their worker)."""
+    if device == "cuda" and not any(client.run(_cuda_available).values()):
+        raise ValueError(
+            "device='cuda' but no worker of the cluster has a GPU torch can use; use"
+            " device='auto' (a worker's GPU where it has one) or device='cpu'."
+        )
+
+
 def predict(model: Any, rows: np.ndarray, batch_size: int, device: str = "auto",
             dtype: Any = None) -> np.ndarray:
     """Score ``rows`` (samples x features) in batches, in inference mode, on ``device``.

@@ -244,6 +244,8 @@ def test_killed_worker_mid_score_still_gives_complete_results(tmp_path: Path) ->
         ({"data": "missing.zarr"}, "does not exist"),
         ({"data": ROWS, "batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"data": ROWS, "device": "tpu"}, "device 'tpu' is not allowed"),
+        pytest.param({"data": ROWS, "device": "cuda"}, "device='cuda' but no worker",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
         ({"data": ROWS, "dtype": "int8"}, "dtype 'int8' is not a floating torch dtype"),
         ({"data": ROWS, "output": "out.parquet"}, "must be a .zarr store"),
         ({"data": pd.DataFrame({"a": ["x"] * 5}), "features": ["a"]}, "must be numeric"),
