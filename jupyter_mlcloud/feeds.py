@@ -168,6 +168,9 @@ class Feeds:
         self._feeds: dict[str, _SchedulerFeed] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._homes: dict[str, tuple[str, str]] = {}  # run id -> (cluster name, address)
+        # run id -> cluster name, for runs whose cluster was shut down: every later ask (the
+        # panel's poll, the sidebar's list) hears why, not just the first.
+        self._gone: dict[str, str] = {}
         self._listed: dict[tuple[str, str], list[dict[str, Any]]] = {}  # last run lists
         self._connect = connect or _connect
 
@@ -198,7 +201,10 @@ class Feeds:
             if record is not None and record.address == address:
                 return record
             del self._homes[run_id]
-            raise RunGone(f"no run {run_id!r} any more: its cluster {name!r} was shut down.")
+            self._gone[run_id] = name
+        if run_id in self._gone:
+            raise RunGone(f"no run {run_id!r} any more: its cluster {self._gone[run_id]!r} was"
+                          " shut down.")
         records = [r for r in discovery.list_records() if r.address and not r.tls]
         answers = await asyncio.gather(*(
             cluster_info.try_events(r.address or "", metrics.RUNS_TOPIC, TIMEOUT_S)

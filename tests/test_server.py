@@ -284,9 +284,10 @@ async def test_a_silent_scheduler_gets_503_until_it_answers_and_a_gone_run_404(
         assert columns["step"] == [1, 2, 3, 4, 5, 6]
     finally:
         held.close()
-    code, body = await status_of(jp_fetch, "mlcloud", "runs", run, "metrics")
-    assert code == 404
-    assert body["message"] == f"no run '{run}' any more: its cluster 'held' was shut down."
+    for _ in range(2):  # every later ask (panel poll, sidebar) hears why, not just the first
+        code, body = await status_of(jp_fetch, "mlcloud", "runs", run, "metrics")
+        assert code == 404
+        assert body["message"] == f"no run '{run}' any more: its cluster 'held' was shut down."
 
 
 async def _with_code(jp_fetch: Any, code: int, *path: str) -> tuple[int, Any] | None:
