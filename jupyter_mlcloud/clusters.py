@@ -115,13 +115,14 @@ class ClusterHandle:
             if self.name in _current:
                 _current.remove(self.name)
         try:
+            # Out of every listing first: closing a cluster's workers can take seconds.
+            if self._record is not None:
+                discovery.remove(self.name, pid=self._record.pid)
+        finally:
             if self.owned or self._client_is_ours:
                 self.client.close()
             if self.owned and self.cluster is not None:
                 self.cluster.close()
-        finally:
-            if self._record is not None:
-                discovery.remove(self.name, pid=self._record.pid)
 
     # A Client handed to connect() belongs to the caller; one we made is ours to close.
     _client_is_ours = True
