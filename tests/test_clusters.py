@@ -55,7 +55,7 @@ def test_a_worker_whose_nanny_restart_failed_is_started_again() -> None:
             return await start()
 
         nanny.instantiate = fails_once
-        (first,) = cluster.client.scheduler_info()["workers"]
+        (first,) = cluster_info.workers(cluster.client)
         pid = cluster.client.run(os.getpid)[first]
         os.kill(pid, signal.SIGKILL)
         back = wait_for(lambda: set(cluster_info.workers(cluster.client)) - {first},

@@ -95,7 +95,7 @@ def cluster() -> Iterator[mlc.ClusterHandle]:
 @pytest.fixture(autouse=True)
 def two_workers(cluster: mlc.ClusterHandle) -> None:
     """Every test starts with both workers up (a restart from the test before may be due)."""
-    _wait_for_workers(cluster, 2)
+    wait_for_workers(cluster, 2)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def uninterrupted(cluster: mlc.ClusterHandle) -> str:
     return digest(mlc.train(make_fit(), cluster=cluster).result(timeout=300))
 
 
-def _wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> None:
+def wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> None:
     deadline = time.monotonic() + 60
     while len(cluster_info.workers(cluster.client)) < n:
         if time.monotonic() > deadline:
@@ -137,7 +137,7 @@ def test_a_killed_worker_costs_seconds_and_the_result_is_bit_identical(
     _check_recovery(run.events[0], world_size=2)
     assert "resumes from step" in describe_recovery(run.events[0])
     assert "first step +" in describe_recovery(run.events[0])
-    _wait_for_workers(cluster, 2)
+    wait_for_workers(cluster, 2)
 
 
 def test_two_kills_in_one_run(cluster: mlc.ClusterHandle, uninterrupted: str) -> None:
@@ -148,14 +148,14 @@ def test_two_kills_in_one_run(cluster: mlc.ClusterHandle, uninterrupted: str) ->
     assert digest(model) == uninterrupted
     for record in run.events:
         _check_recovery(record, world_size=2)
-    _wait_for_workers(cluster, 2)
+    wait_for_workers(cluster, 2)
 
 
 def test_more_kills_than_max_failures_fail_with_the_count(cluster: mlc.ClusterHandle) -> None:
     run = mlc.train(make_fit(kills=((0, 1, 5), (1, 1, 12))), cluster=cluster, max_failures=1)
     with pytest.raises(mlc.TrainingError, match="already recovered 1 time"):
         run.result(timeout=300)
-    _wait_for_workers(cluster, 2)
+    wait_for_workers(cluster, 2)
 
 
 def test_a_rank_exception_still_fails_fast(cluster: mlc.ClusterHandle) -> None:

@@ -19,7 +19,7 @@ from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.train.param_server import assign_shards
 from jupyter_mlcloud.train.strategies import stage_bounds
 
-from .test_faults import digest, keep_rank1_worker_dead, make_fit
+from .test_faults import digest, keep_rank1_worker_dead, make_fit, wait_for_workers
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +32,7 @@ def cluster() -> Iterator[mlc.ClusterHandle]:
 @pytest.fixture(autouse=True)
 def two_workers(cluster: mlc.ClusterHandle) -> None:
     """Every test starts with both workers up (the kill test's worker restarts)."""
-    deadline = time.monotonic() + 60
-    while len(cluster_info.workers(cluster.client)) < 2:
-        assert time.monotonic() < deadline, "the nanny did not bring the worker back"
-        time.sleep(0.1)
+    wait_for_workers(cluster, 2)
 
 
 def _net() -> torch.nn.Sequential:
