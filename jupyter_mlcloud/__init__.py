@@ -24,6 +24,9 @@ from .clusters import (
     up,
 )
 from .hardware import gpu_count
+
+# Eager on purpose: these names are also subpackages, and a later import of the subpackage
+# would otherwise bind the module in their place. None of them loads torch or pandas.
 from .score import score
 from .train import Run, TrainingError, train
 

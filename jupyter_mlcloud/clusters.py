@@ -17,15 +17,17 @@ import os
 import re
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
-import pandas as pd
 from dask.utils import format_bytes, parse_bytes
 
 from . import cluster_info, discovery, revive
 from .discovery import ClusterRecord
 from .hardware import gpu_count
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KINDS = ("local-cpu", "local-gpu", "factory", "remote")
 FACTORY_KEY = "mlcloud.cluster.factory"
@@ -661,6 +663,8 @@ def status() -> pd.DataFrame:
     Clusters of this process are asked through their client; others through their
     discovery file's address. ``owner`` says who holds each one.
     """
+    import pandas as pd
+
     rows = []
     mine = handles()
     for handle in mine:

@@ -24,12 +24,17 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ..lazy import LazyModule
 from .strategies import merge_slices
+
+if TYPE_CHECKING:
+    import torch
+else:  # the kernel side (store, checkpoint files) must not load torch at import
+    torch = LazyModule("torch")
 
 RING_PARTS = 16  # per-rank commits kept on a worker: ranks drift apart by at most one step
 RING_FULL = 2  # rank 0's full states kept: the latest and the one before
@@ -76,8 +81,7 @@ class Snapshot:
 
 
 # Values a copy may share: immutable, so no later step can change them.
-_SHARED = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype,
-                     torch.device, torch.layout, torch.memory_format})
+_SHARED: frozenset[type] = frozenset()  # filled on first use (it names torch types)
 _NOTHING: dict[Any, Any] = {}
 
 
@@ -88,6 +92,10 @@ def clone(value: Any, into: Any = None) -> Any:
     tensors of the same shape, strides, dtype and device are overwritten in place instead of
     allocating new ones (on every commit, fresh allocations of this size cost page faults).
     """
+    global _SHARED
+    if not _SHARED:
+        _SHARED = frozenset({int, float, complex, bool, str, bytes, type(None), torch.dtype,
+                             torch.device, torch.layout, torch.memory_format})
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
     out = _copy(value, into, targets, sources)

@@ -18,7 +18,7 @@ from typing import Any
 from .. import cluster_info, clusters, metrics
 from . import elastic
 from .checkpoint import CheckpointDir, CommitPlan, CommitStore, Resume, Snapshot
-from .compression import CompressionSpec, parse_compression
+from .compression_spec import CompressionSpec, parse_compression
 from .run import Run
 from .strategies import STRATEGIES, StrategyOptions
 from .worker import FunctionPayload, RankSpec, free_port, run_rank

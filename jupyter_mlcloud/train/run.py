@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from .. import cluster_info, metrics
 from . import checkpoint
 from .worker import RankFailed, cancel_rank
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Errors a rank raises only because another rank failed first.
 _CONSEQUENTIAL = ("RunCancelled", "Connection closed by peer", "Connection reset by peer",
@@ -421,6 +422,8 @@ class Run:
     @property
     def metrics(self) -> pd.DataFrame:
         """Every reported point: rank, step, epoch, time and the reported values."""
+        import pandas as pd
+
         with self._lock:
             points = list(self._points)
         columns = ["rank", "step", "epoch", "time"]
