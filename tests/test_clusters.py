@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 from typing import Any
 
 import dask
+import psutil
 import pytest
 from distributed import Client, LocalCluster
 
@@ -42,26 +44,82 @@ def test_workers_run_without_the_nanny_malloc_trim_setting() -> None:
         assert list(env.values()) == [None]
 
 
+def _kill_the_worker(cluster: mlc.ClusterHandle) -> str:
+    (first,) = cluster_info.workers(cluster.client)
+    os.kill(cluster.client.run(os.getpid)[first], signal.SIGKILL)
+    return first
+
+
+def _back_and_working(cluster: mlc.ClusterHandle, gone: str) -> None:
+    wait_for(lambda: set(cluster_info.workers(cluster.client)) - {gone}, timeout=60,
+             what="a worker in place of the killed one")
+    assert len(cluster_info.workers(cluster.client)) == 1
+    assert cluster.client.submit(lambda: 1 + 1, pure=False).result(timeout=30) == 2
+
+
 def test_a_worker_whose_nanny_restart_failed_is_started_again() -> None:
     with mlc.up(workers=1, name="revive") as cluster, \
-            dask.config.set({"mlcloud.cluster.revive-after": 1}):
+            dask.config.set({"mlcloud.cluster.revive-after": 3}):
         (nanny,) = cluster.cluster.workers.values()
-        start, calls = nanny.instantiate, []
 
-        async def fails_once() -> Any:
-            calls.append(1)
-            if len(calls) == 1:
-                raise RuntimeError("the worker could not start")  # the nanny gives up here
+        async def fails() -> Any:
+            raise RuntimeError("the worker could not start")  # the nanny gives up here
+
+        nanny.instantiate = fails
+        _back_and_working(cluster, _kill_the_worker(cluster))
+        wait_for(lambda: cluster.cluster._mlcloud_watcher.replaced == 1, what="one replacement")
+        wait_for(lambda: str(nanny.status) == "Status.closed", what="the old nanny closed")
+
+
+def test_a_worker_process_that_hangs_at_start_is_ended_and_started_again(tmp_path: Any) -> None:
+    flag = tmp_path / "hang-next-start"
+    preload = tmp_path / "hang_once.py"
+    preload.write_text("import os, time\n"
+                       f"if os.path.exists({str(flag)!r}):\n"
+                       f"    os.remove({str(flag)!r})\n"
+                       "    time.sleep(3600)\n")
+    with dask.config.set({"distributed.worker.preload": [str(preload)],
+                          "mlcloud.cluster.revive-after": 3}), \
+            mlc.up(workers=1, name="hang") as cluster:
+        (nanny,) = cluster.cluster.workers.values()
+        flag.write_text("")
+        gone = _kill_the_worker(cluster)
+        wait_for(lambda: not flag.exists(), what="the restarted process to start hanging")
+        hung = nanny.pid
+        _back_and_working(cluster, gone)
+        wait_for(lambda: cluster.cluster._mlcloud_watcher.replaced == 1, what="one replacement")
+        wait_for(lambda: not psutil.pid_exists(hung) or psutil.Process(hung).status()
+                 == psutil.STATUS_ZOMBIE, what="the hung process to be ended")
+
+
+def test_a_worker_dropped_from_the_cluster_is_started_again() -> None:
+    with mlc.up(workers=1, name="dropped") as cluster, \
+            dask.config.set({"mlcloud.cluster.revive-after": 3}):
+        (first,) = cluster_info.workers(cluster.client)
+
+        async def drop() -> None:  # what SpecCluster's close-on-lost timer does
+            (name,) = list(cluster.cluster.workers)
+            await cluster.cluster.workers.pop(name).close()
+
+        cluster.cluster.sync(drop)
+        _back_and_working(cluster, first)
+
+
+def test_a_slow_nanny_restart_is_not_closed_by_the_lost_worker_timeout() -> None:
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.2s",
+                          "mlcloud.cluster.revive-after": 1000}), \
+            mlc.up(workers=1, name="slow") as cluster:
+        (nanny,) = cluster.cluster.workers.values()
+        start = nanny.instantiate
+
+        async def slow() -> Any:
+            await asyncio.sleep(2)  # longer than the lost-worker timeout
             return await start()
 
-        nanny.instantiate = fails_once
-        (first,) = cluster_info.workers(cluster.client)
-        pid = cluster.client.run(os.getpid)[first]
-        os.kill(pid, signal.SIGKILL)
-        back = wait_for(lambda: set(cluster_info.workers(cluster.client)) - {first},
-                        timeout=60, what="the worker to be started again")
-        assert len(calls) == 2 and len(back) == 1
-        assert cluster.client.submit(lambda: 1 + 1).result() == 2
+        nanny.instantiate = slow
+        _back_and_working(cluster, _kill_the_worker(cluster))
+        assert list(cluster.cluster.workers.values()) == [nanny]  # its own restart, kept
+        assert cluster.cluster._mlcloud_watcher.replaced == 0
 
 
 def test_scale_and_adapt() -> None:
