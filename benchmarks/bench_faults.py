@@ -18,6 +18,9 @@
     run on noiseless targets (3 epochs, constant rate, mean training loss of the last 20
     steps), where the loss is still falling fast and measures speed per step instead.
     Targets: bytes <= 0.1x, final loss within 2 %.
+(d) kill -> first resumed step over ``--kills`` kills (20) in a row on one long-lived
+    cluster, a random rank at a random step each time, as p50/p95/max: on a quiet machine and
+    with a spinning process holding one of the two cores. ``--only-kills`` runs just this.
 Every rank uses one thread (2 ranks on 2 cores); the load average is printed with the
 results, since other work on the machine shifts the timings.
 """
@@ -25,10 +28,14 @@ results, since other work on the machine shifts the timings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +50,9 @@ WARMUP_STEPS = 32  # powersgd:2:32 compresses after 5 % of the target problem's 
 
 
 def fit(ctx: Any, width: int = 256, n_epochs: int = 2, kill_file: str | None = None,
-        lr: float = 0.02) -> Any:
-    """A regression MLP; with ``kill_file``, rank 1 kills its worker at step 40 of attempt 0.
+        lr: float = 0.02, kill_rank: int = 1, kill_step: int = 40) -> Any:
+    """A regression MLP; with ``kill_file``, rank ``kill_rank`` kills its worker at step
+    ``kill_step`` of attempt 0.
 
     Rank 0 returns its step times and step-boundary times, without the first 10 steps.
     """
@@ -83,8 +91,8 @@ def fit(ctx: Any, width: int = 256, n_epochs: int = 2, kill_file: str | None = N
             loss.backward()
             optimizer.step()
             ctx.report(loss=loss)
-            if kill_file and ctx.attempt == 0 and ctx.rank == 1 and ctx.step == 40:
-                while ctx.committed_step < 39:
+            if kill_file and ctx.attempt == 0 and ctx.rank == kill_rank and ctx.step == kill_step:
+                while ctx.committed_step < kill_step - 1:
                     time.sleep(0.01)
                 with open(kill_file, "w") as f:
                     f.write(repr(time.time()))
@@ -127,14 +135,47 @@ def fit_compressed(ctx: Any, n_epochs: int, noise: float, cosine: bool) -> Any:
     return (held_out, sent, full) if ctx.rank == 0 else None
 
 
-def recovery(cluster: mlc.ClusterHandle) -> dict[str, float]:
+def recovery(cluster: mlc.ClusterHandle, **kill: Any) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         kill_file = os.path.join(tmp, "killed")
-        run = mlc.train(fit, cluster=cluster, max_failures=1, kill_file=kill_file)
+        run = mlc.train(fit, cluster=cluster, max_failures=1, kill_file=kill_file, **kill)
         run.result(timeout=300)
         killed = float(Path(kill_file).read_text())
     phases = run.events[0]["phases"]
     return {name: phases[name] - killed for name in PHASES}
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """A process spinning on one of the cores while the block runs."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait(10)
+
+
+def kill_series(kills: int, busy: bool) -> list[float]:
+    """Kill -> first resumed step, in seconds, for ``kills`` runs in a row on one long-lived
+    cluster, each losing a random rank at a random step (a spinning process on one core
+    throughout when ``busy``)."""
+    draw = random.Random(7)
+    seconds = []
+    with mlc.up(workers=2, name="bench-kills") as cluster, \
+            (busy_core() if busy else contextlib.nullcontext()):
+        mlc.train(fit, cluster=cluster, n_epochs=1).result(timeout=300)  # warm
+        for _ in range(kills):
+            phases = recovery(cluster, n_epochs=1, kill_rank=draw.randrange(2),
+                              kill_step=draw.randrange(20, 60))
+            seconds.append(phases["first step"])
+            cluster.wait_for_workers(2, timeout=120)
+    return seconds
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def typical(values: list[float], every: int) -> float:
@@ -171,7 +212,22 @@ def compressed(cluster: mlc.ClusterHandle, compression: str, **problem: Any) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kills", type=int, default=20, help="kills per series of (d)")
+    parser.add_argument("--only-kills", action="store_true", help="run only (d)")
     args = parser.parse_args()
+    series = {}
+    for busy in (False, True):
+        load = os.getloadavg()[0]
+        series[busy] = (kill_series(args.kills, busy), load, os.getloadavg()[0])
+    print(f"\n(d) kill -> first resumed step, {args.kills} kills in a row on one cluster"
+          " (random rank, random step), seconds")
+    print(f"{'machine':<26}{'p50':>8}{'p95':>8}{'max':>8}{'min':>8}   load before/after")
+    for busy, (values, before, after) in series.items():
+        name = "one core held by a spinner" if busy else "quiet"
+        print(f"{name:<26}{percentile(values, 0.5):>8.2f}{percentile(values, 0.95):>8.2f}"
+              f"{max(values):>8.2f}{min(values):>8.2f}   {before:.2f}/{after:.2f}")
+    if args.only_kills:
+        return
     load_before = os.getloadavg()
     recoveries = []
     # A fresh cluster for each kill: the scheduler re-runs the finished tasks a killed worker

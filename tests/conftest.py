@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import dask
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 pytest_plugins = ("pytest_jupyter.jupyter_server",)
 
@@ -44,7 +53,7 @@ def no_cluster_left() -> Iterator[None]:
 
     before = set(mlc.clusters.handles())  # module-scoped clusters live on
     yield
-    leftovers = [h for h in mlc.clusters.handles() if h not in before]
+    leftovers = [h for h in mlc.clusters.handles() if h not in before and h not in SHARED]
     for handle in leftovers:
         handle.close()
     assert not leftovers, f"test left clusters open: {[h.name for h in leftovers]}"
@@ -70,3 +79,185 @@ def discovery_files() -> list[Path]:
 
     folder = discovery_dir()
     return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------- a cluster per test module
+
+SHARED: set[Any] = set()  # handles of module clusters: they outlive single tests
+WHOLE_WAIT_S = 60.0  # revive-after (15 s) with room for a slow machine
+
+
+def worker_states(cluster: Any) -> dict[Any, tuple[str, str]]:
+    """Each nanny's status and its worker process's status, for failure messages."""
+    return {name: (str(nanny.status), str(getattr(nanny.process, "status", None)))
+            for name, nanny in cluster.cluster.workers.items()}
+
+
+def wait_for_workers(cluster: Any, n: int, timeout: float = WHOLE_WAIT_S) -> None:
+    """Until the scheduler has ``n`` workers; fail naming each nanny's state."""
+    from jupyter_mlcloud import cluster_info
+
+    deadline = time.monotonic() + timeout
+    while len(cluster_info.workers(cluster.client)) < n:
+        if time.monotonic() > deadline:
+            pytest.fail(f"only {len(cluster_info.workers(cluster.client))} of {n} workers were"
+                        f" there after {timeout:g} s; nanny, process: {worker_states(cluster)}")
+        time.sleep(0.1)
+
+
+class ModuleCluster:
+    """The cluster a test module shares. :meth:`whole` hands it out with every worker up; one
+    whose workers do not come back is replaced, and the replacement is reported, so one
+    broken test stays one failure instead of failing every test after it."""
+
+    def __init__(self, name: str, workers: int, config: dict[str, Any]) -> None:
+        self.name, self.workers, self.config = name, workers, config
+        self.replaced = 0
+        self.handle = self._start()
+
+    def _start(self) -> Any:
+        import jupyter_mlcloud as mlc
+
+        with dask.config.set(self.config):
+            handle = mlc.up(workers=self.workers, name=self.name)
+        SHARED.add(handle)
+        return handle
+
+    def whole(self) -> Any:
+        """The cluster, once all its workers are up (a replacement if they never are)."""
+        from jupyter_mlcloud import cluster_info
+
+        deadline = time.monotonic() + WHOLE_WAIT_S
+        while len(cluster_info.workers(self.handle.client)) < self.workers:
+            if time.monotonic() > deadline:
+                have = len(cluster_info.workers(self.handle.client))
+                message = (f"cluster {self.name!r} had {have} of {self.workers} workers"
+                           f" {WHOLE_WAIT_S:g} s after the test before;"
+                           f" nanny, process: {worker_states(self.handle)}. Started a new one.")
+                print(message, file=sys.stderr)
+                warnings.warn(message, stacklevel=1)
+                self.close()
+                self.replaced += 1
+                self.handle = self._start()
+                deadline = time.monotonic() + WHOLE_WAIT_S
+            time.sleep(0.1)
+        return self.handle
+
+    def close(self) -> None:
+        SHARED.discard(self.handle)
+        self.handle.close()
+
+
+@pytest.fixture(scope="module")
+def module_cluster(request: pytest.FixtureRequest) -> Iterator[ModuleCluster]:
+    """The module's shared cluster, as its ``CLUSTER`` dict says (name, workers, config)."""
+    spec = dict(getattr(request.module, "CLUSTER", {}))
+    name = spec.get("name", request.module.__name__.rsplit(".", 1)[-1].replace("_", "-"))
+    config = {"mlcloud.train.replace-timeout": 120, **spec.get("config", {})}
+    box = ModuleCluster(name, spec.get("workers", 2), config)
+    with dask.config.set(config):
+        yield box
+    box.close()
+
+
+@pytest.fixture
+def cluster(module_cluster: ModuleCluster) -> Any:
+    """The module's cluster with every worker up, at the start of each test."""
+    return module_cluster.whole()
+
+
+# ---------------------------------------------------------------- training helpers
+
+
+def make_fit(kills: tuple[tuple[int, int, int], ...] = (), epochs: int = 3,
+             gate: str | None = None, commit_every: int = 1) -> Callable[..., Any]:
+    """A small float64 MLP with dropout, momentum and an LR schedule: everything a resume
+    must restore. ``kills``: (attempt, rank, step) at which that rank SIGKILLs its own worker,
+    once the launcher holds the last commit before it (one every ``commit_every`` steps).
+    ``gate``: at step 12 of the first attempt, rank 0 waits until that file exists."""
+
+    def fit(ctx: Any) -> Any:
+        import os
+        import signal
+        import time
+
+        import torch
+
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
+                                    torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)).double()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
+        ddp = ctx.prepare(model, optimizer, scheduler)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(256, 8, generator=g, dtype=torch.float64)
+        y = x.sum(1, keepdim=True).sin()
+        for _ in ctx.epochs(epochs):
+            for xb, yb in ctx.shard((x, y), batch_size=16):
+                loss = torch.nn.functional.mse_loss(ddp(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                ctx.report(loss=loss)
+                if (ctx.attempt, ctx.rank, ctx.step) in kills:
+                    while ctx.committed_step < (ctx.step - 1) // commit_every * commit_every:
+                        time.sleep(0.01)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if gate and ctx.attempt == 0 and ctx.rank == 0 and ctx.step == 12:
+                    while not os.path.exists(gate):
+                        time.sleep(0.02)
+            scheduler.step()
+        return model
+
+    return fit
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def keep_rank1_worker_dead(cluster: Any) -> None:
+    """Once killed, rank 1's worker is not restarted (no replacement comes), by its nanny or
+    by the cluster's revive watcher."""
+    from jupyter_mlcloud import cluster_info
+
+    async def stay_dead() -> None:
+        return None
+
+    victim = sorted(cluster_info.workers(cluster.client))[1]
+    for name, nanny in cluster.cluster.workers.items():
+        if nanny.worker_address == victim:
+            nanny.instantiate = stay_dead
+            cluster.cluster.worker_spec.pop(name)  # the watcher revives only what the spec names
+
+
+def read_line(process: Any, timeout: float = 120.0, what: str = "a line") -> str:
+    """The next line the child ``process`` prints; fail (and end it) after ``timeout``."""
+    import threading
+
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not got:
+        process.kill()
+        pytest.fail(f"the child process printed no {what} within {timeout:g} s")
+    return got[0]
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """A process spinning on one core for as long as the block runs: a user's busy machine."""
+    import subprocess
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait(10)

@@ -51,12 +51,14 @@ class HeldCluster:
 
 def start(name: str, runs: int = 1) -> HeldCluster:
     """Start the holding process and wait until its runs have finished."""
+    from .conftest import read_line
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "tests.held_cluster", name, str(runs)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                env=env, cwd=ROOT)
     assert process.stdout is not None
-    line = process.stdout.readline()
+    line = read_line(process, timeout=300, what="cluster address")
     if not line:
         process.wait(10)
         raise RuntimeError(f"the cluster-holding process ended with {process.returncode}")

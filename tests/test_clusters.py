@@ -17,7 +17,7 @@ from distributed import Client, LocalCluster
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud import cluster_info, discovery
 
-from .conftest import child_processes, discovery_files, wait_for
+from .conftest import child_processes, discovery_files, read_line, wait_for
 
 
 def test_up_starts_cpu_workers_and_cleans_up_on_close() -> None:
@@ -275,7 +275,7 @@ def test_duplicate_name_is_refused_across_processes(runtime_dir: Any) -> None:
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        assert proc.stdout is not None and read_line(proc, what="ready").strip() == "ready"
         with pytest.raises(ValueError, match="a cluster named 'shared' already exists"):
             mlc.up(workers=1, name="shared")
         assert discovery.get("shared").pid == proc.pid  # the other process's file is untouched

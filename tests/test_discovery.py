@@ -11,7 +11,7 @@ import pytest
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud import discovery
 
-from .conftest import discovery_files, wait_for
+from .conftest import discovery_files, read_line, wait_for
 
 CHILD = """
 import sys, jupyter_mlcloud as mlc
@@ -26,7 +26,7 @@ def test_cluster_started_in_another_process_is_listed_attached_and_cleaned() -> 
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
-        address = child.stdout.readline().strip()
+        address = read_line(child, what="its address").strip()
         [entry] = mlc.list_clusters(live=True)
         assert entry["name"] == "from-child" and entry["address"] == address
         assert entry["pid"] == child.pid and entry["kind"] == "local-cpu"

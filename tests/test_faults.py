@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,6 @@ import pytest
 import torch
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import cluster_info
 from jupyter_mlcloud.train import checkpoint
 from jupyter_mlcloud.train import worker as rank_worker
 from jupyter_mlcloud.train.checkpoint import CheckpointDir, Position
@@ -28,89 +25,27 @@ from jupyter_mlcloud.train.compression import (
 )
 from jupyter_mlcloud.train.run import describe_recovery
 
+from .conftest import (
+    ModuleCluster,
+    digest,
+    keep_rank1_worker_dead,
+    make_fit,
+    read_line,
+    wait_for_workers,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["detected", "cancelled", "workers ready", "rejoined", "restored", "first step"]
 
 
-def make_fit(kills: tuple[tuple[int, int, int], ...] = (), epochs: int = 3,
-             gate: str | None = None, commit_every: int = 1) -> Callable[..., Any]:
-    """A small float64 MLP with dropout, momentum and an LR schedule: everything a resume
-    must restore. ``kills``: (attempt, rank, step) at which that rank SIGKILLs its own worker,
-    once the launcher holds the last commit before it (one every ``commit_every`` steps).
-    ``gate``: at step 12 of the first attempt, rank 0 waits until that file exists."""
-
-    def fit(ctx: Any) -> Any:
-        import os
-        import signal
-        import time
-
-        import torch
-
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
-                                    torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)).double()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
-        ddp = ctx.prepare(model, optimizer, scheduler)
-        g = torch.Generator().manual_seed(1)
-        x = torch.randn(256, 8, generator=g, dtype=torch.float64)
-        y = x.sum(1, keepdim=True).sin()
-        for _ in ctx.epochs(epochs):
-            for xb, yb in ctx.shard((x, y), batch_size=16):
-                loss = torch.nn.functional.mse_loss(ddp(xb), yb)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                ctx.report(loss=loss)
-                if (ctx.attempt, ctx.rank, ctx.step) in kills:
-                    while ctx.committed_step < (ctx.step - 1) // commit_every * commit_every:
-                        time.sleep(0.01)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if gate and ctx.attempt == 0 and ctx.rank == 0 and ctx.step == 12:
-                    while not os.path.exists(gate):
-                        time.sleep(0.02)
-            scheduler.step()
-        return model
-
-    return fit
-
-
-def digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
+CLUSTER = {"name": "faults", "workers": 2,
+           # A busy CI machine can take long to restart a worker; the default wait is 30 s.
+           "config": {"mlcloud.train.replace-timeout": 120}}
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[mlc.ClusterHandle]:
-    # A busy CI machine can take long to restart a worker; the default wait is 30 s.
-    with mlc.up(workers=2, name="faults") as handle, \
-            dask.config.set({"mlcloud.train.replace-timeout": 120}):
-        yield handle
-
-
-@pytest.fixture(autouse=True)
-def two_workers(cluster: mlc.ClusterHandle) -> None:
-    """Every test starts with both workers up (a restart from the test before may be due)."""
-    wait_for_workers(cluster, 2)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(cluster: mlc.ClusterHandle) -> str:
-    return digest(mlc.train(make_fit(), cluster=cluster).result(timeout=300))
-
-
-def wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> None:
-    deadline = time.monotonic() + 60
-    while len(cluster_info.workers(cluster.client)) < n:
-        if time.monotonic() > deadline:
-            states = {name: (str(nanny.status), str(getattr(nanny.process, "status", None)))
-                      for name, nanny in cluster.cluster.workers.items()}
-            pytest.fail(f"the nanny did not bring the worker back; nanny, process: {states}")
-        time.sleep(0.1)
+def uninterrupted(module_cluster: ModuleCluster) -> str:
+    return digest(mlc.train(make_fit(), cluster=module_cluster.whole()).result(timeout=300))
 
 
 def _check_recovery(record: dict[str, Any], world_size: int) -> None:
@@ -170,17 +105,6 @@ def test_a_rank_exception_still_fails_fast(cluster: mlc.ClusterHandle) -> None:
     assert run.events == [] and run.finished is not None and run.finished - run.started < 15
 
 
-def keep_rank1_worker_dead(cluster: mlc.ClusterHandle) -> None:
-    """Once killed, rank 1's worker is not restarted by its nanny (no replacement comes)."""
-    async def stay_dead() -> None:
-        return None
-
-    victim = sorted(cluster_info.workers(cluster.client))[1]
-    for nanny in cluster.cluster.workers.values():
-        if nanny.worker_address == victim:
-            nanny.instantiate = stay_dead
-
-
 def test_no_replacement_goes_on_with_min_workers() -> None:
     with mlc.up(workers=2, name="shrink") as cluster, \
             dask.config.set({"mlcloud.train.replace-timeout": 2}):
@@ -202,7 +126,7 @@ def test_a_run_resumes_from_its_checkpoint_after_a_kernel_restart(
         [sys.executable, "-c", textwrap.dedent(f"""
             import time
             import jupyter_mlcloud as mlc
-            from tests.test_faults import make_fit
+            from tests.conftest import make_fit
             from jupyter_mlcloud.train.checkpoint import CheckpointDir
             mlc.connect({cluster.client.scheduler.address!r})
             run = mlc.train(make_fit(gate={str(gate)!r}), checkpoint_dir={str(directory)!r},
@@ -215,7 +139,7 @@ def test_a_run_resumes_from_its_checkpoint_after_a_kernel_restart(
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )
     try:
-        assert kernel.stdout is not None and kernel.stdout.readline().strip() == "checkpointed"
+        assert read_line(kernel, what="checkpointed").strip() == "checkpointed"
     finally:
         kernel.kill()
         kernel.wait()

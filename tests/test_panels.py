@@ -4,7 +4,6 @@ with the server's panels."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,11 +13,7 @@ from jupyter_mlcloud.panels.notebook import LiveLoss
 
 from .conftest import wait_for
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[mlc.ClusterHandle]:
-    with mlc.up(workers=1, name="panel-tests") as handle:
-        yield handle
+CLUSTER = {"name": "panel-tests", "workers": 1}
 
 
 def _train(ctx, steps=30, compressed=False):

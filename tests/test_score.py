@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +25,7 @@ SAMPLES = np.arange(1000) * 10
 FEATURES = [f"v{i}" for i in range(5)]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[mlc.ClusterHandle]:
-    with mlc.up(workers=2, name="score-tests") as handle:
-        yield handle
+CLUSTER = {"name": "score-tests", "workers": 2}
 
 
 @pytest.fixture(scope="module")

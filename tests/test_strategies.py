@@ -19,20 +19,9 @@ from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.train.param_server import assign_shards
 from jupyter_mlcloud.train.strategies import stage_bounds
 
-from .test_faults import digest, keep_rank1_worker_dead, make_fit, wait_for_workers
+from .conftest import digest, keep_rank1_worker_dead, make_fit
 
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[mlc.ClusterHandle]:
-    with mlc.up(workers=2, name="strategies") as handle, \
-            dask.config.set({"mlcloud.train.replace-timeout": 120}):
-        yield handle
-
-
-@pytest.fixture(autouse=True)
-def two_workers(cluster: mlc.ClusterHandle) -> None:
-    """Every test starts with both workers up (the kill test's worker restarts)."""
-    wait_for_workers(cluster, 2)
+CLUSTER = {"name": "strategies", "workers": 2}
 
 
 def _net() -> torch.nn.Sequential:

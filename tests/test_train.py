@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _thread
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -52,10 +53,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[mlc.ClusterHandle]:
-    with mlc.up(workers=2, name="train-tests") as handle:
-        yield handle
+CLUSTER = {"name": "train-tests", "workers": 2}
 
 
 @pytest.fixture
@@ -86,14 +84,17 @@ def test_cell_equals_torchrun_bit_for_bit(shell: InteractiveShell, tmp_path: Pat
     script.write_text(SCRIPT)
     digest_file = tmp_path / "digest"
     env = {**os.environ, "DIGEST_FILE": str(digest_file), "OMP_NUM_THREADS": "1"}
-    for _ in range(2):  # the peer: torchrun's own rendezvous can fail on a busy machine
-        done = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-             "2", str(script)],
-            env=env, capture_output=True, text=True, timeout=300,
-        )
-        if done.returncode == 0:
-            break
+    # The peer, with a static rendezvous on loopback: --standalone's c10d rendezvous goes
+    # through the hostname and a port torchrun picks, which a busy machine can lose.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "--nproc-per-node", "2",
+         str(script)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shell.run_cell_magic("distributed_train", "--workers 2 --out digest", SCRIPT)
     assert shell.user_ns["digest"] == digest_file.read_text()
@@ -326,18 +327,26 @@ def test_a_killed_worker_fails_the_run_fast_with_its_rank() -> None:
         assert mlc.train(lambda ctx: ctx.world_size, cluster=cluster).result(120) == 2
 
 
-def test_noblock_magic_returns_a_run_at_once(shell: InteractiveShell) -> None:
+def test_noblock_magic_returns_a_run_at_once(shell: InteractiveShell, tmp_path: Path) -> None:
     shell.user_ns.pop("seen", None)
+    gate = tmp_path / "gate"
+    shell.user_ns["gate_path"] = str(gate)
+    # Were --noblock to block, this would end the wait, and the run would come back done.
+    valve = threading.Timer(60, gate.write_text, ("",))
+    valve.start()
     run = shell.run_cell_magic("distributed_train", "--noblock --epochs 2 --out seen",
                                textwrap.dedent("""
-        import time
+        import os, time
         seen = []
         for epoch in ctx.epochs():
             ctx.report(epoch_seen=epoch)
             seen.append(epoch)
-            time.sleep(0.2)
+        while not os.path.exists(gate_path):  # only the test opens it, after --noblock returned
+            time.sleep(0.02)
     """))
-    assert isinstance(run, mlc.Run) and run.status in ("running", "finished")
+    assert isinstance(run, mlc.Run) and not run.done()  # the cell waits on a gate: at once
+    gate.write_text("")
+    valve.cancel()
     assert run.result(timeout=120) == {"seen": [0, 1]} and run.status == "finished"
     wait_for(lambda: shell.user_ns.get("seen") == [0, 1], what="--out names in the notebook")
     frame = run.metrics

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
 from .. import held_cluster
 from ..conftest import wait_for
 from .conftest import ARTIFACTS, Lab
@@ -40,16 +38,13 @@ def _wait_for_workers(page: Any, cluster: str, workers: int) -> None:
 def _open_sidebar(page: Any) -> None:
     tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
     tab.wait_for()
-    header = page.locator("#mlcloud-sidebar .jp-mlcloud-header")
-    for _ in range(3):  # a layout still being restored may close it again: look, then retry
-        if not page.locator("#mlcloud-sidebar").is_visible():
-            tab.click()
-        try:
-            header.wait_for(timeout=15_000)
-            return
-        except PlaywrightTimeout:
-            continue
-    header.wait_for()
+    # JupyterLab restores the saved layout after the tabs appear, and that can collapse a
+    # panel opened meanwhile: click only once it has restored (its splash screen is gone).
+    page.wait_for_function("() => !document.getElementById('jupyterlab-splash')",
+                           timeout=120_000)
+    if not page.locator("#mlcloud-sidebar").is_visible():
+        tab.click()
+    page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
 
 
 def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> None:
