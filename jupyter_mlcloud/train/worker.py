@@ -217,16 +217,10 @@ class _LineSink:
 
 
 @contextlib.contextmanager
-def _torchrun_env(spec: RankSpec) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in TORCHRUN_VARS}
-    os.environ.update(
-        RANK=str(spec.rank),
-        WORLD_SIZE=str(spec.world_size),
-        LOCAL_RANK=str(spec.local_rank),
-        LOCAL_WORLD_SIZE=str(spec.local_world_size),
-        MASTER_ADDR=spec.master_addr,
-        MASTER_PORT=str(spec.master_port),
-    )
+def _scoped_env(values: dict[str, str]) -> Iterator[None]:
+    """Set ``values`` in the environment while the rank runs; the warm worker gets its own back."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -235,6 +229,27 @@ def _torchrun_env(spec: RankSpec) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _torchrun_env(spec: RankSpec) -> contextlib.AbstractContextManager[None]:
+    values = (spec.rank, spec.world_size, spec.local_rank, spec.local_world_size,
+              spec.master_addr, spec.master_port)
+    return _scoped_env({k: str(v) for k, v in zip(TORCHRUN_VARS, values, strict=True)})
+
+
+def _socket_env(worker_address: str) -> contextlib.AbstractContextManager[None]:
+    """Bind gloo/NCCL to the interface of the worker's own address, not the hostname's (which
+    often resolves to 127.0.0.1); the user's own GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME win.
+    Set for the whole rank, so groups the user's code makes (``new_group``) bind the same way."""
+    import psutil
+
+    from .network import address_ip, socket_env
+
+    try:
+        ip = address_ip(worker_address)
+    except (OSError, ValueError):  # no IP to bind to (an unresolvable name): backend defaults
+        return contextlib.nullcontext()
+    return _scoped_env(socket_env(ip, os.environ, psutil.net_if_addrs()))
 
 
 @contextlib.contextmanager
@@ -390,7 +405,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
                                    spec.world_size, device, _servers(spec), spec.timeout),
         )
         resume_state = None
-        with _torchrun_env(spec), _owned_process_group(spec):
+        with _torchrun_env(spec), _socket_env(worker.address), _owned_process_group(spec):
             result = payload.run(ctx, spec.out)
             ctx.check_resumed()
             ctx.finish()
