@@ -190,9 +190,7 @@ class MLCloudMagics(Magics):
                 out=out,
                 timeout=args.timeout,
                 epochs=args.epochs,
-                strategy=StrategyOptions(args.strategy, args.microbatches,
-                                         args.pipeline_schedule, args.ps_workers,
-                                         args.max_staleness),
+                strategy=StrategyOptions.from_options({**vars(args), "name": args.strategy}),
                 compression=args.compression,
                 faults=FaultOptions.from_options(vars(args)),
             )

@@ -7,11 +7,13 @@ imported there.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -49,7 +51,7 @@ def _count(name: str, value: Any, minimum: int, allow_none: bool = False) -> Non
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by name only: a reordered field cannot mis-wire
 class FaultOptions:
     """How a run survives lost workers: commits, checkpoints, resume and elastic rules."""
 
@@ -271,7 +273,7 @@ def launch(
 ) -> Run:
     """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`."""
     if not isinstance(strategy, StrategyOptions):
-        strategy = StrategyOptions(str(strategy))
+        strategy = StrategyOptions(name=str(strategy))
     spec = _check_options(strategy, compression, backend, seed, timeout, epochs)
     faults.check(workers)
     client, kind = clusters.resolve(cluster)
@@ -343,9 +345,16 @@ def train(
     pipeline_schedule: str = "1f1b",
     ps_workers: int | None = None,
     max_staleness: int | None = None,
+    config: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Run:
-    """Run ``fn(ctx, *args, **kwargs)`` on every selected worker, data-parallel; return a ``Run``.
+    """Run ``fn(ctx, *args, **config)`` on every selected worker, data-parallel; return a ``Run``.
+
+    The function's own arguments come positionally (``*args``) or as the mapping ``config``;
+    a keyword that names one of ``fn``'s parameters is passed on too. Any other keyword is
+    refused with the list of run options, so ``mlc.train(fn, noblok=True)`` fails at once
+    instead of inside rank 0. (A run option, such as ``seed``, is always the run's: give the
+    function its own ``seed`` through ``config``.)
 
     ``cluster``: a cluster name, ``ClusterHandle`` or ``Client`` (default: the current
     cluster). ``workers``: how many ranks (default: every free worker). ``backend``: gloo or
@@ -374,16 +383,55 @@ def train(
     if not callable(fn):
         raise ValueError(f"train needs a function taking ctx, got {type(fn).__name__}.")
     return launch(
-        FunctionPayload(fn, args, kwargs),
+        FunctionPayload(fn, args, function_kwargs(fn, kwargs, config)),
         cluster=cluster,
         workers=workers,
         backend=backend,
         seed=seed,
         timeout=timeout,
         epochs=epochs,
-        strategy=StrategyOptions(strategy, microbatches, pipeline_schedule, ps_workers,
-                                 max_staleness),
+        strategy=StrategyOptions(name=strategy, microbatches=microbatches,
+                                 pipeline_schedule=pipeline_schedule, ps_workers=ps_workers,
+                                 max_staleness=max_staleness),
         compression=compression,
-        faults=FaultOptions(max_failures, min_workers, commit_every, checkpoint_dir,
-                            checkpoint_every, checkpoint_keep, resume, elastic),
+        faults=FaultOptions(max_failures=max_failures, min_workers=min_workers,
+                            commit_every=commit_every, checkpoint_dir=checkpoint_dir,
+                            checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
+                            resume=resume, elastic=elastic),
     )
+
+
+def run_options() -> list[str]:
+    """The keyword options of :func:`train` (everything but the user function's own)."""
+    return [name for name, p in inspect.signature(train).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def function_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any],
+                    config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keywords ``fn`` is called with: ``config``, plus any of ``kwargs`` that name one of
+    ``fn``'s own parameters. Any other name is refused in one sentence that lists the run
+    options and suggests the nearest, so a misspelt option never reaches ``fn`` silently."""
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(f"config must be a mapping of keyword arguments for the function, got"
+                         f" {type(config).__name__}.")
+    try:
+        own = {name for name, p in inspect.signature(fn).parameters.items()
+               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    except (TypeError, ValueError):  # a builtin or C function: no signature to check against
+        own = set()
+    unknown = [name for name in kwargs if name not in own]
+    if unknown:
+        options = run_options()
+        near = difflib.get_close_matches(unknown[0], options + sorted(own), n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise ValueError(
+            f"{unknown[0]!r} is neither an option of train nor a parameter of"
+            f" {getattr(fn, '__name__', 'the function')}.{hint} The options are:"
+            f" {', '.join(options)}; pass the function's own arguments positionally or as"
+            " config={...}."
+        )
+    both = sorted(set(kwargs) & set(config or {}))
+    if both:
+        raise ValueError(f"{both[0]!r} is given both as a keyword and in config; give it once.")
+    return {**(config or {}), **kwargs}

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 STRATEGIES = ("ddp", "fsdp", "pipeline", "ps-sync", "ps-async")
@@ -35,7 +35,7 @@ def _whole(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by name only: a reordered field cannot mis-wire
 class StrategyOptions:
     """A run's ``--strategy`` and the options that belong to it."""
 
@@ -44,6 +44,12 @@ class StrategyOptions:
     pipeline_schedule: str = "1f1b"  # pipeline
     ps_workers: int | None = None  # ps-*: parameter-server shards
     max_staleness: int | None = None  # ps-async: SSP bound
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> StrategyOptions:
+        """The strategy options among ``options`` (e.g. a magic's parsed arguments, same
+        names; ``name`` is the strategy)."""
+        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
     @property
     def is_ps(self) -> bool:
