@@ -42,6 +42,7 @@ lab: install
 test: install
 	$(BIN)/ruff check jupyter_mlcloud tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	cd labextension && npm run --silent lint
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
@@ -55,6 +56,7 @@ bench: install
 lint: install
 	$(BIN)/ruff check jupyter_mlcloud tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) labextension/node_modules labextension/lib jupyter_mlcloud/labextension dist build

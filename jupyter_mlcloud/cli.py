@@ -12,19 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from .flags import add_score_options
 
 EXIT_OK, EXIT_USAGE, EXIT_CLUSTER, EXIT_FAILED = 0, 2, 3, 4
-
-
-def add_score_options(p: argparse.ArgumentParser, integer: Callable[[str], int] = int) -> None:
-    """The options `mlc.score` takes, as flags (shared with the %batch_score magics)."""
-    p.add_argument("--features", help="comma-separated variables or columns, in model order")
-    p.add_argument("--sample-dim", help="the sample dimension (default: the first)")
-    p.add_argument("--batch-size", type=integer, default=1024, help="rows per batch (1024)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", help="input dtype, e.g. float32 or bfloat16")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.display import display
 
 from . import clusters
-from .cli import add_score_options
+from .flags import add_score_options
 
 SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect")
 
