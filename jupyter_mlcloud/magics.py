@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import ast
 import shlex
-import threading
 from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
@@ -209,12 +208,11 @@ class MLCloudMagics(Magics):
                 if out:
                     user_ns = self.shell.user_ns
 
-                    def bring_back() -> None:  # the --out names arrive when the run finishes
-                        run.wait()
-                        if run.status == "finished":
-                            user_ns.update(run.result())
+                    def bring_back(done: Any) -> None:  # the --out names, once it finished
+                        if done.status == "finished":
+                            user_ns.update(done.result())
 
-                    threading.Thread(target=bring_back, daemon=True).start()
+                    run.add_done_callback(bring_back)
                 return run
             monitor.follow()
         except KeyboardInterrupt:

@@ -137,16 +137,15 @@ def follow(live: LiveLoss, run: Any) -> None:
         if kind == "metrics":
             live.add(run.id, items)
 
-    def at_end() -> None:
-        run.wait()
-        live.add(run.id, _records(run.metrics))
-        if run.status != "finished":
-            live.notice(f"run {run.id} {run.status}")
+    def at_end(done: Any) -> None:
+        live.add(done.id, _records(done.metrics))
+        if done.status != "finished":
+            live.notice(f"run {done.id} {done.status}")
 
     with live.lock:  # points arriving meanwhile wait, then are dropped as repeats
         run.add_listener(on_items)
         live.add(run.id, _records(run.metrics))
-    threading.Thread(target=at_end, daemon=True, name=f"panel-{run.id}").start()
+    run.add_done_callback(at_end)
 
 
 def monitor(*runs_: Any) -> Any:

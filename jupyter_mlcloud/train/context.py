@@ -27,6 +27,10 @@ class TrainContext:
     from ``ctx.shard``: before each batch the state registered by ``prepare`` is committed,
     and a resumed attempt skips the epochs, loops and batches already done and restores that
     state just before the batch it stopped at, so the training code needs no restore logic.
+
+    The step boundaries (before each ``ctx.shard`` batch and after its last), each epoch of
+    ``ctx.epochs`` and each ``ctx.report`` are the safe points where a cancelled rank stops,
+    raising ``RunCancelled`` on its own thread.
     """
 
     def __init__(
@@ -72,7 +76,7 @@ class TrainContext:
         self._commits, self._resume = commits or CommitPlan(), resume
         self._compression, self._elastic = compression or CompressionSpec(), elastic_rule
         self._emit = emit
-        self._guard = guard  # raises when the launcher no longer wants this rank
+        self._guard = guard  # raises RunCancelled when this rank should stop
         self._steps = 0  # batches drawn from ctx.shard in the whole run
         self._loop = -1  # index of the current ctx.shard iteration within the epoch
         self._drawn = False  # a batch of the current loop is in the user's hands
@@ -176,6 +180,7 @@ class TrainContext:
             raise ValueError(f"ctx.epochs needs a whole number >= 0, got {n!r}.")
         start = self._resume.position.epoch if self._resume is not None else 0
         for epoch in range(start, n):
+            self._safe_point()
             self.epoch = epoch
             self._loop = -1
             yield epoch
@@ -185,6 +190,7 @@ class TrainContext:
 
         ``step`` defaults to a counter that grows by one per call.
         """
+        self._safe_point()
         self.step = self.step + 1 if step is None else int(step)
         if self._compressions:
             values = {**values, **self._bytes_per_step()}
@@ -284,16 +290,19 @@ class TrainContext:
         self._boundary(count)
         self._drawn = False
 
+    def _safe_point(self) -> None:
+        if self._guard is not None:
+            self._guard()
+
     def _boundary(self, batch: int) -> None:
         """Position ``batch`` of the current loop: restore there, or end the step before it."""
+        self._safe_point()
         if self._at_target and self._resume is not None:
             self._restore()
         elif self._drawn:
             self._step_done(batch)
 
     def _step_done(self, batch: int) -> None:
-        if self._guard is not None:
-            self._guard()
         self._steps += 1
         if self._first_step_pending:
             self._first_step_pending = False

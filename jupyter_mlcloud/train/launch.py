@@ -308,9 +308,8 @@ def launch(
     try:
         run.subscribe()
         futures = starter(chosen, snap, 0)
-    except BaseException:
-        starter.release()
-        _forget(run)
+    except BaseException as e:
+        run._abandon(e)  # releases what was shipped and forgets the run
         if directory is not None:
             directory.discard()
         raise

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from .strategies import Strategy, StrategyOptions, _no_pipeline_args
+from .worker import cancel_point
 
-CALL_POLL_S = 0.25  # actor replies are waited for in slices, so a cancel lands promptly
+CALL_POLL_S = 0.25  # actor replies are waited for in slices, so a cancel is seen promptly
 
 
 def assign_shards(sizes: dict[str, int], shards: int) -> dict[str, int]:
@@ -181,7 +182,7 @@ def _call(future: Any) -> Any:
         try:
             return future.result(timeout=CALL_POLL_S)
         except TimeoutError:
-            continue
+            cancel_point()
 
 
 class ParamServerStrategy(Strategy):

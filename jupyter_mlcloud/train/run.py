@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,20 @@ WATCH_INTERVAL_S = 0.25  # how often the watcher looks for a lost worker
 REPLACE_TIMEOUT_S = 30.0  # default wait for replacement workers (mlcloud.train.replace-timeout)
 PHASES = ("detected", "cancelled", "workers ready", "rejoined", "restored", "first step")
 
+# The run's states and the moves allowed between them (``Run._transition``). A cancel may come
+# in any state that is not final and always ends as "cancelled"; a final state is never left.
+FINAL = ("finished", "error", "cancelled")
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "pending": ("running", "cancelling", "error"),
+    "running": ("recovering", "cancelling", "finished", "error"),
+    "recovering": ("running", "cancelling", "error"),
+    "cancelling": ("cancelled",),
+    "finished": (),
+    "error": (),
+    "cancelled": (),
+}
+_log = logging.getLogger(__name__)
+
 
 def describe_recovery(record: dict[str, Any]) -> str:
     """One line for a recovery record of ``run.events``, with the phases reached so far."""
@@ -37,6 +52,10 @@ def describe_recovery(record: dict[str, Any]) -> str:
     return (f"[mlcloud] lost rank(s) {record['lost_ranks']}; recovery {record['attempt']}"
             f" resumes from step {record['from_step']} on {record['world_size']} worker(s):"
             f" {steps}")
+
+
+def _cancelled() -> TrainingError:
+    return TrainingError("the run was cancelled; every rank was stopped.")
 
 
 def _consequential(exc: BaseException) -> bool:
@@ -59,9 +78,22 @@ class Run:
     """A training run: one task per rank on pinned workers.
 
     ``result()`` waits and returns rank 0's result; ``cancel()`` stops every rank;
-    ``status`` is pending, running, recovering, finished, error or cancelled; ``metrics`` is a
-    DataFrame of every ``ctx.report`` point; ``logs`` every line the ranks printed; ``events``
-    one dict per recovery (lost workers, the step it resumed from, the time of each phase).
+    ``metrics`` is a DataFrame of every ``ctx.report`` point; ``logs`` every line the ranks
+    printed; ``events`` one dict per recovery (lost workers, the step it resumed from, the
+    time of each phase); ``add_done_callback(fn)`` calls ``fn(run)`` once the run has ended.
+
+    ``status`` moves only along these arrows (``TRANSITIONS``)::
+
+        pending    -> running | cancelling | error
+        running    -> recovering | cancelling | finished | error
+        recovering -> running | cancelling | error
+        cancelling -> cancelled
+
+    pending: created, ranks not started yet; running: ranks training; recovering: a worker
+    was lost and the run is restarting from its last commit; cancelling: ``cancel()`` was
+    called and the ranks are being stopped. finished, error and cancelled are final: a run
+    that reached one never leaves it, and ``cancel()`` is then a no-op. A cancel in any other
+    state ends as cancelled, whatever the ranks did meanwhile.
     """
 
     def __init__(
@@ -90,6 +122,7 @@ class Run:
         self._error: TrainingError | None = None
         self._result: Any = None
         self._done = threading.Event()
+        self._done_callbacks: list[Callable[[Run], None]] = []
         self._listeners: list[Callable[[str, list[dict[str, Any]]], None]] = []
         self._lock = threading.Lock()
         self._starter = starter  # starts an attempt on given workers (see launch.RankStarter)
@@ -109,8 +142,13 @@ class Run:
     def start(self, futures: list[Any]) -> None:
         """Watch the rank futures (in a thread) until every rank is done."""
         self._futures = futures
-        self._status = "running"
+        self._transition("running")  # refused if cancelled meanwhile: the watcher stops them
         threading.Thread(target=self._watch, name=f"watch-{self.id}", daemon=True).start()
+
+    def _abandon(self, exc: BaseException) -> None:
+        """End a run whose ranks could not be started (the launch failed after creating it)."""
+        self._end("error", TrainingError(f"the run could not be started: {exc}"))
+        self._close(announce=False)  # it was never announced as started either
 
     def add_listener(self, listener: Callable[[str, list[dict[str, Any]]], None]) -> None:
         """``listener(kind, items)`` with kind ``"metrics"`` or ``"logs"``, from any thread."""
@@ -148,6 +186,35 @@ class Run:
             except Exception:
                 pass  # a display problem must never stop the run
 
+    # ------------------------------------------------------------ states
+
+    def _transition(self, to: str, error: TrainingError | None = None,
+                    result: Any = None) -> bool:
+        """Move to state ``to`` if ``TRANSITIONS`` allows it from the current one (a final one
+        with its ``error`` or ``result``); every state change goes through here, under the
+        lock. False, and nothing changed, if refused."""
+        if to not in TRANSITIONS:
+            raise ValueError(f"run state {to!r} is unknown; allowed: {', '.join(TRANSITIONS)}.")
+        with self._lock:
+            if to not in TRANSITIONS[self._status]:
+                return False
+            if to in FINAL:  # the outcome is in place before the state says final
+                self._error, self._result = error, result
+            self._status = to
+            return True
+
+    @property
+    def _cancel_requested(self) -> bool:
+        return self._status == "cancelling"
+
+    def _end(self, status: str, error: TrainingError | None = None, result: Any = None) -> None:
+        """Reach the final ``status``; a cancel asked for meanwhile wins over any other end."""
+        if self._transition(status, error, result) or status == "cancelled":
+            return
+        # Refused: either final already (nothing to do) or cancelling, which only this
+        # thread (the watcher) leaves, so this second move cannot be raced.
+        self._transition("cancelled", _cancelled())
+
     # ------------------------------------------------------------ watching
 
     def _missing_workers(self) -> list[str]:
@@ -162,21 +229,24 @@ class Run:
             while True:
                 self._await_attempt()
                 outcome, detail = self._outcome()
-                if outcome == "lost" and self.attempt < self.max_failures:
+                if (outcome == "lost" and self.attempt < self.max_failures
+                        and self._transition("recovering")):
                     try:
                         self._recover(detail)
                         continue
                     except TrainingError as e:
                         self._cancel_ranks()
-                        self._status, self._error = "error", e
+                        self._end("error", e)  # cancelled, if that was asked meanwhile
                         break
                 self._conclude(outcome, detail)
                 break
-            self._close()
         except Exception as e:  # the watcher itself must always end the run
-            self._error = TrainingError(f"the run's watcher failed: {e}")
-            self._status = "error"
-            self._close()
+            try:
+                self._cancel_ranks()
+            except Exception:
+                pass
+            self._end("error", TrainingError(f"the run's watcher failed: {e}"))
+        self._close()
 
     def _await_attempt(self) -> None:
         """Until a rank fails, a worker goes, the run is cancelled or every rank is done."""
@@ -191,13 +261,13 @@ class Run:
             except TimeoutError:
                 pass
             failed = any(f.status == "error" for f in self._futures)
-            if failed or self._status == "cancelling" or self._missing_workers():
+            if failed or self._cancel_requested or self._missing_workers():
                 return
             self._pull()
 
     def _outcome(self) -> tuple[str, Any]:
         """finished, cancelled, ("error", (rank, exc)) or ("lost", [gone workers])."""
-        if self._status == "cancelling":
+        if self._cancel_requested:
             return "cancelled", None
         if all(f.status == "finished" for f in self._futures):
             return "finished", None
@@ -219,27 +289,23 @@ class Run:
     def _conclude(self, outcome: str, detail: Any) -> None:
         if outcome == "finished":
             self._pull(final=True)
-            self._result = self._futures[0].result()
-            self._status = "finished"
+            self._end("finished", result=self._futures[0].result())
             return
         self._cancel_ranks()
         if outcome == "cancelled":
-            self._status = "cancelled"
-            self._error = TrainingError("the run was cancelled; every rank was stopped.")
+            self._end("cancelled", _cancelled())
         elif outcome == "error":
             rank, exc = detail
-            self._status = "error"
-            self._error = TrainingError(str(exc), rank=rank)
+            self._end("error", TrainingError(str(exc), rank=rank))
         else:
             rank = self.workers.index(detail[0])
             after = (f" It had already recovered {self.attempt} time(s), the most"
                      f" --max-failures {self.max_failures} allows." if self.max_failures else "")
-            self._status = "error"
-            self._error = TrainingError(
+            self._end("error", TrainingError(
                 f"[rank {rank}] worker {detail[0]} died during the run; every other rank was"
                 f" cancelled.{after}",
                 rank=rank,
-            )
+            ))
 
     # ------------------------------------------------------------ commits and recovery
 
@@ -265,10 +331,10 @@ class Run:
                                        "line": f"checkpoint of step {snap.step} not written: {e}"}])
 
     def _recover(self, gone: list[str]) -> None:
-        """Cancel the survivors, wait for workers, start the next attempt from the last commit."""
+        """Cancel the survivors, wait for workers, start the next attempt from the last commit
+        (the state is "recovering" already)."""
         phases = {"detected": time.time()}
         lost_ranks = [self.workers.index(w) for w in gone]
-        self._status = "recovering"
         self._cancel_ranks()
         phases["cancelled"] = time.time()
         workers = self._wait_for_workers(gone)
@@ -289,8 +355,7 @@ class Run:
         phases["rejoined"] = time.time()
         self._release_ranks()
         self.workers, self.world_size, self._futures = workers, len(workers), futures
-        if self._status == "recovering":
-            self._status = "running"
+        self._transition("running")  # refused if cancelled meanwhile: the watcher stops them
         self._notify("recovery", [record])
 
     def _wait_for_workers(self, gone: list[str]) -> list[str]:
@@ -302,7 +367,7 @@ class Run:
         timeout = float(dask.config.get("mlcloud.train.replace-timeout", REPLACE_TIMEOUT_S))
         deadline = time.monotonic() + timeout
         while True:
-            if self._status == "cancelling":
+            if self._cancel_requested:  # ends as cancelled (see _end)
                 raise TrainingError("the run was cancelled while it waited for workers.")
             try:
                 free = self._starter.free_workers(self)
@@ -347,8 +412,8 @@ class Run:
                 future.cancel()  # its worker is gone: nothing to stop, nothing to wait for
         targets = [w for w, _ in running if w in alive]
         if targets:
-            try:
-                self.client.run(cancel_rank, self.id, workers=targets)
+            try:  # with the attempt, a rank whose task has not started yet stops as it starts
+                self.client.run(cancel_rank, self.id, self.attempt, workers=targets)
             except Exception:
                 pass
             try:
@@ -366,7 +431,7 @@ class Run:
             future.release()
         self._futures = []
 
-    def _close(self) -> None:
+    def _close(self, announce: bool = True) -> None:
         # The event log is the truth: re-read it so no point flushed at the end is missed.
         try:
             with self._lock:
@@ -376,7 +441,9 @@ class Run:
             for topic in (metrics.metrics_topic(self.id), metrics.logs_topic(self.id),
                           metrics.control_topic(self.id)):
                 self.client.unsubscribe_topic(topic)
-            self.client.log_event(metrics.RUNS_TOPIC, {"run": self.id, "state": self._status})
+            if announce:  # the runs listing shows the run with this final state
+                self.client.log_event(metrics.RUNS_TOPIC, {"run": self.id,
+                                                           "state": self._status})
         except Exception:
             pass
         if self._starter is not None:
@@ -386,18 +453,42 @@ class Run:
         from .launch import _forget
 
         _forget(self)
-        self._done.set()
+        with self._lock:  # a callback added from now on is called at once, by its adder
+            self._done.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
+        for callback in callbacks:
+            self._call_back(callback)
+
+    def _call_back(self, callback: Callable[[Run], None]) -> None:
+        try:
+            callback(self)
+        except Exception:  # one failing callback must not keep the others from running
+            _log.exception("a done callback of run %s failed", self.id)
 
     # ------------------------------------------------------------ public
 
     @property
     def status(self) -> str:
-        """pending, running, cancelling, finished, error or cancelled."""
+        """pending, running, recovering, cancelling, finished, error or cancelled (see the
+        class docstring for how it moves)."""
         return self._status
 
     def done(self) -> bool:
-        """True once every rank has ended (and the workers are free again)."""
+        """True once the run is in a final state, every rank has ended (or was given up on
+        after ``CANCEL_GRACE_S``) and the done callbacks are due."""
         return self._done.is_set()
+
+    def add_done_callback(self, fn: Callable[[Run], None]) -> None:
+        """Call ``fn(run)`` once, when the run is done (from the run's watcher thread), or at
+        once (from this thread) if it is done already. An exception in ``fn`` is logged and
+        otherwise ignored."""
+        if not callable(fn):
+            raise ValueError(f"add_done_callback needs a function taking the run, got {fn!r}.")
+        with self._lock:
+            if not self._done.is_set():
+                self._done_callbacks.append(fn)
+                return
+        self._call_back(fn)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the run ends; False if ``timeout`` passed first."""
@@ -412,10 +503,12 @@ class Run:
         return self._result
 
     def cancel(self, wait: bool = True) -> None:
-        """Stop every rank and free the workers (waits for teardown unless ``wait=False``)."""
-        if self._done.is_set():
-            return
-        self._status = "cancelling"
+        """Stop every rank and free the workers (waits for teardown unless ``wait=False``).
+
+        From any state that is not final the run goes to cancelling and ends as cancelled; a
+        finished, failed or cancelled run stays as it is.
+        """
+        self._transition("cancelling")  # refused once final: a no-op then
         if wait:
             self._done.wait()
 

@@ -3,12 +3,18 @@
 The worker process stays warm between runs (torch imported once), so everything a rank sets
 up (environment, stdout routing, process group, patched init/destroy) is undone in ``finally``,
 in an order that cannot wedge the worker: models first, then the process group.
+
+Cancelling is cooperative: ``cancel_rank`` only sets the rank's flag, and the rank raises
+``RunCancelled`` on its own thread at its next safe point (each ``ctx.shard`` batch, each
+``ctx.epochs`` epoch, each ``ctx.report``), so nothing can interrupt the teardown. A rank blocked
+in a gloo collective is released when a peer (cancelled too) destroys its group: in torch 2.13
+``ProcessGroup.abort()``, ``shutdown()`` or ``destroy_process_group()`` called from another
+thread of the blocked rank's own process do not release it; a peer's closed connections do.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import gc
 import io
@@ -19,6 +25,7 @@ import socket
 import sys
 import threading
 import traceback
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +77,7 @@ class RankFailed(Exception):
 
 
 class RunCancelled(Exception):
-    """Raised inside a rank's thread when its run is cancelled."""
+    """Raised by a rank on its own thread, at a step boundary, once its run is cancelled."""
 
 
 # ---------------------------------------------------------------- payloads
@@ -121,12 +128,21 @@ class CellPayload:
 class _Active:
     run_id: str
     rank: int
+    attempt: int
     thread_id: int
-    cancelled: bool = False
-    finishing: bool = False  # in teardown: too late to interrupt
+    cancelled: bool = False  # read by the rank at its safe points
+    finishing: bool = False  # in teardown: too late to stop
+
+    def check(self) -> None:
+        """A safe point of the rank: stop here if the run was cancelled."""
+        if self.cancelled:
+            raise RunCancelled(f"run {self.run_id} was cancelled.")
 
 
 _active: dict[str, _Active] = {}
+# Cancels that arrived before their rank's task started: (run id, attempt), newest last.
+_early_cancels: OrderedDict[tuple[str, int], None] = OrderedDict()
+EARLY_CANCELS_KEPT = 256
 _lock = threading.Lock()
 
 
@@ -137,23 +153,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cancel_rank(run_id: str) -> bool:
-    """Interrupt this worker's rank of ``run_id`` (called through ``Client.run``)."""
+def cancel_rank(run_id: str, attempt: int | None = None) -> bool:
+    """Ask this worker's rank of ``run_id`` to stop at its next safe point (called through
+    ``Client.run``); True if a running rank was flagged.
+
+    With ``attempt``, a rank of that attempt whose task has not started yet is flagged when it
+    does: it still joins the rendezvous (its peers wait there for it), then stops at once.
+    """
     with _lock:
         active = _active.get(run_id)
-        if active is None or active.finishing:
-            return False
-        active.cancelled = True
-        # Raised at the rank's next Python bytecode; a rank blocked in a collective is
-        # released when a peer tears its process group down.
-        _set_async_exc(active.thread_id, RunCancelled)
-    return True
+        if active is not None and attempt in (None, active.attempt):
+            if active.finishing:
+                return False
+            active.cancelled = True
+            return True
+        if attempt is not None:
+            _early_cancels[(run_id, attempt)] = None
+            while len(_early_cancels) > EARLY_CANCELS_KEPT:
+                _early_cancels.popitem(last=False)
+        return False
 
 
-def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else ctypes.c_void_p(0)
-    )
+def cancel_point() -> None:
+    """Raise ``RunCancelled`` if the rank running on this thread was cancelled (for waits
+    outside ``ctx``, e.g. on parameter-server replies)."""
+    me = threading.get_ident()
+    with _lock:
+        mine = [a for a in _active.values() if a.thread_id == me]
+    for active in mine:
+        active.check()
 
 
 def busy_with() -> list[str]:
@@ -359,11 +387,16 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
                 f"worker {worker.address} is already training run {next(iter(_active))};"
                 " pick other workers or wait for it."
             )
-        _active[spec.run_id] = _Active(spec.run_id, spec.rank, threading.get_ident())
+        active = _Active(spec.run_id, spec.rank, spec.attempt, threading.get_ident())
+        if (spec.run_id, spec.attempt) in _early_cancels:
+            del _early_cancels[(spec.run_id, spec.attempt)]
+            active.cancelled = True
+        _active[spec.run_id] = active
     checkpoint.open_ring(spec.run_id, spec.attempt)
     key = getattr(thread_state, "key", None)
 
     def still_wanted() -> None:
+        active.check()
         # A launcher that went away (a kernel restart) released this task: stop, so the
         # worker is free for the resumed run instead of finishing an orphan.
         task = worker.state.tasks.get(key) if key is not None else None
@@ -406,20 +439,19 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
         )
         resume_state = None
         with _torchrun_env(spec), _socket_env(worker.address), _owned_process_group(spec):
+            # Cancelled during the rendezvous: every rank joined it, so every rank can leave.
+            still_wanted()
             result = payload.run(ctx, spec.out)
             ctx.check_resumed()
             ctx.finish()
             return _to_notebook(result, ctx.export) if spec.rank == 0 else None
-    except BaseException as exc:  # noqa: B036 - cancellation arrives as any exception
+    except BaseException as exc:  # noqa: B036 - a torchrun script may sys.exit()
         failure = _format_failure(spec.rank, exc)
         traceback.clear_frames(exc.__traceback__)
         exc.__traceback__ = None
     finally:
         with _lock:
-            state = _active[spec.run_id]
-            state.finishing = True
-            if state.cancelled:  # a cancel that arrived too late must not fire in teardown
-                _set_async_exc(state.thread_id, None)
+            active.finishing = True
         _sinks.pop(threading.get_ident(), None)
         sink.close()
         if ctx is not None:
