@@ -316,6 +316,20 @@ class MLCloudMagics(Magics):
         display(cluster_card(handle))
 
 
+def _full_help(parser: _Parser) -> str:
+    """The parser's help followed by each subcommand's."""
+    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return parser.format_help() + "".join(
+        f"\n{sub.format_help()}" for group in groups for sub in group.choices.values())
+
+
+# `%mlcloud?`, `%%distributed_train?` and `%%batch_score?` show every option, as --help does.
+MLCloudMagics.mlcloud.__doc__ = _full_help(_PARSER)
+MLCloudMagics.distributed_train.__doc__ = _full_help(_TRAIN_PARSER)
+MLCloudMagics.batch_score.__doc__ = (_full_help(_SCORE_LINE_PARSER) + "\n"
+                                     + _full_help(_SCORE_CELL_PARSER))
+
+
 def register(ipython: Any) -> None:
     """Register every magic of the package with an IPython shell."""
     ipython.register_magics(MLCloudMagics)

@@ -91,3 +91,19 @@ def test_duplicate_name_in_magic(shell: InteractiveShell) -> None:
     with mlc.up(workers=1, name="taken"):
         with pytest.raises(UsageError, match="a cluster named 'taken' already exists"):
             shell.run_line_magic("mlcloud", "up --workers 1 --name taken")
+
+
+def test_question_mark_help_documents_every_option(shell: InteractiveShell) -> None:
+    from jupyter_mlcloud.magics import _PARSER, _SCORE_CELL_PARSER, _TRAIN_PARSER
+
+    magics = shell.magics_manager.magics
+    docs = {"mlcloud": magics["line"]["mlcloud"].__doc__,
+            "distributed_train": magics["cell"]["distributed_train"].__doc__,
+            "batch_score": magics["cell"]["batch_score"].__doc__}
+    subcommands = [a for a in _PARSER._actions if a.dest == "command"][0].choices.values()
+    for name, parsers in (("mlcloud", list(subcommands)),
+                          ("distributed_train", [_TRAIN_PARSER]),
+                          ("batch_score", [_SCORE_CELL_PARSER])):
+        flags = {f for p in parsers for a in p._actions for f in a.option_strings}
+        missing = sorted(f for f in flags if f not in docs[name])
+        assert not missing, f"{name}? does not document {missing}"
