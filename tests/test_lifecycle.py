@@ -343,6 +343,32 @@ def test_cancel_releases_a_rank_blocked_in_a_collective(cluster: mlc.ClusterHand
         check_cancelled_and_workers_free(run, cluster)
 
 
+def torchrun_style(ctx: Any, marker: str) -> None:
+    """A pasted torchrun script: DDP and its optimizer, and nothing of ``ctx``."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    if dist.get_rank() == 0:
+        open(marker, "w").close()
+    ddp = DistributedDataParallel(torch.nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)
+    while True:
+        ddp(torch.randn(8, 4)).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_cancel_stops_a_loop_that_only_steps_its_optimizer(cluster: mlc.ClusterHandle,
+                                                           tmp_path: Path) -> None:
+    for attempt in range(3):
+        marker = tmp_path / f"training-{attempt}"
+        run = mlc.train(torchrun_style, str(marker), cluster=cluster, timeout=600)
+        wait_for(marker.exists, timeout=120, what="the script to start training")
+        run.cancel()
+        check_cancelled_and_workers_free(run, cluster)
+
+
 def test_cancel_during_recovery(cluster: mlc.ClusterHandle) -> None:
     for _ in range(3):
         run = mlc.train(endless, 5, cluster=cluster, max_failures=1, timeout=600)

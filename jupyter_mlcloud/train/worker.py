@@ -6,7 +6,8 @@ in an order that cannot wedge the worker: models first, then the process group.
 
 Cancelling is cooperative: ``cancel_rank`` only sets the rank's flag, and the rank raises
 ``RunCancelled`` on its own thread at its next safe point (each ``ctx.shard`` batch, each
-``ctx.epochs`` epoch, each ``ctx.report``), so nothing can interrupt the teardown. A rank blocked
+``ctx.epochs`` epoch, each ``ctx.report``, each ``optimizer.step()``: a pasted torchrun script
+stops too), so nothing can interrupt the teardown. A rank blocked
 in a gloo collective is released when a peer (cancelled too) destroys its group: in torch 2.13
 ``ProcessGroup.abort()``, ``shutdown()`` or ``destroy_process_group()`` called from another
 thread of the blocked rank's own process do not release it; a peer's closed connections do.
@@ -182,6 +183,10 @@ def cancel_point() -> None:
         mine = [a for a in _active.values() if a.thread_id == me]
     for active in mine:
         active.check()
+
+
+def _before_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    cancel_point()  # a global hook: only the thread of a cancelled rank is stopped
 
 
 def busy_with() -> list[str]:
@@ -375,6 +380,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
     import torch.distributed as dist
     from distributed import get_worker
     from distributed.worker import thread_state
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from . import checkpoint
     from .compression import parse_compression
@@ -410,6 +416,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
     _sinks[threading.get_ident()] = sink
     ctx = None
     failure: str | None = None
+    step_hook = register_optimizer_step_pre_hook(_before_optimizer_step)
     try:
         from .context import TrainContext
 
@@ -452,6 +459,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
     finally:
         with _lock:
             active.finishing = True
+        step_hook.remove()
         _sinks.pop(threading.get_ident(), None)
         sink.close()
         if ctx is not None:
