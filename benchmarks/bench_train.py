@@ -1,11 +1,17 @@
 """Launch latency and step time: %%distributed_train's engine vs torchrun, same script.
 
-    python benchmarks/bench_train.py [--repeats 5] [--steps 300]
+    python benchmarks/bench_train.py [--repeats 9] [--steps 400]
 
 (a) launch latency: from the call to "first step done on every rank"; ours on a warm
     2-worker cluster, torchrun from process start. Target: ours <= 0.1x torchrun.
-(b) median step time over the run's steps on rank 0. Target: ours <= 1.03x torchrun.
-Both run the same code (SCRIPT) on 2 CPU ranks with gloo, one thread each.
+(b) median step time on rank 0 (warm-up steps excluded), per model. Target: ours <= 1.03x
+    torchrun.
+Both run the same code (SCRIPT) on 2 CPU ranks with gloo, one thread each (OMP/MKL/OpenBLAS
+at 1 thread on both sides, as Dask sets them in its workers), and time each step the same way
+inside the loop. Repeats are interleaved (ours, torchrun, ours, torchrun, ...) so that load
+from elsewhere on the machine falls on both sides alike; each repeat starts a fresh warm
+cluster and closes it before torchrun runs. The tables give the median of each side, the
+median of the per-repeat ratios and their spread.
 """
 
 from __future__ import annotations
@@ -22,7 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+THREAD_VARS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+for _name, _value in THREAD_VARS.items():
+    os.environ.setdefault(_name, _value)
+
+# (label, layer widths, batch size)
+MODELS = [
+    ("MLP 64-256-1, batch 64", (64, 256, 1), 64),
+    ("MLP 64-512-512-1, batch 128", (64, 512, 512, 1), 128),
+]
+WARMUP = 20  # steps left out of each median
 
 SCRIPT = """
 import json, os, time
@@ -33,23 +48,30 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)
-torch.manual_seed(0)
-model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
-                                torch.nn.Linear(256, 1)))
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
-x, y = torch.randn(64, 64), torch.randn(64, 1)
-steps = []
-for step in range(STEPS):
-    start = time.perf_counter()
-    loss = torch.nn.functional.mse_loss(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    steps.append(time.perf_counter() - start)
-    if step == 0:
-        dist.barrier()
-        first_step_done = time.time()
-result = {"first": first_step_done, "median_step": sorted(steps[10:])[len(steps[10:]) // 2]}
+first_step_done, medians = None, []
+for widths, batch in MODELS:
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    model = DDP(torch.nn.Sequential(*layers[:-1]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(batch, widths[0]), torch.randn(batch, widths[-1])
+    dist.barrier()
+    steps = []
+    for step in range(STEPS):
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps.append(time.perf_counter() - start)
+        if first_step_done is None:
+            dist.barrier()
+            first_step_done = time.time()
+    medians.append(sorted(steps[WARMUP:])[len(steps[WARMUP:]) // 2])
+    del model, opt
+result = {"first": first_step_done, "median_steps": medians}
 if rank == 0 and os.environ.get("RESULT_FILE"):
     Path = __import__("pathlib").Path
     Path(os.environ["RESULT_FILE"]).write_text(json.dumps(result))
@@ -57,34 +79,49 @@ dist.destroy_process_group()
 """
 
 
-def torchrun_once(steps: int) -> dict[str, float]:
+def script(steps: int) -> str:
+    models = [(widths, batch) for _, widths, batch in MODELS]
+    return (SCRIPT.replace("MODELS", repr(models)).replace("STEPS", str(steps))
+            .replace("WARMUP", str(WARMUP)))
+
+
+def torchrun_once(steps: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "bench.py"
-        script.write_text(SCRIPT.replace("STEPS", str(steps)))
+        path = Path(tmp) / "bench.py"
+        path.write_text(script(steps))
         out = Path(tmp) / "result.json"
         start = time.time()
         subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-             "2", str(script)],
-            env={**os.environ, "RESULT_FILE": str(out)}, check=True, capture_output=True,
+             "2", str(path)],
+            env={**os.environ, **THREAD_VARS, "RESULT_FILE": str(out)}, check=True,
+            capture_output=True,
         )
         result = json.loads(out.read_text())
-        return {"launch": result["first"] - start, "step": result["median_step"]}
+        return {"launch": result["first"] - start, "steps": result["median_steps"]}
 
 
-def ours_once(shell, steps: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def ours_once(shell, steps: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()):  # the progress widget's text form
-        shell.run_cell_magic("distributed_train", "--out result",
-                             SCRIPT.replace("STEPS", str(steps)))
+        shell.run_cell_magic("distributed_train", "--out result", script(steps))
     result = shell.user_ns["result"]
-    return {"launch": result["first"] - start, "step": result["median_step"]}
+    return {"launch": result["first"] - start, "steps": result["median_steps"]}
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile ``q`` (0..1) of ``values``."""
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--steps", type=int, default=400)
     args = parser.parse_args()
 
     from IPython.core.interactiveshell import InteractiveShell
@@ -93,24 +130,37 @@ def main() -> None:
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "jupyter_mlcloud")
-    with mlc.up(workers=2, gpu=False, name="bench-train"):
-        ours_once(shell, 20)  # warm the workers: torch imported once, as in a notebook
-        ours, peer = [], []
-        for _ in range(args.repeats):
-            peer.append(torchrun_once(args.steps))
+    load_before = os.getloadavg()
+    ours, peer = [], []
+    for i in range(args.repeats):
+        # torchrun runs with no Dask cluster alive, as it would be used: an idle cluster's
+        # scheduler, nannies and workers would take CPU from its ranks.
+        with mlc.up(workers=2, gpu=False, name=f"bench-train-{i}"):
+            ours_once(shell, WARMUP + 2)  # warm the workers: torch imported, as in a notebook
             ours.append(ours_once(shell, args.steps))
+        peer.append(torchrun_once(args.steps))
+    load_after = os.getloadavg()
 
-    def med(rows: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in rows)
-
-    print(f"\n2 CPU ranks, gloo, {args.steps} steps, median of {args.repeats} runs")
-    print(f"{'measure':<34}{'ours':>12}{'torchrun':>12}{'ratio':>9}{'target':>10}")
-    for key, label, unit, scale, target in [
-        ("launch", "launch -> first step on all ranks", "s", 1.0, "<= 0.10"),
-        ("step", "median step time", "ms", 1e3, "<= 1.03"),
-    ]:
-        a, b = med(ours, key) * scale, med(peer, key) * scale
-        print(f"{label:<34}{a:>10.3f}{unit:<2}{b:>10.3f}{unit:<2}{a / b:>9.3f}{target:>10}")
+    print(f"\n2 CPU ranks, gloo, {args.steps} steps ({WARMUP} warm-up), {args.repeats}"
+          f" interleaved repeats; load average (1/5/15 min) before"
+          f" {' '.join(f'{v:.2f}' for v in load_before)}, after"
+          f" {' '.join(f'{v:.2f}' for v in load_after)}")
+    a = statistics.median(float(r["launch"]) for r in ours)  # type: ignore[arg-type]
+    b = statistics.median(float(r["launch"]) for r in peer)  # type: ignore[arg-type]
+    print(f"launch -> first step on all ranks: ours {a:.3f} s, torchrun {b:.3f} s,"
+          f" ratio {a / b:.3f} (target <= 0.10)")
+    for i, (label, _, _) in enumerate(MODELS):
+        mine = [r["steps"][i] * 1e3 for r in ours]  # type: ignore[index]
+        theirs = [r["steps"][i] * 1e3 for r in peer]  # type: ignore[index]
+        ratios = [m / t for m, t in zip(mine, theirs, strict=True)]
+        print(f"\nmedian step time, {label} (target: ratio <= 1.03)")
+        print(f"{'':<14}{'median':>9}{'min':>9}{'p25':>9}{'p75':>9}{'max':>9}")
+        for name, values, unit in [("ours", mine, "ms"), ("torchrun", theirs, "ms"),
+                                   ("ratio", ratios, "")]:
+            cells = [statistics.median(values), min(values), quantile(values, 0.25),
+                     quantile(values, 0.75), max(values)]
+            print(f"{name + (f' ({unit})' if unit else ''):<14}"
+                  + "".join(f"{c:>9.3f}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -230,6 +230,43 @@ def test_ctrl_c_cancels_every_rank(shell: InteractiveShell, cluster: mlc.Cluster
     assert all(busy == [] for *_, busy in _worker_state(cluster).values())
 
 
+def _timers(cluster: mlc.ClusterHandle) -> dict[str, dict[str, tuple[bool, float]]]:
+    """Per worker: (running, callback_time in ms) of the periodic callbacks a rank quiets."""
+    def probe(dask_worker: Any) -> dict[str, tuple[bool, float]]:
+        return {name: (pc.is_running(), pc.callback_time)
+                for name, pc in dask_worker.periodic_callbacks.items()
+                if name in ("profile", "tick")}
+
+    return cluster.client.run(probe)
+
+
+def test_a_rank_quiets_the_workers_timers_and_teardown_restores_them(
+    cluster: mlc.ClusterHandle,
+) -> None:
+    before = _timers(cluster)
+    assert all(t["profile"][0] and t["tick"][0] for t in before.values()), before
+
+    def fn(ctx: Any, fail: bool) -> tuple[bool, float]:
+        import time
+
+        from distributed import get_worker
+
+        callbacks = get_worker().periodic_callbacks
+        deadline = time.monotonic() + 30
+        while callbacks["profile"].is_running() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if fail:
+            raise RuntimeError("failing after the timers were quiet")
+        return callbacks["profile"].is_running(), callbacks["tick"].callback_time
+
+    profiling, tick_ms = mlc.train(fn, False, cluster=cluster).result(timeout=120)
+    assert not profiling and tick_ms >= 500
+    wait_for(lambda: _timers(cluster) == before, timeout=30, what="the timers restored")
+    with pytest.raises(mlc.TrainingError, match="failing after the timers were quiet"):
+        mlc.train(fn, True, cluster=cluster).result(timeout=120)
+    wait_for(lambda: _timers(cluster) == before, timeout=30, what="the timers restored")
+
+
 def test_concurrent_runs_on_disjoint_workers(cluster: mlc.ClusterHandle) -> None:
     def fn(ctx: Any) -> tuple[int, str]:
         import torch.distributed as dist

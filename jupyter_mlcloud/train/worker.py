@@ -27,7 +27,7 @@ import sys
 import threading
 import traceback
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,47 @@ class _LineSink:
                 self.batcher.add({"rank": self.rank, "stream": stream, "line": rest})
 
 
+# ---------------------------------------------------------------- the worker's own timers
+
+# The worker's event loop shares the GIL with the rank: each periodic callback it runs (an
+# asyncio task per run) takes the GIL from the training thread. While a rank runs, the
+# statistical profiler (100 samples a second, each walking the rank's stack) is stopped and
+# the loop-health tick (50 a second) slowed; heartbeats and the memory monitor are untouched.
+QUIET_TIMERS: dict[str, float | None] = {"profile": None, "tick": 0.5}  # None: stopped; s
+
+
+def _quiet_timers(worker: Any) -> Callable[[], None]:
+    """Stop or slow the worker's chattiest periodic callbacks; returns what restores them."""
+    from distributed.worker import WORKER_ANY_RUNNING
+
+    saved: dict[str, float] = {}  # name: its callback_time before
+
+    def quiet() -> None:  # on the event loop: PeriodicCallback is not thread-safe
+        for name, interval in QUIET_TIMERS.items():
+            pc = worker.periodic_callbacks.get(name)
+            if pc is None or not pc.is_running():
+                continue
+            saved[name] = pc.callback_time
+            if interval is None:
+                pc.stop()
+            else:
+                pc.callback_time = max(pc.callback_time, interval * 1000)
+
+    def restore() -> None:
+        for name, callback_time in saved.items():
+            pc = worker.periodic_callbacks.get(name)
+            if pc is None:
+                continue
+            pc.callback_time = callback_time
+            # A worker that is closing has stopped its callbacks for good.
+            if not pc.is_running() and worker.status in WORKER_ANY_RUNNING:
+                pc.start()
+        saved.clear()
+
+    worker.loop.add_callback(quiet)
+    return lambda: worker.loop.add_callback(restore)  # runs after quiet: callbacks are FIFO
+
+
 # ---------------------------------------------------------------- the rank
 
 
@@ -417,6 +458,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
     ctx = None
     failure: str | None = None
     step_hook = register_optimizer_step_pre_hook(_before_optimizer_step)
+    restore_timers = _quiet_timers(worker)
     try:
         from .context import TrainContext
 
@@ -460,6 +502,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
         with _lock:
             active.finishing = True
         step_hook.remove()
+        restore_timers()
         _sinks.pop(threading.get_ident(), None)
         sink.close()
         if ctx is not None:
