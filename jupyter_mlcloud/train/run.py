@@ -20,6 +20,7 @@ _CONSEQUENTIAL = ("RunCancelled", "Connection closed by peer", "Connection reset
                   "Broken pipe", "gloo", "Timed out waiting", "Unable to contact Actor's worker",
                   "Worker holding Actor was lost")
 CANCEL_GRACE_S = 30.0  # how long cancelled ranks get to tear down before we stop waiting
+STRAGGLER_GRACE_S = 5.0  # how long a rank may run on after a cancelled peer has torn down
 DEPARTURE_GRACE_S = 5.0  # how long the scheduler gets to notice a dead worker
 PULL_INTERVAL_S = 1.0  # how often new commits are fetched from the ranks
 WATCH_INTERVAL_S = 0.25  # how often the watcher looks for a lost worker
@@ -402,7 +403,6 @@ class Run:
         return exc if isinstance(exc, RankFailed) else RankFailed(-1, "", repr(exc))
 
     def _cancel_ranks(self) -> None:
-        from distributed import wait
 
         alive = set(self.workers) - set(self._missing_workers())
         running = [(w, f) for w, f in zip(self.workers, self._futures, strict=True)
@@ -416,13 +416,35 @@ class Run:
                 self.client.run(cancel_rank, self.id, self.attempt, workers=targets)
             except Exception:
                 pass
-            try:
-                wait([f for w, f in running if w in alive], timeout=CANCEL_GRACE_S)
-            except TimeoutError:
-                pass
+            stopping = [(w, f) for w, f in running if w in alive]
+            self._wait_quietly([f for _, f in stopping], CANCEL_GRACE_S, "FIRST_COMPLETED")
+            self._wait_quietly([f for _, f in stopping], STRAGGLER_GRACE_S, "ALL_COMPLETED")
+            stuck = [w for w, f in stopping if not f.done()]
+            if stuck and len(stuck) < len(stopping):
+                # A peer has torn down and this rank still runs: it is blocked in a collective
+                # the peer left, which no call from its own process releases (gloo). Restarting
+                # its worker is what frees it; the nanny brings the worker straight back.
+                _log.warning("run %s: rank(s) on %s still blocked %g s after their peers"
+                             " stopped; restarting those workers", self.id, ", ".join(stuck),
+                             STRAGGLER_GRACE_S)
+                try:
+                    self.client.restart_workers(stuck, timeout=60, raise_for_error=False)
+                except Exception:
+                    pass
+                self._wait_quietly([f for w, f in stopping if w in stuck], 10, "ALL_COMPLETED")
         for future in self._futures:
             if not future.done():
                 future.cancel()
+
+    @staticmethod
+    def _wait_quietly(futures: list[Any], timeout: float, return_when: str) -> None:
+        from distributed import wait
+
+        if futures:
+            try:
+                wait(futures, timeout=timeout, return_when=return_when)
+            except TimeoutError:
+                pass
 
     def _release_ranks(self) -> None:
         # A held rank future whose result lay on a worker that later dies would make the
