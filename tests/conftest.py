@@ -110,15 +110,28 @@ class ModuleCluster:
     whose workers do not come back is replaced, and the replacement is reported, so one
     broken test stays one failure instead of failing every test after it."""
 
-    def __init__(self, name: str, workers: int, config: dict[str, Any]) -> None:
+    def __init__(self, name: str, workers: int, config: dict[str, Any], runtime: Path) -> None:
         self.name, self.workers, self.config = name, workers, config
+        self.runtime = runtime  # its own discovery dir: no other test run sees its name
         self.replaced = 0
         self.handle = self._start()
+
+    @contextlib.contextmanager
+    def _own_runtime_dir(self) -> Iterator[None]:
+        saved = os.environ.get("JUPYTER_RUNTIME_DIR")
+        os.environ["JUPYTER_RUNTIME_DIR"] = str(self.runtime)
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("JUPYTER_RUNTIME_DIR", None)
+            else:
+                os.environ["JUPYTER_RUNTIME_DIR"] = saved
 
     def _start(self) -> Any:
         import jupyter_mlcloud as mlc
 
-        with dask.config.set(self.config):
+        with dask.config.set(self.config), self._own_runtime_dir():
             handle = mlc.up(workers=self.workers, name=self.name)
         SHARED.add(handle)
         return handle
@@ -145,16 +158,18 @@ class ModuleCluster:
 
     def close(self) -> None:
         SHARED.discard(self.handle)
-        self.handle.close()
+        with self._own_runtime_dir():
+            self.handle.close()
 
 
 @pytest.fixture(scope="module")
-def module_cluster(request: pytest.FixtureRequest) -> Iterator[ModuleCluster]:
+def module_cluster(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleCluster]:
     """The module's shared cluster, as its ``CLUSTER`` dict says (name, workers, config)."""
     spec = dict(getattr(request.module, "CLUSTER", {}))
     name = spec.get("name", request.module.__name__.rsplit(".", 1)[-1].replace("_", "-"))
     config = {"mlcloud.train.replace-timeout": 120, **spec.get("config", {})}
-    box = ModuleCluster(name, spec.get("workers", 2), config)
+    box = ModuleCluster(name, spec.get("workers", 2), config, tmp_path_factory.mktemp("runtime"))
     with dask.config.set(config):
         yield box
     box.close()

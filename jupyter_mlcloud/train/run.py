@@ -490,6 +490,12 @@ class Run:
     # ------------------------------------------------------------ public
 
     @property
+    def committed_step(self) -> int:
+        """The newest step whose commit this process holds (0: none yet); a lost worker
+        resumes from there."""
+        return self.store.step if self.store is not None else 0
+
+    @property
     def status(self) -> str:
         """pending, running, recovering, cancelling, finished, error or cancelled (see the
         class docstring for how it moves)."""
