@@ -71,6 +71,7 @@ for widths, batch in MODELS:
             first_step_done = time.time()
     medians.append(sorted(steps[WARMUP:])[len(steps[WARMUP:]) // 2])
     del model, opt
+__import__("gc").collect()  # no DDP reducer may outlive the process group
 result = {"first": first_step_done, "median_steps": medians}
 if rank == 0 and os.environ.get("RESULT_FILE"):
     Path = __import__("pathlib").Path
@@ -91,12 +92,14 @@ def torchrun_once(steps: int) -> dict[str, object]:
         path.write_text(script(steps))
         out = Path(tmp) / "result.json"
         start = time.time()
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
              "2", str(path)],
-            env={**os.environ, **THREAD_VARS, "RESULT_FILE": str(out)}, check=True,
-            capture_output=True,
+            env={**os.environ, **THREAD_VARS, "RESULT_FILE": str(out)}, capture_output=True,
+            text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun failed ({done.returncode}):\n{done.stderr[-3000:]}")
         result = json.loads(out.read_text())
         return {"launch": result["first"] - start, "steps": result["median_steps"]}
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import dask
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
 from . import cluster_info, discovery, revive
 from .discovery import ClusterRecord
@@ -242,6 +242,13 @@ def _local_worker_defaults() -> None:
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
 
 
+# Dask's event-loop health tick runs every 20 ms in each server. A local cluster's scheduler and
+# nannies live in this process (the kernel): their ticks cost about 3 % of a core at rest, taken
+# from the ranks of a run on the same machine. Half a second still reports a stuck loop
+# (``distributed.admin.tick.limit``, 3 s by default) in time.
+LOCAL_TICK_S = 0.5
+
+
 def _start_local(
     kind: str,
     workers: int | None,
@@ -259,20 +266,27 @@ def _start_local(
         common["memory_limit"] = memory_limit
     if security is not None:
         common.update(security=security, protocol="tls://")
-    if kind == "local-gpu":
-        from dask_cuda import LocalCUDACluster
+    import distributed  # noqa: F401 - its config defaults, which the block below must not drop
 
-        n = workers or gpus
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        devices = [d for d in visible.split(",") if d.strip()] if visible else list(range(gpus))
-        devices_str = ",".join(str(d) for d in devices[:n])
-        cluster = LocalCUDACluster(n_workers=n, CUDA_VISIBLE_DEVICES=devices_str, **common)
-    else:
-        from dask.system import CPU_COUNT
-        from distributed import LocalCluster
+    configured = dask.config.get("distributed.admin.tick.interval")
+    tick = max(LOCAL_TICK_S, parse_timedelta(configured))  # a slower tick set by the user stays
+    # Read when each server starts: the scheduler, the nannies and (from their nanny's copy of
+    # the config) the workers. A rank slows its worker's tick itself while it runs.
+    with dask.config.set({"distributed.admin.tick.interval": f"{tick}s"}):
+        if kind == "local-gpu":
+            from dask_cuda import LocalCUDACluster
 
-        n = workers if workers is not None else max(1, CPU_COUNT // (threads_per_worker or 1))
-        cluster = LocalCluster(n_workers=n, processes=True, **common)
+            n = workers or gpus
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            devices = [d for d in visible.split(",") if d.strip()] if visible else list(range(gpus))
+            devices_str = ",".join(str(d) for d in devices[:n])
+            cluster = LocalCUDACluster(n_workers=n, CUDA_VISIBLE_DEVICES=devices_str, **common)
+        else:
+            from dask.system import CPU_COUNT
+            from distributed import LocalCluster
+
+            n = workers if workers is not None else max(1, CPU_COUNT // (threads_per_worker or 1))
+            cluster = LocalCluster(n_workers=n, processes=True, **common)
     revive.watch(cluster)
     return cluster
 
