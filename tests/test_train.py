@@ -48,6 +48,11 @@ SCRIPT = textwrap.dedent(
         v.numpy().tobytes() for v in net.state_dict().values())).hexdigest()
     if rank == 0 and os.environ.get("DIGEST_FILE"):
         open(os.environ["DIGEST_FILE"], "w").write(digest)
+    # The DDP reducer must go before the group: the other order aborts the process at exit
+    # now and then ("terminate called without an active exception"), under torchrun too.
+    del ddp, opt
+    import gc
+    gc.collect()
     dist.destroy_process_group()
     """
 )

@@ -454,15 +454,21 @@ class Run:
         self._futures = []
 
     def _close(self, announce: bool = True) -> None:
-        # The event log is the truth: re-read it so no point flushed at the end is missed.
+        # The event log is the truth: a rank's last points and lines reach the scheduler
+        # before its task ends, but may reach this process's subscription after. So stop
+        # listening first (nothing is added twice), then re-read both from the scheduler.
         try:
-            with self._lock:
-                self._points = metrics.items_of(
-                    self.client.get_events(metrics.metrics_topic(self.id))
-                )
             for topic in (metrics.metrics_topic(self.id), metrics.logs_topic(self.id),
                           metrics.control_topic(self.id)):
                 self.client.unsubscribe_topic(topic)
+            points = metrics.items_of(self.client.get_events(metrics.metrics_topic(self.id)))
+            lines = metrics.items_of(self.client.get_events(metrics.logs_topic(self.id)))
+            with self._lock:
+                late = {"metrics": points[len(self._points):], "logs": lines[len(self._lines):]}
+                self._points, self._lines = points, lines
+            for kind, items in late.items():
+                if items:  # what the subscription had not delivered yet: shown now
+                    self._notify(kind, items)
             if announce:  # the runs listing shows the run with this final state
                 self.client.log_event(metrics.RUNS_TOPIC, {"run": self.id,
                                                            "state": self._status})
