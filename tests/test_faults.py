@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud.train import checkpoint
+from jupyter_mlcloud.train import checkpoint, ring
 from jupyter_mlcloud.train import worker as rank_worker
 from jupyter_mlcloud.train.checkpoint import CheckpointDir, Position
 from jupyter_mlcloud.train.compression import (
@@ -162,14 +162,17 @@ def test_a_run_resumes_from_its_checkpoint_after_a_kernel_restart(
 def test_checkpoints_are_written_atomically_and_pruned(cluster: mlc.ClusterHandle,
                                                        tmp_path: Path) -> None:
     directory = tmp_path / "ckpt"
-    directory.mkdir()
-    (directory / "step-000000099.pt").write_bytes(b"half a checkpoint")  # no marker: ignored
+    (directory / "step-000000099").mkdir(parents=True)
+    (directory / "step-000000099" / "rank-0000.pt").write_bytes(b"half")  # no marker: removed
     run = mlc.train(make_fit(epochs=1), cluster=cluster, checkpoint_dir=str(directory),
                     checkpoint_every=2, checkpoint_keep=2)
     run.result(timeout=300)
     names = sorted(p.name for p in directory.iterdir())
-    assert names == ["step-000000006.done", "step-000000006.pt",
-                     "step-000000008.done", "step-000000008.pt"]
+    assert names == ["step-000000006", "step-000000006.done",
+                     "step-000000008", "step-000000008.done"]
+    # Each rank wrote its own part; rank 0 alone the (replicated) whole state.
+    assert sorted(p.name for p in (directory / "step-000000008").iterdir()) == [
+        "meta.json", "rank-0000.pt", "rank-0001.pt", "state.pt"]
     with pytest.raises(ValueError, match=r"already holds a checkpoint \(step 8\); pass"):
         mlc.train(make_fit(epochs=1), cluster=cluster, checkpoint_dir=str(directory))
 
@@ -281,32 +284,46 @@ def test_compression_values_and_their_errors() -> None:
             parse_compression(text)
 
 
-def test_commits_reuse_buffers_but_a_pulled_commit_never_changes() -> None:
+def test_commits_reuse_buffers_and_the_index_holds_only_metadata() -> None:
     run_id = "recycling-test"
-    checkpoint.open_ring(run_id, attempt=0)
+    ring.open_ring(run_id, attempt=0, config=ring.Config())
     model = torch.nn.Linear(4, 3)
     try:
-        pulled: list[checkpoint.Part] = []
         tensors = []  # every commit's copy of the weight (kept alive: ids stay unique)
         for step in range(1, 10):
             with torch.no_grad():
                 model.weight.fill_(step)
-            checkpoint.commit(run_id, 0, Position(steps=step), {"hooks": []},
-                              {"models": [model.state_dict()]}, durable=step == 5)
-            tensors.append(checkpoint._rings[run_id].full[-1].state["models"][0]["weight"])
-            if step in (3, 9):
-                pulled += checkpoint.take(run_id, since=0 if step == 3 else 3)
-        ring = checkpoint._rings[run_id]
-        assert [p.position.steps for p in ring.full] == [8, 9]
-        assert all((p.state["models"][0]["weight"] == p.position.steps).all() for p in ring.full)
-        # Pulled copies keep their values; the durable commit (step 5) was kept until pulled.
-        assert sorted(p.position.steps for p in pulled) == [2, 3, 5, 8, 9]
-        assert all((p.state["models"][0]["weight"] == p.position.steps).all() for p in pulled)
-        # Later commits wrote into the tensors of dropped ones: the ring's, the spare and the
-        # durable one held aside, not one new tensor per commit.
-        assert len({id(t) for t in tensors}) <= checkpoint.RING_FULL + 2
+            ring.commit(run_id, 0, Position(steps=step), {"hooks": []},
+                        {"models": [model.state_dict()]})
+            with ring.held(run_id) as held:
+                tensors.append(held.full[-1].state["models"][0]["weight"])
+        with ring.held(run_id) as held:
+            assert [p.position.steps for p in held.full] == [8, 9]
+            assert all((p.state["models"][0]["weight"] == p.position.steps).all()
+                       for p in held.full)
+        # Later commits wrote into the tensors of dropped ones, not one new tensor per commit.
+        assert len({id(t) for t in tensors}) <= ring.RING_FULL + 1
+        reply = ring.index(run_id, since=8)
+        assert [(e.rank, e.position.steps, e.has_state) for e in reply["entries"]] == \
+            [(0, 9, True)]
+        assert ring.client_step(run_id) == 8 and reply["stats"]["commits"] == 9
     finally:
-        checkpoint.take(run_id, since=-1, final=True)
+        ring.close_ring(run_id)
+
+
+def test_tensors_cross_the_wire_as_their_bytes_and_come_back_equal() -> None:
+    import pickle
+
+    values = {"f": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16),
+              "scalar": torch.tensor(2.5), "mask": torch.tensor([True, False]),
+              "strided": torch.arange(12.0).reshape(3, 4).t(), "n": [1, (torch.ones(2),)]}
+    buffers: list[pickle.PickleBuffer] = []
+    sent = pickle.dumps(ring.to_wire(values), protocol=5, buffer_callback=buffers.append)
+    back = ring.from_wire(pickle.loads(sent, buffers=buffers))
+    assert len(sent) < 2000 and len(buffers) == 6  # the tensors' bytes travel out of band
+    for key in ("f", "b", "scalar", "mask", "strided"):
+        assert back[key].dtype == values[key].dtype and torch.equal(back[key], values[key])
+    assert back["n"][0] == 1 and torch.equal(back["n"][1][0], torch.ones(2))
 
 
 def test_rng_states_follow_numpy_draws_and_its_cached_gaussian() -> None:

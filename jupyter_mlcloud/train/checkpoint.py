@@ -1,16 +1,17 @@
-"""Commits: the training state a resume restores, kept off the rank that may die.
+"""Commits: the training state a resume restores, and the checkpoint directory.
 
 A *commit* is taken on every rank at a step boundary (before ``ctx.shard`` hands out the next
 batch): the position in the data, each rank's own state (RNG states, comm-hook state such as
-PowerSGD's local error feedback) and, on rank 0 only (data-parallel state is the same on every
-rank), the registered models, optimizers and LR schedulers, copied. The copy is kept in a
-small ring in the worker's memory; the launcher pulls new ones once a second into
-a :class:`CommitStore` on the client, which assembles the latest step that every rank has
-committed. So a dead worker costs the steps since the last pull, never the run.
+PowerSGD's local error feedback, a pipeline stage's slice) and, where the rank holds it, the
+registered models, optimizers and LR schedulers, copied. Commits stay on the workers (see
+:mod:`.ring`); this module holds what they are made of and the files they become.
 
-``--checkpoint-dir`` writes chosen commits to any fsspec path as ``step-NNNNNNNNN.pt`` plus a
-``step-NNNNNNNNN.done`` marker written after it: a checkpoint without its marker is never read
-(and is removed by the next write), so a half-written checkpoint cannot be resumed from.
+``--checkpoint-dir`` gets chosen commits, written by the ranks themselves in parallel, to any
+fsspec path: ``step-NNNNNNNNN/state.pt`` (one writer: the rank holding the whole state),
+``step-NNNNNNNNN/rank-NNNN.pt`` (each rank's own part), then, once all are there,
+``step-NNNNNNNNN/meta.json`` and the ``step-NNNNNNNNN.done`` marker, written by the launcher.
+A checkpoint without its marker is never read (and is removed by the next seal), so a
+half-written checkpoint cannot be resumed from.
 """
 
 from __future__ import annotations
@@ -18,26 +19,22 @@ from __future__ import annotations
 import copy
 import ctypes
 import io
+import json
 import random
 import re
-import threading
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..lazy import LazyModule
-from .strategies import merge_slices
 
 if TYPE_CHECKING:
     import torch
 else:  # the kernel side (store, checkpoint files) must not load torch at import
     torch = LazyModule("torch")
 
-RING_PARTS = 16  # per-rank commits kept on a worker: ranks drift apart by at most one step
-RING_FULL = 2  # rank 0's full states kept: the latest and the one before
 
 
 @dataclass(frozen=True)
@@ -58,19 +55,18 @@ class Part:
     rank: int
     position: Position
     local: dict[str, Any]  # this rank's own state: RNG states, comm-hook state
-    state: dict[str, Any] | None = None  # rank 0 only
+    state: dict[str, Any] | None = None  # on the ranks that hold the whole state
     durable: bool = False  # also to be written to the checkpoint directory
+    attempt: int = 0
 
 
-@dataclass
-class Snapshot:
-    """A consistent commit: the state, and every rank's own state, at one step."""
+@dataclass(frozen=True)
+class Meta:
+    """What the launcher knows of a consistent commit: where and in which world it was taken."""
 
     position: Position
     world_size: int
     base_world: int  # the world size the run was launched with (for elastic rules)
-    state: dict[str, Any]
-    per_rank: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def step(self) -> int:
@@ -217,155 +213,6 @@ def check_shapes(saved: dict[str, Any], model: torch.nn.Module, index: int) -> N
             )
 
 
-# ---------------------------------------------------------------- worker side
-
-
-class _Ring:
-    def __init__(self, attempt: int = 0) -> None:
-        self.attempt = attempt
-        self.parts: deque[Part] = deque(maxlen=RING_PARTS)
-        self.full: deque[Part] = deque(maxlen=RING_FULL)
-        self.durable: list[Part] = []  # kept until pulled, whatever the ring drops
-        self.client_step = -1  # the newest step the launcher holds (told on each pull)
-        self.spare: Part | None = None  # a part the ring dropped: the next commit reuses it
-
-
-_rings: dict[str, _Ring] = {}
-_rings_lock = threading.Lock()
-
-
-def open_ring(run_id: str, attempt: int) -> None:
-    """Start this worker's ring for ``run_id``'s ``attempt``, dropping every older ring."""
-    with _rings_lock:
-        client_step = _rings[run_id].client_step if run_id in _rings else -1
-        _rings.clear()
-        _rings[run_id] = _Ring(attempt)
-        _rings[run_id].client_step = client_step
-
-
-def put(run_id: str, part: Part) -> None:
-    """Keep ``part`` (which nothing else may change) until the launcher pulls it."""
-    with _rings_lock:
-        ring = _rings.get(run_id) or _rings.setdefault(run_id, _Ring())
-        target = ring.full if part.state is not None else ring.parts
-        if len(target) == target.maxlen and all(target[0] is not p for p in ring.durable):
-            ring.spare = target[0]  # about to be dropped; its buffers are free
-        target.append(part)
-        if part.durable and part.state is not None:
-            ring.durable.append(part)
-
-
-def commit(run_id: str, rank: int, position: Position, local: dict[str, Any],
-           state: dict[str, Any] | None, durable: bool = False) -> None:
-    """Copy this rank's state at ``position`` and keep the copy until the launcher pulls it.
-
-    ``local`` (this rank's own state: comm-hook states, say) and ``state`` (rank 0's models,
-    optimizers and schedulers; None elsewhere) may be live views: they are copied here, into
-    the buffers of a commit the ring dropped where they fit. The RNG states are captured
-    here too, as ``local["rng"]``.
-    """
-    with _rings_lock:
-        ring = _rings.get(run_id)
-        spare = None
-        if ring is not None:
-            spare, ring.spare = ring.spare, None
-    copied = clone(local, spare.local if spare is not None else None)
-    copied["rng"] = rng_state()
-    full = None if state is None else clone(state, spare.state if spare is not None else None)
-    put(run_id, Part(rank, position, copied, full, durable))
-
-
-def _detached(part: Part) -> Part:
-    """A copy of ``part`` that a later commit cannot overwrite (the ring recycles buffers).
-
-    RNG states are fresh objects per commit and never recycled, so they are shared.
-    """
-    local = {k: v if k == "rng" else clone(v) for k, v in part.local.items()}
-    state = None if part.state is None else clone(part.state)
-    return Part(part.rank, part.position, local, state, part.durable)
-
-
-def client_step(run_id: str) -> int:
-    """The newest step the launcher has confirmed holding (``ctx.committed_step``)."""
-    with _rings_lock:
-        ring = _rings.get(run_id)
-        return ring.client_step if ring else -1
-
-
-def take(run_id: str, since: int, final: bool = False) -> list[Part]:
-    """Commits newer than ``since`` (called by the launcher through ``Client.run``)."""
-    with _rings_lock:
-        ring = _rings.get(run_id)
-        if ring is None:
-            return []
-        ring.client_step = max(ring.client_step, since)
-        durable_ids = {id(p) for p in ring.durable}
-        out = [p for p in (*ring.parts, *ring.full)
-               if p.position.steps > since and id(p) not in durable_ids]
-        out += ring.durable
-        ring.durable = []
-        if final:
-            del _rings[run_id]
-        # Copied under the lock: the rank thread only writes into a part no longer in the ring.
-        return [_detached(p) for p in out]
-
-
-# ---------------------------------------------------------------- client side
-
-
-class CommitStore:
-    """The launcher's copy of the latest consistent commit, assembled from pulled parts."""
-
-    def __init__(self, world_size: int, base_world: int,
-                 initial: Snapshot | None = None) -> None:
-        self.world_size, self.base_world = world_size, base_world
-        self.latest = initial
-        self._local: dict[int, dict[int, dict[str, Any]]] = {}  # step -> rank -> own state
-        self._full: dict[int, Part] = {}  # step -> rank 0's part
-        self._lock = threading.Lock()
-
-    @property
-    def step(self) -> int:
-        return self.latest.step if self.latest else -1
-
-    def reset(self, world_size: int) -> None:
-        """A new attempt: forget parts of the old world, keep the latest snapshot."""
-        with self._lock:
-            self.world_size = world_size
-            self._local.clear()
-            self._full.clear()
-
-    def add(self, parts: list[Part]) -> list[Snapshot]:
-        """Merge pulled parts; return the consistent durable snapshots among them, oldest first."""
-        durable: list[Snapshot] = []
-        with self._lock:
-            for part in parts:
-                step = part.position.steps
-                self._local.setdefault(step, {})[part.rank] = part.local
-                if part.state is not None:
-                    self._full[step] = part
-            for step in sorted(self._full):
-                local = self._local.get(step, {})
-                if len(local) < self.world_size:
-                    continue
-                part = self._full[step]
-                # A pipeline rank's own stage is laid over rank 0's state: the whole model.
-                state = merge_slices(part.state, local)  # type: ignore[arg-type]
-                snap = Snapshot(part.position, self.world_size, self.base_world, state,
-                                dict(local))
-                if part.durable:
-                    durable.append(snap)
-                if step > self.step:
-                    self.latest = snap
-            newest = self.step
-            for table in (self._local, self._full):
-                for step in [s for s in table if s <= newest - RING_PARTS]:
-                    del table[step]
-            for step in [s for s in self._full if s <= newest]:
-                del self._full[step]
-        return durable
-
-
 # ---------------------------------------------------------------- checkpoint directory
 
 _NAME = re.compile(r"step-(\d{9})\.(pt|done)$")
@@ -431,32 +278,76 @@ class CheckpointDir:
         """Steps with a complete checkpoint, oldest first."""
         return sorted(s for s, kinds in self._entries().items() if "done" in kinds)
 
-    def write(self, snap: Snapshot) -> None:
-        """Write ``snap``; the marker goes last, then older checkpoints beyond ``keep`` go."""
-        for step, kinds in self._entries().items():
-            if "done" not in kinds:  # a write that died half-way
-                self.fs.rm(self._file(step, "pt"))
-        buffer = io.BytesIO()
-        torch.save({"position": snap.position.__dict__, "world_size": snap.world_size,
-                    "base_world": snap.base_world, "state": snap.state, "per_rank": snap.per_rank},
-                   buffer)
-        with self.fs.open(self._file(snap.step, "pt"), "wb") as f:
-            f.write(buffer.getvalue())
-        with self.fs.open(self._file(snap.step, "done"), "wb") as f:
-            f.write(b"")
-        for step in self.steps()[: -self.keep]:
-            self.fs.rm(self._file(step, "done"))  # unmark first: never a marked partial file
-            self.fs.rm(self._file(step, "pt"))
+    def _dir(self, step: int) -> str:
+        return f"{self.path.rstrip('/')}/step-{step:09d}"
 
-    def read_latest(self) -> Snapshot | None:
-        """The newest complete checkpoint, or None."""
+    def write_part(self, part: Part) -> int:
+        """Write one rank's part of a durable commit (on its worker); returns the bytes."""
+        buffer = io.BytesIO()
+        torch.save(part.local, buffer)
+        files = {f"rank-{part.rank:04d}.pt": buffer}
+        if part.state is not None and part.rank == 0:  # one writer for the whole state
+            files["state.pt"] = io.BytesIO()
+            torch.save(part.state, files["state.pt"])
+        self.fs.makedirs(self._dir(part.position.steps), exist_ok=True)
+        for name, data in files.items():
+            with self.fs.open(f"{self._dir(part.position.steps)}/{name}", "wb") as f:
+                f.write(data.getbuffer())
+        return sum(d.getbuffer().nbytes for d in files.values())
+
+    def seal(self, meta: Meta) -> None:
+        """Mark ``meta``'s step complete (every rank wrote it); drop half-written steps and the
+        complete ones beyond ``keep``."""
+        with self.fs.open(f"{self._dir(meta.step)}/meta.json", "w") as f:
+            json.dump({"position": meta.position.__dict__, "world_size": meta.world_size,
+                       "base_world": meta.base_world}, f)
+        with self.fs.open(self._file(meta.step, "done"), "wb") as f:
+            f.write(b"")
+        done = self.steps()
+        for step in [s for s in self._written() if s not in done and s < meta.step]:
+            self.fs.rm(self._dir(step), recursive=True)  # a write that died half-way
+        for step in done[: -self.keep]:
+            self.fs.rm(self._file(step, "done"))  # unmark first: never a marked partial one
+            self.fs.rm(self._dir(step), recursive=True)
+
+    def clean(self) -> None:
+        """Remove every unsealed step: writes that died half-way (before a run starts)."""
+        done = set(self.steps())
+        for step in self._written():
+            if step not in done:
+                self.fs.rm(self._dir(step), recursive=True)
+
+    def _written(self) -> list[int]:
+        if not self.fs.exists(self.path):
+            return []
+        found = (re.search(r"step-(\d{9})$", str(n).rstrip("/"))
+                 for n in self.fs.ls(self.path, detail=False))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def read_meta(self, step: int) -> Meta:
+        """Where checkpoint ``step`` was taken."""
+        with self.fs.open(f"{self._dir(step)}/meta.json", "r") as f:
+            data = json.load(f)
+        return Meta(Position(**data["position"]), data["world_size"], data["base_world"])
+
+    def latest(self) -> Meta | None:
+        """The newest complete checkpoint's metadata, or None."""
         steps = self.steps()
-        if not steps:
-            return None
-        with self.fs.open(self._file(steps[-1], "pt"), "rb") as f:
-            data = torch.load(io.BytesIO(f.read()), weights_only=False)
-        return Snapshot(Position(**data["position"]), data["world_size"], data["base_world"],
-                        data["state"], data["per_rank"])
+        return self.read_meta(steps[-1]) if steps else None
+
+    def _load(self, path: str) -> Any:
+        with self.fs.open(path, "rb") as f:
+            return torch.load(io.BytesIO(f.read()), weights_only=False)
+
+    def read_state(self, step: int) -> dict[str, Any]:
+        """The whole state of checkpoint ``step`` (read by each rank of a resumed run)."""
+        return dict(self._load(f"{self._dir(step)}/state.pt"))
+
+    def read_locals(self, step: int) -> dict[int, dict[str, Any]]:
+        """Every rank's own part of checkpoint ``step``, by rank."""
+        meta = self.read_meta(step)
+        return {r: self._load(f"{self._dir(step)}/rank-{r:04d}.pt")
+                for r in range(meta.world_size)}
 
 
 @dataclass
@@ -467,6 +358,7 @@ class Resume:
     world_size: int  # the world that took the commit
     local: dict[str, Any] | None  # this rank's own state (None for a rank that is new)
     state: dict[str, Any]
+    source: Any = None  # ring.Source: where the state is fetched from before the rank starts
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import metrics
-from . import checkpoint, elastic
+from . import checkpoint, elastic, ring
 from .checkpoint import CommitPlan, Position, Resume
 from .compression import Compression, CompressionSpec
 from .sharding import Shard
@@ -214,7 +214,7 @@ class TrainContext:
     @property
     def committed_step(self) -> int:
         """The newest step whose commit the launcher holds (-1 before the first)."""
-        return checkpoint.client_step(self.run_id)
+        return ring.client_step(self.run_id)
 
     @property
     def compression(self) -> Compression | None:
@@ -316,11 +316,13 @@ class TrainContext:
             # Live views: commit() copies them (into recycled buffers) and adds RNG states.
             local = {"hooks": [c.state_dict(copy=False) for c in self._compressions],
                      "slice": self._strategy.commit_slice()}
-            checkpoint.commit(self.run_id, self.rank, position, local, self._rank0_state(),
-                              durable)
+            ring.commit(self.run_id, self.rank, position, local, self._commit_state(), durable)
 
-    def _rank0_state(self) -> dict[str, Any] | None:
-        """Rank 0's state for a commit (every rank takes part where gathering it is collective)."""
+    def _commit_state(self) -> dict[str, Any] | None:
+        """The whole state for a commit, on the ranks that hold it: every rank where it is
+        replicated (ddp), else rank 0 (every rank takes part where gathering it is collective)."""
+        if self._strategy.replicated_state:
+            return self._state()
         if self.rank == 0 or self._strategy.collective_state:
             state = self._state()
             return state if self.rank == 0 else None

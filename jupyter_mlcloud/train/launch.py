@@ -11,16 +11,18 @@ import difflib
 import inspect
 import itertools
 import os
-import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .. import cluster_info, clusters, metrics
-from . import elastic
-from .checkpoint import CheckpointDir, CommitPlan, CommitStore, Resume, Snapshot
+from . import elastic, registry, ring
+from .checkpoint import CheckpointDir, CommitPlan, Meta, Resume
+from .commits import CommitIndex
 from .compression_spec import CompressionSpec, parse_compression
+from .registry import active_runs
+from .registry import lock as _lock
 from .run import Run
 from .strategies import STRATEGIES, StrategyOptions
 from .worker import FunctionPayload, RankSpec, free_port, run_rank
@@ -28,21 +30,6 @@ from .worker import FunctionPayload, RankSpec, free_port, run_rank
 BACKENDS = ("gloo", "nccl")
 __all__ = ["STRATEGIES", "FaultOptions", "StrategyOptions", "launch", "train"]
 CHECKPOINT_EVERY = 100  # default steps between checkpoints written to --checkpoint-dir
-
-_lock = threading.RLock()
-_active: dict[str, Run] = {}  # this process's runs in flight, by id
-
-
-def _forget(run: Run) -> None:
-    with _lock:
-        _active.pop(run.id, None)
-
-
-def active_runs() -> list[Run]:
-    """This process's runs that have not ended."""
-    with _lock:
-        return list(_active.values())
-
 
 def _count(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
     if allow_none and value is None:
@@ -114,12 +101,14 @@ def _check_options(strategy: StrategyOptions, compression: Any, backend: str | N
     return spec
 
 
-def _open_checkpoints(faults: FaultOptions) -> tuple[CheckpointDir | None, Snapshot | None]:
-    """The checkpoint directory, checked writable, and the snapshot ``--resume`` goes on from."""
+def _open_checkpoints(faults: FaultOptions) -> tuple[CheckpointDir | None, Meta | None]:
+    """The checkpoint directory, checked writable, and the checkpoint ``--resume`` goes on
+    from."""
     if faults.checkpoint_dir is None:
         return None, None
     directory = CheckpointDir(str(faults.checkpoint_dir), keep=faults.checkpoint_keep)
     directory.check_writable()
+    directory.clean()
     steps = directory.steps()
     if steps and not faults.resume:
         raise ValueError(
@@ -127,7 +116,7 @@ def _open_checkpoints(faults: FaultOptions) -> tuple[CheckpointDir | None, Snaps
             f" {steps[-1]}); pass resume=True (--resume) to go on from it, or use an empty"
             " directory."
         )
-    return directory, directory.read_latest() if faults.resume else None
+    return directory, directory.latest() if faults.resume else None
 
 
 def free_workers(client: Any, run: Run | None = None) -> tuple[list[str], dict[str, Any]]:
@@ -155,6 +144,23 @@ def _pick_workers(client: Any, workers: int | None) -> tuple[list[str], dict[str
     return free[:wanted], info
 
 
+def pick_buddies(chosen: list[str], hosts: dict[str, str], others: list[str]) -> list[str | None]:
+    """For each rank, the worker that keeps a copy of its commits: the next rank on another
+    host, else the next rank; a worker outside the run for a single rank (None: there is none).
+    ``hosts`` maps every worker to its host; ``others`` are the cluster's other workers."""
+    if len(chosen) == 1:
+        if not others:
+            return [None]
+        away = [w for w in others if hosts[w] != hosts[chosen[0]]]
+        return [(away or others)[0]]
+    buddies: list[str | None] = []
+    for rank, worker in enumerate(chosen):
+        order = [chosen[(rank + k) % len(chosen)] for k in range(1, len(chosen))]
+        away = [w for w in order if hosts[w] != hosts[worker]]
+        buddies.append((away or order)[0])
+    return buddies
+
+
 def _backend(requested: str | None, kind: str, info: dict[str, Any], chosen: list[str]) -> str:
     gpu_workers = all((info[w].get("metrics") or {}).get("gpu") for w in chosen)
     if requested is None:
@@ -178,13 +184,20 @@ class RankStarter:
     strategy: StrategyOptions = StrategyOptions()
     common: dict[str, Any] = field(default_factory=dict)  # RankSpec fields every rank shares
     shipped: list[Any] = field(default_factory=list)  # futures to release when the run ends
+    buddies: list[str] = field(default_factory=list)  # workers keeping commit copies
 
     def free_workers(self, run: Run) -> list[str]:
         """Workers ``run`` may use now."""
         return free_workers(self.client, run)[0]
 
-    def __call__(self, chosen: list[str], snap: Snapshot | None, attempt: int) -> list[Any]:
+    def __call__(self, chosen: list[str], resume: tuple[Meta, ring.Source] | None,
+                 attempt: int) -> list[Any]:
         info = cluster_info.workers(self.client)
+        buddies = pick_buddies(chosen, {w: str(i["host"]) for w, i in info.items()},
+                               [w for w in sorted(info) if w not in chosen])
+        self.buddies = [b for b in buddies if b is not None]
+        if self.common.get("commit_every") or self.common.get("checkpoint_every"):
+            self.client.run(ring.install_handlers, workers=[*chosen, *self.buddies])
         port = self.client.run(free_port, workers=[chosen[0]])[chosen[0]]
         hosts = [info[w]["host"] for w in chosen]
         local_world = {h: hosts.count(h) for h in hosts}
@@ -199,11 +212,7 @@ class RankStarter:
             ) from None
         self.shipped.append(payload)
         servers = self._start_servers(chosen, attempt)
-        state = None
-        if snap is not None:  # rank 0's state, sent once to each worker
-            state = self.client.scatter([snap.state], broadcast=True, hash=False,
-                                        workers=chosen)[0]
-            self.shipped.append(state)
+        meta, source = resume if resume is not None else (None, None)
         return [
             self.client.submit(
                 run_rank,
@@ -220,11 +229,12 @@ class RankStarter:
                     attempt=attempt,
                     strategy=self.strategy,
                     servers=servers,
-                    resume=(Resume(snap.position, snap.world_size, snap.per_rank.get(rank), {})
-                            if snap is not None else None),
+                    resume=(Resume(meta.position, meta.world_size, None, {}, source)
+                            if meta is not None else None),
+                    buddy=buddies[rank],
+                    send_state=not (self.strategy.replicated and buddies[rank] in chosen),
                     **self.common,
                 ),
-                state,
                 key=f"mlcloud-train-{self.run_id}-a{attempt}-rank-{rank}",
                 workers=[address],
                 allow_other_workers=False,
@@ -294,20 +304,24 @@ def launch(
                 timeout=float(timeout), seed=seed, epochs=epochs, out=list(out),
                 commit_every=faults.commits.every, checkpoint_every=faults.commits.durable_every,
                 compression=str(spec), elastic=faults.elastic, base_world=base_world,
+                checkpoint_url=directory.url if directory is not None else None,
             ))
-            store = (CommitStore(len(chosen), base_world, snap)
+            store = (CommitIndex(run_id, len(chosen), base_world, strategy.replicated, snap)
                      if faults.commits.every or directory else None)
             run = Run(run_id, client, chosen, starter=starter, store=store,
                       checkpoints=directory, max_failures=faults.max_failures,
                       min_workers=faults.min_workers)
-            _active[run.id] = run
+            registry.add(run)
     except BaseException:
         if directory is not None:
             directory.discard()
         raise
     try:
         run.subscribe()
-        futures = starter(chosen, snap, 0)
+        first = None
+        if snap is not None and directory is not None:  # --resume: the ranks read the files
+            first = (snap, ring.Source(snap.step, -1, snap.world_size, directory=directory.url))
+        futures = starter(chosen, first, 0)
     except BaseException as e:
         run._abandon(e)  # releases what was shipped and forgets the run
         if directory is not None:

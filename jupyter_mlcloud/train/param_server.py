@@ -188,6 +188,8 @@ def _call(future: Any) -> Any:
 class ParamServerStrategy(Strategy):
     """A trainer: local model for forward/backward; ``optimizer.step()`` goes to the server."""
 
+    replicated_state = False  # rank 0 commits the server shards' state
+
     def __init__(self, options: StrategyOptions, rank: int, world_size: int, device: Any,
                  servers: Sequence[Any] = (), timeout: float = 300.0) -> None:
         super().__init__(options, rank, world_size, device, servers, timeout)

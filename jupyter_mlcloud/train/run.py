@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import cluster_info, metrics
-from . import checkpoint
+from . import checkpoint, registry, ring
+from .commits import CommitIndex
 from .worker import RankFailed, cancel_rank
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ class Run:
         workers: list[str],
         *,
         starter: Any = None,
-        store: checkpoint.CommitStore | None = None,
+        store: CommitIndex | None = None,
         checkpoints: checkpoint.CheckpointDir | None = None,
         max_failures: int = 0,
         min_workers: int | None = None,
@@ -175,7 +176,7 @@ class Run:
                     if item["phase"] == "first step":  # the recovery is complete
                         self._notify("recovery", [record])
 
-    def note_resume(self, snap: checkpoint.Snapshot) -> None:
+    def note_resume(self, snap: checkpoint.Meta) -> None:
         """Record that the first attempt goes on from a checkpoint (``--resume``)."""
         self.events.append({"kind": "resume", "attempt": 0, "lost": [], "from_step": snap.step,
                             "world_size": self.world_size, "phases": {}})
@@ -310,26 +311,43 @@ class Run:
 
     # ------------------------------------------------------------ commits and recovery
 
+    def _holders(self) -> list[str]:
+        """The run's workers and their buddies: every worker that may hold its commits."""
+        extra = self._starter.buddies if self._starter is not None else []
+        return list(dict.fromkeys([*self.workers, *extra]))
+
     def _pull(self, final: bool = False) -> None:
-        """Fetch new commits from the ranks; write the durable ones to the checkpoint dir."""
+        """Learn which commits the workers hold (metadata only); seal complete checkpoints."""
         if self.store is None or not (final or
                                       time.monotonic() - self._pulled_at >= PULL_INTERVAL_S):
             return
         self._pulled_at = time.monotonic()
+        alive = set(self._holders()) - set(self._missing_workers())
         try:
-            replies = self.client.run(checkpoint.take, self.id, self.store.step, final,
-                                      workers=self.workers, on_error="return")
+            _, ready = self.store.pull(self.client, sorted(alive))
         except Exception:
             return  # a worker went: the watcher sees it next
-        parts = [p for reply in replies.values() if isinstance(reply, list) for p in reply]
-        for snap in self.store.add(parts):
-            if self.checkpoints is None:
-                continue
-            try:
-                self.checkpoints.write(snap)
-            except OSError as e:
-                self._notify("logs", [{"rank": "mlcloud", "stream": "stderr",
-                                       "line": f"checkpoint of step {snap.step} not written: {e}"}])
+        for problem in self.store.seal(self.checkpoints, ready):
+            self._notify("logs", [{"rank": "mlcloud", "stream": "stderr", "line": problem}])
+
+    def _resume_source(self) -> tuple[checkpoint.Meta, ring.Source] | None:
+        """Where the next attempt goes on from: the newest commit every rank's part of which a
+        live worker holds, else the newest checkpoint in the directory (None: the start)."""
+        if self.store is None:
+            return None
+        try:
+            workers = list(cluster_info.workers(self.client))
+            best, _ = self.store.pull(self.client, workers, since=-1)
+        except Exception:
+            best = None
+        if best is not None:
+            return best
+        if self.checkpoints is not None:
+            meta = self.checkpoints.latest()
+            if meta is not None:
+                return meta, ring.Source(meta.step, -1, meta.world_size,
+                                         directory=self.checkpoints.url)
+        return None
 
     def _recover(self, gone: list[str]) -> None:
         """Cancel the survivors, wait for workers, start the next attempt from the last commit
@@ -340,16 +358,16 @@ class Run:
         phases["cancelled"] = time.time()
         workers = self._wait_for_workers(gone)
         phases["workers ready"] = time.time()
-        snap = self.store.latest if self.store is not None else None
+        resume = self._resume_source()
         self.attempt += 1
         record = {"kind": "recovery", "attempt": self.attempt, "lost": gone,
-                  "lost_ranks": lost_ranks, "from_step": snap.step if snap else 0,
+                  "lost_ranks": lost_ranks, "from_step": resume[0].step if resume else 0,
                   "world_size": len(workers), "phases": phases}
         self.events.append(record)
         if self.store is not None:
-            self.store.reset(len(workers))
+            self.store.reset(len(workers), self.attempt)
         try:
-            futures = self._starter(workers, snap, self.attempt)
+            futures = self._starter(workers, resume, self.attempt)
         except Exception as e:
             raise TrainingError(f"the run could not be restarted after losing {gone}: {e}") \
                 from None
@@ -474,13 +492,16 @@ class Run:
                                                            "state": self._status})
         except Exception:
             pass
+        if self.store is not None:  # the workers drop the run's commits
+            try:
+                self.client.run(ring.close_ring, self.id, on_error="return")
+            except Exception:
+                pass
         if self._starter is not None:
             self._starter.release()
         self._release_ranks()
         self.finished = time.time()
-        from .launch import _forget
-
-        _forget(self)
+        registry.forget(self)
         with self._lock:  # a callback added from now on is called at once, by its adder
             self._done.set()
             callbacks, self._done_callbacks = self._done_callbacks, []

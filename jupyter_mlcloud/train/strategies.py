@@ -52,6 +52,11 @@ class StrategyOptions:
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
     @property
+    def replicated(self) -> bool:
+        """Every rank holds the whole model and optimizer state (so each commits it)."""
+        return self.name == "ddp"
+
+    @property
     def is_ps(self) -> bool:
         return self.name in ("ps-sync", "ps-async")
 
@@ -112,6 +117,7 @@ class Strategy:
     """Data-parallel with DDP; the base every other strategy refines."""
 
     collective_state = False  # True: every rank takes part in gathering a commit's state
+    replicated_state = True  # every rank holds the same whole state: each commits it
 
     def __init__(self, options: StrategyOptions, rank: int, world_size: int, device: Any,
                  servers: Sequence[Any] = (), timeout: float = 300.0) -> None:
@@ -187,6 +193,8 @@ def _no_pipeline_args(name: str, split: Sequence[str] | None, loss_fn: Any) -> N
 
 class FSDPStrategy(Strategy):
     """FSDP2: each block and the root ``fully_shard``-ed; state gathered whole for commits."""
+
+    replicated_state = False  # gathered to rank 0 only
 
     collective_state = True
 
@@ -362,6 +370,8 @@ class PipelineModel:
 
 class PipelineStrategy(Strategy):
     """One stage per rank; every rank draws the same batches (only the ends use them)."""
+
+    replicated_state = False  # each rank trains its own stage
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -61,7 +61,10 @@ class RankSpec:
     elastic: str = "global-batch"
     base_world: int = 0  # the world the run was launched with (0: this one)
     attempt: int = 0
-    resume: Any = None  # checkpoint.Resume without its state (that comes as a task argument)
+    resume: Any = None  # checkpoint.Resume without its state: the rank fetches it
+    buddy: str | None = None  # the worker that keeps a copy of this rank's commits
+    send_state: bool = True  # the copy includes the whole state (the buddy has none of its own)
+    checkpoint_url: str | None = None  # ranks write their durable commits there
     strategy: Any = None  # strategies.StrategyOptions (None: ddp)
     servers: list[tuple[str, str]] = field(default_factory=list)  # (worker, key) of PS actors
 
@@ -410,20 +413,32 @@ def _format_failure(rank: int, exc: BaseException) -> str:
     return "\n".join(f"[rank {rank}] {line}" for line in text.splitlines())
 
 
-def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
-    """The task each worker runs: set up, run the user's code as rank ``spec.rank``, tear down.
-
-    ``resume_state`` (rank 0's committed state, shipped once per worker) with ``spec.resume``
-    makes this attempt go on from that commit.
-    """
+def _resumed(spec: RankSpec, worker: Any) -> Any:
+    """``spec.resume`` with its state, pulled from the workers (or the checkpoint directory)
+    that hold it; a pipeline's stages laid over the whole."""
     import dataclasses
 
+    from . import ring
+    from .strategies import merge_slices
+
+    resume = spec.resume
+    state, per_rank = ring.fetch(spec.run_id, resume.source, worker)
+    return dataclasses.replace(resume, state=merge_slices(state, per_rank),
+                               local=per_rank.get(spec.rank), source=None)
+
+
+def run_rank(payload: Any, spec: RankSpec) -> Any:
+    """The task each worker runs: set up, run the user's code as rank ``spec.rank``, tear down.
+
+    With ``spec.resume`` this attempt goes on from that commit, whose state the rank pulls
+    from the workers holding it before it joins the process group.
+    """
     import torch.distributed as dist
     from distributed import get_worker
     from distributed.worker import thread_state
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from . import checkpoint
+    from . import checkpoint, ring
     from .compression import parse_compression
     from .strategies import StrategyOptions, make_strategy
 
@@ -439,7 +454,9 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             del _early_cancels[(spec.run_id, spec.attempt)]
             active.cancelled = True
         _active[spec.run_id] = active
-    checkpoint.open_ring(spec.run_id, spec.attempt)
+    ring.open_ring(spec.run_id, spec.attempt, ring.Config(
+        buddy=spec.buddy, send_state=spec.send_state, checkpoint_url=spec.checkpoint_url,
+        worker=worker))
     key = getattr(thread_state, "key", None)
 
     def still_wanted() -> None:
@@ -474,8 +491,7 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             default_epochs=spec.epochs,
             reporter=reporter,
             commits=checkpoint.CommitPlan(spec.commit_every, spec.checkpoint_every),
-            resume=(dataclasses.replace(spec.resume, state=resume_state)
-                    if spec.resume is not None else None),
+            resume=_resumed(spec, worker) if spec.resume is not None else None,
             compression=parse_compression(spec.compression),
             elastic_rule=spec.elastic,
             base_world=spec.base_world or spec.world_size,
@@ -486,7 +502,6 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             strategy=make_strategy(spec.strategy or StrategyOptions(), spec.rank,
                                    spec.world_size, device, _servers(spec), spec.timeout),
         )
-        resume_state = None
         with _torchrun_env(spec), _socket_env(worker.address), _owned_process_group(spec):
             # Cancelled during the rendezvous: every rank joined it, so every rank can leave.
             still_wanted()
@@ -509,10 +524,11 @@ def run_rank(payload: Any, spec: RankSpec, resume_state: Any = None) -> Any:
             ctx.release()
         # Drop every reference to DDP models (and their reducers) before the group goes:
         # the other order can block this thread forever in the reducer's destructor.
-        payload = ctx = resume_state = None
+        payload = ctx = None
         gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
+        ring.leave(spec.run_id)  # its checkpoint files are written before the task ends
         reporter.close()
         logs.close()
         with _lock:
