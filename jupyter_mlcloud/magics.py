@@ -1,35 +1,66 @@
-"""IPython magics: argument parsing only; every action is a call into the Python API."""
+"""IPython magics: argument parsing only; every action is a call into the Python API.
+
+The magics' parsers are built by IPython's ``magic_arguments`` decorators, which also make
+each magic's docstring (what ``%mlcloud?`` shows) the parser's full help, so that help lists
+every option and cannot drift from what is parsed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import shlex
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from IPython.display import display
 
 from . import clusters
-from .flags import add_score_options
+from .flags import OptionSpec, score_options
 
 SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect")
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports problems as one ``UsageError`` instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}. See `{self.prog} --help`.")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        # --help already printed; stop the magic without a SystemExit traceback.
-        raise UsageError(message.strip() if message else "") if status else _HelpShown()
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _HelpShown(Exception):
-    pass
+    """``--help`` printed the help: the magic stops there, without an error."""
+
+
+class _ShowHelp(argparse.Action):
+    """``-h/--help``: print the parser's help and stop the magic.
+
+    argparse's own help action ends in ``sys.exit``, which a kernel shows as a traceback, and
+    ``magic_arguments`` parsers have no ``--help`` at all; the magics always had one.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str,
+                 help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> NoReturn:
+        parser.print_help()
+        raise _HelpShown
+
+
+_HELP: OptionSpec = (("-h", "--help"), {"action": _ShowHelp, "help": "show this help and stop"})
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: problems raise ``UsageError`` (as ``magic_arguments``' do)."""
+
+    def __init__(self, prog: str, description: str) -> None:
+        super().__init__(prog=prog, description=description, add_help=False)
+        self.add_argument(*_HELP[0], **_HELP[1])
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def _int(text: str) -> int:
@@ -40,12 +71,26 @@ def _int(text: str) -> int:
     return value
 
 
-def _build_parser() -> _Parser:
-    parser = _Parser(prog="%mlcloud", description="Start and manage Dask clusters.")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
-    sub.required = True
+def _arguments(specs: Sequence[OptionSpec]) -> Callable[[_F], _F]:
+    """``@argument`` for each (flags, keywords) pair, in the order given."""
 
-    p = sub.add_parser("up", help="start a cluster (GPU-aware) or attach to one")
+    def decorate(func: _F) -> _F:
+        # Decorators apply bottom-up and magic_arguments reverses them: push the last first.
+        for flags, kwargs in reversed(specs):
+            func = argument(*flags, **kwargs)(func)
+        return func
+
+    return decorate
+
+
+def _subcommand_parsers() -> dict[str, _Parser]:
+    parsers: dict[str, _Parser] = {}
+
+    def sub(name: str, description: str) -> _Parser:
+        parsers[name] = _Parser(f"%mlcloud {name}", description)
+        return parsers[name]
+
+    p = sub("up", "Start a cluster (GPU-aware), or attach to one.")
     p.add_argument("--workers", type=_int, help="number of workers")
     p.add_argument("--threads-per-worker", type=_int, help="threads per worker (1)")
     p.add_argument("--memory-limit", help="per worker: 'auto', '4GiB', bytes or a fraction")
@@ -61,122 +106,175 @@ def _build_parser() -> _Parser:
     p.add_argument("--scheduler-file", help="attach to the scheduler in this file instead")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
 
-    sub.add_parser("status", help="table of clusters")
+    sub("status", "Show a table of the clusters.")
 
-    p = sub.add_parser("scale", help="scale to N workers")
-    p.add_argument("n", type=_int, metavar="N")
+    p = sub("scale", "Scale to N workers.")
+    p.add_argument("n", type=_int, metavar="N", help="number of workers")
     p.add_argument("--name", help="cluster (default: the current one)")
 
-    p = sub.add_parser("adapt", help="adaptive scaling between MIN and MAX workers")
-    p.add_argument("minimum", type=_int, metavar="MIN")
-    p.add_argument("maximum", type=_int, metavar="MAX")
+    p = sub("adapt", "Scale adaptively between MIN and MAX workers.")
+    p.add_argument("minimum", type=_int, metavar="MIN", help="fewest workers")
+    p.add_argument("maximum", type=_int, metavar="MAX", help="most workers")
     p.add_argument("--name", help="cluster (default: the current one)")
 
-    p = sub.add_parser("down", help="shut down the current cluster")
+    p = sub("down", "Shut down the current cluster.")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--name", help="shut down this cluster instead")
     which.add_argument("--all", action="store_true", help="every cluster of this kernel")
 
-    p = sub.add_parser("connect", help="attach to a running cluster")
+    p = sub("connect", "Attach to a running cluster.")
     p.add_argument("address", help="scheduler address, scheduler file or discovered name")
     p.add_argument("--name", help="name to use here")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
+    assert tuple(parsers) == SUBCOMMANDS
+    return parsers
+
+
+#: ``%mlcloud``'s subcommands, each with its parser (the magic's own parser takes the name).
+SUBCOMMAND_PARSERS = _subcommand_parsers()
+
+
+def _subcommands_help() -> str:
+    """Every subcommand's help, for ``%mlcloud?`` (made from the parsers, so it is current)."""
+    return "subcommands:\n\n" + "\n".join(p.format_help() for p in SUBCOMMAND_PARSERS.values())
+
+
+def _split(line: str, prog: str) -> list[str]:
+    # POSIX shlex, as a shell does: parse_argstring's splitter would keep the quotes of
+    # `--name 'a b'` in the value.
+    try:
+        return shlex.split(line)
+    except ValueError as e:  # unbalanced quotes
+        raise UsageError(f"{prog}: cannot parse {line!r}: {e}.") from None
+
+
+def _flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's option flags, but for --help (argparse keeps its actions in _actions)."""
+    return [f for a in parser._actions if not isinstance(a, _ShowHelp) for f in a.option_strings]
+
+
+def _problem(prog: str, message: str, parser: argparse.ArgumentParser, hint: str) -> UsageError:
+    """One sentence: the magic, argparse's complaint (with the options, when one is unknown),
+    and where the help is."""
+    text = message.rstrip(".")
+    if text.startswith("unrecognized arguments:"):
+        flags = _flags(parser)
+        unknown = text.split(":", 1)[1].split()
+        # Compared without the dashes, which every flag shares and which would make any
+        # two flags look alike.
+        names = {f.lstrip("-"): f for f in flags}
+        near = difflib.get_close_matches(unknown[0].lstrip("-"), names, n=1) if unknown else []
+        if near and unknown[0].startswith("-"):
+            text += f" (did you mean {names[near[0]]}?)"
+        text += f"; the options are {', '.join(flags)}" if flags else "; it takes no options"
+    return UsageError(f"{prog}: {text}; see `{hint}`.")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], prog: str,
+           hint: str) -> argparse.Namespace | None:
+    """The parsed arguments, or None once --help was shown; problems raise one UsageError."""
+    try:
+        return parser.parse_args(argv)
+    except _HelpShown:
+        return None
+    except UsageError as e:
+        raise _problem(prog, str(e), parser, hint) from None
+
+
+def _parser_of(magic: Any) -> argparse.ArgumentParser:
+    """The parser ``@magic_arguments`` built for ``magic`` (and kept on it)."""
+    parser: argparse.ArgumentParser = magic.parser
     return parser
 
 
-def _build_train_parser() -> _Parser:
-    p = _Parser(prog="%%distributed_train",
-                description="Run the cell data-parallel on the cluster's workers (ctx is given).")
-    p.add_argument("--workers", type=_int, help="ranks, one per worker (default: every free one)")
-    p.add_argument("--cluster", help="cluster name (default: the current one)")
-    p.add_argument("--backend", help="gloo or nccl (default: nccl on GPUs, else gloo)")
-    p.add_argument("--seed", type=_int, default=0, help="seed for python, numpy, torch (0)")
-    p.add_argument("--out", default="", help="comma-separated names to bring back from rank 0")
-    p.add_argument("--noblock", action="store_true", help="return a Run at once")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds for the rendezvous and each collective (300)")
-    p.add_argument("--epochs", type=_int, help="default count for ctx.epochs()")
-    p.add_argument("--strategy", default="ddp",
-                   help="how the model is distributed: ddp, fsdp, pipeline, ps-sync, ps-async"
-                        " (ddp)")
-    p.add_argument("--microbatches", type=_int, help="pipeline: microbatches per batch (4)")
-    p.add_argument("--pipeline-schedule", default="1f1b",
-                   help="pipeline: 1f1b or gpipe (1f1b)")
-    p.add_argument("--ps-workers", type=_int, help="ps-*: parameter-server shards (1)")
-    p.add_argument("--max-staleness", type=_int,
-                   help="ps-async: most pushes a trainer may run ahead of the slowest")
-    p.add_argument("--compression", default="none",
-                   help="gradient compression: none, fp16, bf16, powersgd[:RANK[:START]] (none)")
-    p.add_argument("--max-failures", type=_int, default=0,
-                   help="lost workers to survive by resuming from the last commit (0)")
-    p.add_argument("--min-workers", type=_int,
-                   help="go on with this many workers if no replacement comes")
-    p.add_argument("--commit-every", type=_int, default=1,
-                   help="steps between in-memory commits (1)")
-    p.add_argument("--elastic", default="global-batch",
-                   help="rule when the world shrinks: global-batch or linear-lr (global-batch)")
-    p.add_argument("--checkpoint-dir", help="fsspec path for checkpoints")
-    p.add_argument("--checkpoint-every", type=_int, help="steps between checkpoints (100)")
-    p.add_argument("--checkpoint-keep", type=_int, default=2, help="checkpoints kept (2)")
-    p.add_argument("--resume", action="store_true",
-                   help="go on from the newest checkpoint in --checkpoint-dir")
-    return p
-
-
-def _build_score_parser(prog: str, data: bool) -> _Parser:
-    p = _Parser(prog=prog, description="Score data with a model on the cluster's workers.")
-    p.add_argument("model", help="a notebook name, or a path to a saved model")
-    if data:
-        p.add_argument("data", help="a notebook name, or a path/URL to zarr, parquet or netCDF")
-    p.add_argument("--out", help="notebook name for the result (default: _)")
-    p.add_argument("--output", help="write to this .zarr / .parquet path")
-    add_score_options(p, integer=_int)
-    p.add_argument("--cluster", help="cluster name (default: the current one)")
-    return p
-
-
-# Subparsers are made with the parent's class, so they raise UsageError too.
-_PARSER = _build_parser()
-_TRAIN_PARSER = _build_train_parser()
-_SCORE_LINE_PARSER = _build_score_parser("%batch_score", data=True)
-_SCORE_CELL_PARSER = _build_score_parser("%%batch_score", data=False)
-
-
-def _parse(parser: _Parser, line: str) -> argparse.Namespace | None:
-    try:
-        return parser.parse_args(shlex.split(line))
-    except _HelpShown:
-        return None
-    except ValueError as e:  # shlex: unbalanced quotes
-        raise UsageError(f"{parser.prog}: cannot parse {line!r}: {e}.") from None
+def _parse_magic(magic: Any, line: str, prog: str) -> argparse.Namespace | None:
+    """Parse ``line`` with the parser ``@magic_arguments`` built for ``magic``."""
+    return _parse(_parser_of(magic), _split(line, prog), prog, f"{prog}?")
 
 
 @magics_class
 class MLCloudMagics(Magics):
-    """``%mlcloud``; the training and scoring magics join this class in their modules."""
+    """``%mlcloud``, ``%%distributed_train`` and ``%batch_score`` / ``%%batch_score``."""
 
     @line_magic
+    @magic_arguments()
+    @kwds(epilog=_subcommands_help())
+    @argument(*_HELP[0], **_HELP[1])
+    @argument("subcommand", choices=SUBCOMMANDS, metavar="SUBCOMMAND",
+              help="what to do: %(choices)s")
+    # REMAINDER: all after SUBCOMMAND, options and --help too, is left to the subcommand's parser.
+    @argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+              help="the subcommand's arguments and options, listed below")
     def mlcloud(self, line: str) -> Any:
-        """%mlcloud up|status|scale N|adapt MIN MAX|down [--name N | --all]|connect ADDRESS"""
-        args = _parse(_PARSER, line)
+        """Start and manage Dask clusters: `%mlcloud SUBCOMMAND [ARGS]`.
+
+        Each subcommand's arguments and options are listed below;
+        `%mlcloud SUBCOMMAND --help` prints one subcommand's alone.
+        """
+        parser = _parser_of(MLCloudMagics.mlcloud)
+        argv = _split(line, "%mlcloud")
+        if not argv:  # argparse would also name ARGS, which may well be empty
+            raise _problem("%mlcloud", "the following arguments are required: SUBCOMMAND"
+                           f" (one of {', '.join(SUBCOMMANDS)})", parser, "%mlcloud?")
+        top = _parse(parser, argv, "%mlcloud", "%mlcloud?")
+        if top is None:
+            return None
+        prog = f"%mlcloud {top.subcommand}"
+        args = _parse(SUBCOMMAND_PARSERS[top.subcommand], top.args, prog, f"{prog} --help")
         if args is None:
             return None
         try:
-            return getattr(self, f"_{args.command}")(args)
+            return getattr(self, f"_{top.subcommand}")(args)
         except ValueError as e:
             raise UsageError(str(e)) from None
 
     @cell_magic
+    @magic_arguments("%distributed_train")  # its usage line then reads %%distributed_train
+    @argument(*_HELP[0], **_HELP[1])
+    @argument("--workers", type=_int, help="ranks, one per worker (default: every free one)")
+    @argument("--cluster", help="cluster name (default: the current one)")
+    @argument("--backend", help="gloo or nccl (default: nccl on GPUs, else gloo)")
+    @argument("--seed", type=_int, default=0, help="seed for python, numpy, torch (0)")
+    @argument("--out", default="", help="comma-separated names to bring back from rank 0")
+    @argument("--noblock", action="store_true", help="return a Run at once")
+    @argument("--timeout", type=float, default=300.0,
+              help="seconds for the rendezvous and each collective (300)")
+    @argument("--epochs", type=_int, help="default count for ctx.epochs()")
+    @argument("--strategy", default="ddp",
+              help="how the model is distributed: ddp, fsdp, pipeline, ps-sync, ps-async (ddp)")
+    @argument("--microbatches", type=_int, help="pipeline: microbatches per batch (4)")
+    @argument("--pipeline-schedule", default="1f1b", help="pipeline: 1f1b or gpipe (1f1b)")
+    @argument("--ps-workers", type=_int, help="ps-*: parameter-server shards (1)")
+    @argument("--max-staleness", type=_int,
+              help="ps-async: most pushes a trainer may run ahead of the slowest")
+    @argument("--compression", default="none",
+              help="gradient compression: none, fp16, bf16, powersgd[:RANK[:START]] (none)")
+    @argument("--max-failures", type=_int, default=0,
+              help="lost workers to survive by resuming from the last commit (0)")
+    @argument("--min-workers", type=_int,
+              help="go on with this many workers if no replacement comes")
+    @argument("--commit-every", type=_int, default=1, help="steps between in-memory commits (1)")
+    @argument("--elastic", default="global-batch",
+              help="rule when the world shrinks: global-batch or linear-lr (global-batch)")
+    @argument("--checkpoint-dir", help="fsspec path for checkpoints")
+    @argument("--checkpoint-every", type=_int, help="steps between checkpoints (100)")
+    @argument("--checkpoint-keep", type=_int, default=2, help="checkpoints kept (2)")
+    @argument("--resume", action="store_true",
+              help="go on from the newest checkpoint in --checkpoint-dir")
     def distributed_train(self, line: str, cell: str) -> Any:
-        """%%distributed_train [--workers N] [--out a,b] [--noblock] ...: the cell on every rank."""
-        from .train import launch
+        """Run the cell data-parallel on the cluster's workers, one rank per worker.
+
+        The cell sees the notebook's names and `ctx` (its rank, world size, device and
+        data helpers); --out brings names back from rank 0 when the run is done.
+        """
+        args = _parse_magic(MLCloudMagics.distributed_train, line, "%%distributed_train")
+        if args is None or self.shell is None:
+            return None
+        from .train import launch  # only now: a bad line is refused without loading train
         from .train.cell import prepare_cell
         from .train.launch import FaultOptions, StrategyOptions
         from .widgets import RunMonitor
 
-        args = _parse(_TRAIN_PARSER, line)
-        if args is None or self.shell is None:
-            return None
         out = [n.strip() for n in args.out.split(",") if n.strip()]
         try:
             payload = prepare_cell(cell, self.shell.user_ns, out)
@@ -227,13 +325,35 @@ class MLCloudMagics(Magics):
         return None
 
     @line_cell_magic
+    @magic_arguments()
+    @argument(*_HELP[0], **_HELP[1])
+    @argument("model", help="a notebook name, or a path to a saved model")
+    # One parser serves both forms: DATA is required on the line and refused in the cell form.
+    @argument("data", nargs="?",
+              help="%%batch_score only: a notebook name, or a path/URL to zarr, parquet or"
+                   " netCDF (%%%%batch_score scores the cell's last expression instead)")
+    @argument("--out", help="notebook name for the result (default: _)")
+    @argument("--output", help="write to this .zarr / .parquet path")
+    @_arguments(score_options(integer=_int))
+    @argument("--cluster", help="cluster name (default: the current one)")
     def batch_score(self, line: str, cell: str | None = None) -> Any:
-        """%batch_score MODEL DATA [...] scores DATA; %%batch_score MODEL [...] scores what the
-        cell's last expression evaluates to. --output writes, --out names the result."""
-        parser = _SCORE_LINE_PARSER if cell is None else _SCORE_CELL_PARSER
-        args = _parse(parser, line)
+        """Score data with a model on the cluster's workers.
+
+        `%batch_score MODEL DATA [options]` scores DATA; `%%batch_score MODEL [options]`
+        runs the cell and scores what its last expression evaluates to. --output writes
+        the scores to a store, --out names the result in the notebook.
+        """
+        prog = "%batch_score" if cell is None else "%%batch_score"
+        parser = _parser_of(MLCloudMagics.batch_score)
+        args = _parse_magic(MLCloudMagics.batch_score, line, prog)
         if args is None or self.shell is None:
             return None
+        if cell is None and args.data is None:
+            raise _problem(prog, "the following arguments are required: data", parser,
+                           f"{prog}?")
+        if cell is not None and args.data is not None:
+            raise _problem(prog, f"unrecognized arguments: {args.data} (the cell gives the data)",
+                           parser, f"{prog}?")
         data = self._lookup(args.data) if cell is None else self._evaluate(cell)
         return self._score(args, data)
 
@@ -314,20 +434,6 @@ class MLCloudMagics(Magics):
 
         handle = clusters.connect(args.address, name=args.name, timeout=args.timeout)
         display(cluster_card(handle))
-
-
-def _full_help(parser: _Parser) -> str:
-    """The parser's help followed by each subcommand's."""
-    groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return parser.format_help() + "".join(
-        f"\n{sub.format_help()}" for group in groups for sub in group.choices.values())
-
-
-# `%mlcloud?`, `%%distributed_train?` and `%%batch_score?` show every option, as --help does.
-MLCloudMagics.mlcloud.__doc__ = _full_help(_PARSER)
-MLCloudMagics.distributed_train.__doc__ = _full_help(_TRAIN_PARSER)
-MLCloudMagics.batch_score.__doc__ = (_full_help(_SCORE_LINE_PARSER) + "\n"
-                                     + _full_help(_SCORE_CELL_PARSER))
 
 
 def register(ipython: Any) -> None:
