@@ -246,6 +246,8 @@ class RankStarter:
 
     def _start_servers(self, chosen: list[str], attempt: int) -> list[tuple[str, str]]:
         """This attempt's parameter-server actors, one per shard, spread over ``chosen``."""
+        if not self.strategy.servers:
+            return []  # and torch stays unloaded in the kernel
         from .param_server import ParamServerShard
 
         mode = "sync" if self.strategy.name == "ps-sync" else "async"
