@@ -283,17 +283,15 @@ class CheckpointDir:
 
     def write_part(self, part: Part) -> int:
         """Write one rank's part of a durable commit (on its worker); returns the bytes."""
-        buffer = io.BytesIO()
-        torch.save(part.local, buffer)
-        files = {f"rank-{part.rank:04d}.pt": buffer}
+        files: dict[str, Any] = {f"rank-{part.rank:04d}.pt": part.local}
         if part.state is not None and part.rank == 0:  # one writer for the whole state
-            files["state.pt"] = io.BytesIO()
-            torch.save(part.state, files["state.pt"])
-        self.fs.makedirs(self._dir(part.position.steps), exist_ok=True)
-        for name, data in files.items():
-            with self.fs.open(f"{self._dir(part.position.steps)}/{name}", "wb") as f:
-                f.write(data.getbuffer())
-        return sum(d.getbuffer().nbytes for d in files.values())
+            files["state.pt"] = part.state
+        folder = self._dir(part.position.steps)
+        self.fs.makedirs(folder, exist_ok=True)
+        for name, value in files.items():
+            with self.fs.open(f"{folder}/{name}", "wb") as f:
+                torch.save(value, f)  # straight into the file: no copy in memory first
+        return sum(int(self.fs.size(f"{folder}/{name}")) for name in files)
 
     def seal(self, meta: Meta) -> None:
         """Mark ``meta``'s step complete (every rank wrote it); drop half-written steps and the

@@ -379,7 +379,7 @@ def train(
     LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are set while ``fn`` runs.
 
     Fault tolerance: ``max_failures`` lost workers are survived by resuming every rank from
-    the last commit (taken every ``commit_every`` steps and held by this process), with the
+    the last commit (taken every ``commit_every`` steps and held by the workers), with the
     same number of workers once replacements join, or with ``min_workers`` or more if none
     come within ``mlcloud.train.replace-timeout`` seconds (Dask config, default 30); how the
     batch and learning rate change then is the ``elastic`` rule (``global-batch`` or
