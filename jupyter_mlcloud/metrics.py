@@ -34,8 +34,11 @@ def control_topic(run_id: str) -> str:
 def to_number(name: str, value: Any) -> float:
     """A reported value as a float: tensors (``.item()``), numpy scalars and numbers."""
     if hasattr(value, "item") and callable(value.item):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Number):
+        try:
+            value = value.item()
+        except (RuntimeError, ValueError):  # several elements: refused below, in one sentence
+            pass
+    if isinstance(value, (bool, complex)) or not isinstance(value, Number):
         raise ValueError(
             f"ctx.report({name}=...) needs a number or a one-element tensor, got"
             f" {type(value).__name__}."
@@ -72,7 +75,10 @@ class EventBatcher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - one failed send must not end the live points
+                pass
 
     def close(self) -> None:
         """Flush what is left and stop the thread."""

@@ -114,10 +114,6 @@ def test_values_that_are_not_numbers_are_named(value: Any, kind: str) -> None:
         f"ctx.report(acc=...) needs a number or a one-element tensor, got {kind}.")
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, TypeError), reason=(
-    "to_number lets the conversion's own error through for a tensor of several elements"
-    " (torch's RuntimeError) and for a complex number (float()'s TypeError), instead of its"
-    " 'needs a number or a one-element tensor' ValueError"))
 @pytest.mark.parametrize("value", [torch.tensor([1.0, 2.0]), 1 + 2j])
 def test_several_elements_or_a_complex_number_get_the_same_sentence(value: Any) -> None:
     with pytest.raises(ValueError, match=r"ctx.report\(loss=...\) needs a number"):
@@ -273,9 +269,6 @@ def test_a_round_trip_through_items_of(recorder: Recorder, slow: EventBatcher) -
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "one log_event that raises ends EventBatcher's flush thread: nothing is logged again"
-    " until close(), so a run's live points stop for good after one failed send"))
 def test_flushing_goes_on_after_a_failed_log_event() -> None:
     calls: list[Any] = []
 

@@ -36,23 +36,23 @@ def parse_compression(text: Any) -> CompressionSpec:
     """
     if isinstance(text, CompressionSpec):
         return text
-    kind, _, rest = str(text).partition(":")
+    kind, colon, rest = str(text).partition(":")
     rank, _, start = rest.partition(":")
-    if kind not in COMPRESSIONS or (rest and kind != "powersgd"):
+    if kind not in COMPRESSIONS or (colon and kind != "powersgd"):
         raise ValueError(
             f"compression {text!r} is not available; allowed: none, fp16, bf16, powersgd,"
             " powersgd:RANK, powersgd:RANK:START."
         )
-    if not rest:
+    if not colon:
         return CompressionSpec(kind)
-    if not rank.isdigit() or int(rank) < 1:
+    if not (rank.isascii() and rank.isdigit()) or int(rank) < 1:
         raise ValueError(f"compression {text!r} needs a whole PowerSGD rank >= 1, e.g. powersgd:2.")
     if not start:
         if rest.endswith(":"):
             raise ValueError(f"compression {text!r} needs a start step after the second ':',"
                              " e.g. powersgd:2:20.")
         return CompressionSpec(kind, int(rank))
-    if not start.isdigit() or int(start) < POWERSGD_START_ITER:
+    if not (start.isascii() and start.isdigit()) or int(start) < POWERSGD_START_ITER:
         raise ValueError(
             f"compression {text!r} needs a whole PowerSGD start step >= {POWERSGD_START_ITER}"
             " (plain all-reduce steps before compressing), e.g. powersgd:2:20."
