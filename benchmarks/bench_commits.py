@@ -14,8 +14,8 @@ own worker, and the run resumes from the copy the surviving worker holds. Per re
   target <= 10 %;
 - kill -> first resumed step; target <= 15 s;
 - checkpoint write throughput: a run with ``checkpoint_every=3``, bytes the ranks wrote over
-  their write time, against ``fsspec`` copying the same checkpoint file in this process;
-  target >= 0.8x.
+  their write time (serializing included), against ``fsspec`` writing the same bytes from
+  memory in this process; target >= 0.8x.
 
 Medians over the repeats, with the range. Every rank uses one thread (2 ranks, 2 cores).
 """
@@ -130,9 +130,11 @@ def checkpoint_run(cluster: mlc.ClusterHandle, tmp: str) -> dict[str, float]:
     ranks = sum(s["written_bytes"] for s in stats) / max(s["write_s"] for s in stats)
     fs = fsspec.filesystem("file")
     (state,) = fs.glob(f"{directory}/step-*/state.pt")
+    data = fs.cat_file(state)  # the same bytes, in memory: only the write is timed
     started = time.perf_counter()
-    fs.copy(state, f"{directory}/copy.pt")
-    copy = fs.size(state) / (time.perf_counter() - started)
+    fs.pipe_file(f"{directory}/copy.pt", data)
+    copy = len(data) / (time.perf_counter() - started)
+    del data
     fs.rm(directory, recursive=True)
     return {"write_mib_s": ranks / MIB, "fsspec_mib_s": copy / MIB, "ratio": ranks / copy}
 
@@ -163,7 +165,7 @@ def main() -> None:
         ("commit blocking / step", [k["blocking"] for k in kills], "<= 0.10", 3),
         ("kill -> first resumed step (s)", [k["kill_to_step_s"] for k in kills], "<= 15", 1),
         ("checkpoint write, 2 ranks (MiB/s)", [w["write_mib_s"] for w in writes], "", 0),
-        ("fsspec copy of the same file (MiB/s)", [w["fsspec_mib_s"] for w in writes], "", 0),
+        ("fsspec writing the same bytes (MiB/s)", [w["fsspec_mib_s"] for w in writes], "", 0),
         ("write / fsspec", [w["ratio"] for w in writes], ">= 0.8", 2),
     ]
     print(f"{'figure':42} {'median (range)':>24} {'target':>9}")

@@ -7,11 +7,9 @@ import importlib
 import itertools
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import dask
 import pytest
 
 import jupyter_mlcloud as mlc
@@ -20,6 +18,7 @@ from jupyter_mlcloud.train import worker as rank_worker
 from jupyter_mlcloud.train.run import Run
 
 from .conftest import wait_for
+from .conftest import wait_for_workers as wait_until_workers
 
 # The module (the package exports its ``launch`` function under the same name).
 launch_module = importlib.import_module("jupyter_mlcloud.train.launch")
@@ -149,28 +148,13 @@ def test_callbacks_added_while_the_run_ends_are_each_called_exactly_once() -> No
 # ---------------------------------------------------------------- real runs
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[mlc.ClusterHandle]:
-    # A busy machine can take long to restart a SIGKILLed worker; the default wait is 30 s.
-    with mlc.up(workers=2, name="lifecycle") as handle, \
-            dask.config.set({"mlcloud.train.replace-timeout": 120}):
-        yield handle
+CLUSTER = {"name": "lifecycle", "workers": 2}  # the shared module cluster (conftest)
 
 
 def wait_for_workers(cluster: mlc.ClusterHandle, n: int) -> list[str]:
-    deadline = time.monotonic() + 90
-    while len(cluster_info.workers(cluster.client)) < n:
-        if time.monotonic() > deadline:
-            states = {name: (str(nanny.status), str(getattr(nanny.process, "status", None)))
-                      for name, nanny in cluster.cluster.workers.items()}
-            pytest.fail(f"the nanny did not bring the worker back; nanny, process: {states}")
-        time.sleep(0.1)
+    """Until ``n`` workers are up (conftest's wait); their addresses, sorted."""
+    wait_until_workers(cluster, n)
     return sorted(cluster_info.workers(cluster.client))
-
-
-@pytest.fixture(autouse=True)
-def two_workers(cluster: mlc.ClusterHandle) -> None:
-    wait_for_workers(cluster, 2)
 
 
 def endless(ctx: Any, kill_at: int = 0) -> None:
@@ -268,7 +252,6 @@ def _early_cancels() -> list[tuple[str, int]]:
 def _hold(started: str, gate: str) -> None:
     """Occupies its worker's only thread until ``gate`` exists."""
     import os
-    import time
 
     open(started, "w").close()
     deadline = time.monotonic() + 120
@@ -321,7 +304,6 @@ def test_cancel_mid_step(cluster: mlc.ClusterHandle) -> None:
 
 def blocked_in_a_collective(ctx: Any) -> None:
     """Rank 0 waits in an allreduce that rank 1 never joins; rank 1 loops on ``ctx.report``."""
-    import time
 
     import torch
     import torch.distributed as dist
