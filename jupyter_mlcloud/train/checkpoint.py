@@ -288,12 +288,7 @@ class CheckpointDir:
             files["state.pt"] = part.state
         folder = self._dir(part.position.steps)
         self.fs.makedirs(folder, exist_ok=True)
-        local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                           else (self.fs.protocol,))
         for name, value in files.items():
-            if local:  # a path: torch's own writer, several times faster than a file object
-                torch.save(value, f"{folder}/{name}")
-                continue
             with self.fs.open(f"{folder}/{name}", "wb") as f:
                 torch.save(value, f)  # straight into the file: no copy in memory first
         return sum(int(self.fs.size(f"{folder}/{name}")) for name in files)
