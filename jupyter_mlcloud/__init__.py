@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .clusters import (
+from .cluster.api import (
     ClusterHandle,
     adapt,
     connect,
@@ -23,11 +23,12 @@ from .clusters import (
     status,
     up,
 )
-from .hardware import gpu_count
+from .cluster.hardware import gpu_count
 
-# Eager on purpose: these names are also subpackages, and a later import of the subpackage
-# would otherwise bind the module in their place. None of them loads torch or pandas.
-from .score import score
+from .scoring.api import score
+
+# Eager on purpose: ``train`` is also a subpackage, and a later import of it would otherwise
+# bind the module in the function's place. Nothing here loads torch or pandas.
 from .train import Run, TrainingError, train
 
 __version__ = "0.1.0"
@@ -54,7 +55,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "TrainContext":  # imports torch: only when asked for
-        from .train.context import TrainContext
+        from .train.rank.context import TrainContext
 
         return TrainContext
     raise AttributeError(name)

@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def score_command(args: argparse.Namespace) -> int:
-    from . import clusters
-    from .score import score
+    from .cluster import api as clusters
+    from .scoring.api import score
 
     try:
         if args.scheduler:

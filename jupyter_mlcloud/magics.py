@@ -19,7 +19,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from IPython.display import display
 
-from . import clusters
+from .cluster import api as clusters
 from .flags import OptionSpec, score_options
 
 SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect")
@@ -272,7 +272,7 @@ class MLCloudMagics(Magics):
             return None
         from .train import launch  # only now: a bad line is refused without loading train
         from .train.cell import prepare_cell
-        from .train.launch import FaultOptions, StrategyOptions
+        from .train.options import FaultOptions, StrategyOptions
         from .widgets import RunMonitor
 
         out = [n.strip() for n in args.out.split(",") if n.strip()]
@@ -377,7 +377,7 @@ class MLCloudMagics(Magics):
         return self.shell.user_ns.get(token, token)
 
     def _score(self, args: argparse.Namespace, data: Any) -> Any:
-        from .score import score
+        from .scoring.api import score
 
         assert self.shell is not None
         features = [f.strip() for f in args.features.split(",")] if args.features else None

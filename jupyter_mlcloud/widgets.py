@@ -10,7 +10,7 @@ from typing import Any
 import ipywidgets as w
 from dask.utils import format_bytes
 
-from .clusters import ClusterHandle
+from .cluster.api import ClusterHandle
 
 
 def _figures_html(info: dict[str, Any], dashboard: str | None) -> str:

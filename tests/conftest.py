@@ -49,11 +49,11 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(autouse=True)
 def no_cluster_left() -> Iterator[None]:
     """Every test must close what it opened: clusters, worker processes, discovery files."""
-    import jupyter_mlcloud as mlc
+    from jupyter_mlcloud.cluster import api as clusters
 
-    before = set(mlc.clusters.handles())  # module-scoped clusters live on
+    before = set(clusters.handles())  # module-scoped clusters live on
     yield
-    leftovers = [h for h in mlc.clusters.handles() if h not in before and h not in SHARED]
+    leftovers = [h for h in clusters.handles() if h not in before and h not in SHARED]
     for handle in leftovers:
         handle.close()
     assert not leftovers, f"test left clusters open: {[h.name for h in leftovers]}"
@@ -75,7 +75,7 @@ def child_processes() -> list[psutil.Process]:
 
 
 def discovery_files() -> list[Path]:
-    from jupyter_mlcloud.discovery import discovery_dir
+    from jupyter_mlcloud.cluster.discovery import discovery_dir
 
     folder = discovery_dir()
     return sorted(folder.iterdir()) if folder.is_dir() else []
@@ -95,7 +95,7 @@ def worker_states(cluster: Any) -> dict[Any, tuple[str, str]]:
 
 def wait_for_workers(cluster: Any, n: int, timeout: float = WHOLE_WAIT_S) -> None:
     """Until the scheduler has ``n`` workers; fail naming each nanny's state."""
-    from jupyter_mlcloud import cluster_info
+    from jupyter_mlcloud.cluster import info as cluster_info
 
     deadline = time.monotonic() + timeout
     while len(cluster_info.workers(cluster.client)) < n:
@@ -138,7 +138,7 @@ class ModuleCluster:
 
     def whole(self) -> Any:
         """The cluster, once all its workers are up (a replacement if they never are)."""
-        from jupyter_mlcloud import cluster_info
+        from jupyter_mlcloud.cluster import info as cluster_info
 
         deadline = time.monotonic() + WHOLE_WAIT_S
         while len(cluster_info.workers(self.handle.client)) < self.workers:
@@ -239,7 +239,7 @@ def digest(model: torch.nn.Module) -> str:
 def keep_rank1_worker_dead(cluster: Any) -> None:
     """Once killed, rank 1's worker is not restarted (no replacement comes), by its nanny or
     by the cluster's revive watcher."""
-    from jupyter_mlcloud import cluster_info
+    from jupyter_mlcloud.cluster import info as cluster_info
 
     async def stay_dead() -> None:
         return None

@@ -15,7 +15,9 @@ import pytest
 from distributed import Client, LocalCluster
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import cluster_info, discovery
+from jupyter_mlcloud.cluster import api as clusters
+from jupyter_mlcloud.cluster import discovery
+from jupyter_mlcloud.cluster import info as cluster_info
 
 from .conftest import child_processes, discovery_files, read_line, wait_for
 
@@ -227,7 +229,7 @@ def test_gpu_machine_picks_local_cuda_cluster(monkeypatch: pytest.MonkeyPatch) -
             made.update(n_workers=n_workers, devices=CUDA_VISIBLE_DEVICES)
             super().__init__(n_workers=n_workers, processes=True, **kwargs)
 
-    monkeypatch.setattr("jupyter_mlcloud.clusters.gpu_count", lambda: 2)
+    monkeypatch.setattr("jupyter_mlcloud.cluster.api.gpu_count", lambda: 2)
     monkeypatch.setattr(dask_cuda, "LocalCUDACluster", FakeCUDACluster)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with mlc.up() as cluster:
@@ -258,7 +260,7 @@ def test_bad_input_is_one_sentence_and_leaves_nothing(kwargs: dict, message: str
         mlc.up(**kwargs)
     assert "\n" not in str(err.value)
     assert discovery_files() == []
-    assert mlc.clusters.handles() == []
+    assert clusters.handles() == []
     wait_for(lambda: {p.pid for p in child_processes()} <= before, what="no new processes")
 
 

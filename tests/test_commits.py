@@ -15,7 +15,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.train.checkpoint import Position
 from jupyter_mlcloud.train.commits import CommitIndex
 from jupyter_mlcloud.train.launch import pick_buddies
-from jupyter_mlcloud.train.ring import Entry
+from jupyter_mlcloud.train.rank.ring import Entry
 
 CLUSTER = {"name": "commits", "workers": 2, "config": {"mlcloud.train.replace-timeout": 120}}
 MIB = 2**20

@@ -1,4 +1,4 @@
-"""Unit tests of ``--compression`` parsing (:mod:`jupyter_mlcloud.train.compression_spec`):
+"""Unit tests of ``--compression`` parsing (:mod:`jupyter_mlcloud.train.options`):
 every accepted form, the text that travels to the workers, and one sentence per bad value."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_mlcloud.train.compression_spec import (
+from jupyter_mlcloud.train.options import (
     COMPRESSIONS,
     POWERSGD_START_ITER,
     CompressionSpec,

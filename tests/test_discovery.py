@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import discovery
+from jupyter_mlcloud.cluster import discovery
 
 from .conftest import discovery_files, read_line, wait_for
 

@@ -1,4 +1,4 @@
-"""Unit tests of the ``--elastic`` rules (:mod:`jupyter_mlcloud.train.elastic`): batch sizes,
+"""Unit tests of the ``--elastic`` rules (:mod:`jupyter_mlcloud.train.rank.elastic`): batch sizes,
 committed positions and learning rates when a run goes on with fewer or more ranks.
 
 No process group: worlds are simulated with one :class:`Shard` per rank, and learning rates
@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from jupyter_mlcloud.train.elastic import (
+from jupyter_mlcloud.train.rank.elastic import (
     ELASTIC_RULES,
     check_rule,
     map_batch,
     per_rank_batch,
     rescale_lr,
 )
-from jupyter_mlcloud.train.sharding import Shard
+from jupyter_mlcloud.train.rank.sharding import Shard
 
 # ---------------------------------------------------------------- rule names
 

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud.train import checkpoint, ring
-from jupyter_mlcloud.train import worker as rank_worker
 from jupyter_mlcloud.train.checkpoint import CheckpointDir, Position
-from jupyter_mlcloud.train.compression import (
+from jupyter_mlcloud.train.options import (
     POWERSGD_START_ITER,
     CompressionSpec,
     parse_compression,
 )
+from jupyter_mlcloud.train.rank import cancel, ring
+from jupyter_mlcloud.train.rank.state import rng_state, set_rng_state
 from jupyter_mlcloud.train.run import describe_recovery
 
 from .conftest import (
@@ -147,7 +147,7 @@ def test_a_run_resumes_from_its_checkpoint_after_a_kernel_restart(
     # The orphaned ranks notice their launcher released them and stop at their next step (a
     # rank blocked in a collective whose peer stopped first ends within --timeout).
     deadline = time.monotonic() + 120
-    while any(cluster.client.run(rank_worker.busy_with).values()):
+    while any(cluster.client.run(cancel.busy_with).values()):
         assert time.monotonic() < deadline, "ranks of the killed kernel kept running"
         time.sleep(0.1)
     saved = CheckpointDir(str(directory)).steps()
@@ -340,17 +340,17 @@ def test_rng_states_follow_numpy_draws_and_its_cached_gaussian() -> None:
             np.random.random_sample(5)
         elif action == "seed":
             np.random.seed(0)
-        captured.append(checkpoint.rng_state())
+        captured.append(rng_state())
         now = np.random.get_state()
         following.append(np.random.standard_normal(3))
         np.random.set_state(now)
     for state, expected in zip(captured, following, strict=True):
-        checkpoint.set_rng_state(state)
+        set_rng_state(state)
         assert np.array_equal(np.random.standard_normal(3), expected)
 
 
 def test_elastic_rules_for_a_smaller_world() -> None:
-    from jupyter_mlcloud.train import elastic
+    from jupyter_mlcloud.train.rank import elastic
 
     assert elastic.per_rank_batch("global-batch", 16, base_world=2, world=1) == 32
     assert elastic.per_rank_batch("linear-lr", 16, base_world=2, world=1) == 16

@@ -1,5 +1,5 @@
-"""Unit tests of how :mod:`jupyter_mlcloud.feeds` folds a run's metric events: each event taken
-once, in order, whether it came in the backlog or was pushed while the backlog loaded.
+"""Unit tests of how :mod:`jupyter_mlcloud.server.feeds` folds a run's metric events: each event
+taken once, in order, whether it came in the backlog or was pushed while the backlog loaded.
 
 No scheduler: a fake asynchronous client stands in for ``distributed.Client``.
 """
@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from jupyter_mlcloud import feeds, metrics, runs
-from jupyter_mlcloud.feeds import _SchedulerFeed, _Watch
+from jupyter_mlcloud.server import feeds
+from jupyter_mlcloud.server.feeds import _SchedulerFeed, _Watch
+from jupyter_mlcloud.telemetry import events, fold
 
 
 def pt(rank: int, step: int, **values: float) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def test_a_watch_skips_what_is_not_a_point() -> None:
 
 
 def test_a_watch_keeps_at_most_history_points(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runs, "HISTORY", 3)
+    monkeypatch.setattr(fold, "HISTORY", 3)
     watch = _Watch(keep_points=True)
     watch.load([ev(float(s), pt(0, s), pt(1, s)) for s in range(1, 8)])
     assert [p["step"] for p in watch.points or ()] == [5, 6, 7]
@@ -121,7 +122,7 @@ class FakeClient:
 
 
 def test_a_feed_subscribes_once_and_merges_backlog_and_pushes() -> None:
-    topic = metrics.metrics_topic("ab")
+    topic = events.metrics_topic("ab")
     client = FakeClient(backlog=[ev(1.0, pt(0, 1)), ev(2.0, pt(0, 2))],
                         pushed=[ev(2.0, pt(0, 2)), ev(3.0, pt(0, 3))])
 
@@ -139,7 +140,7 @@ def test_a_feed_subscribes_once_and_merges_backlog_and_pushes() -> None:
 
 
 def test_a_panel_after_a_run_list_reloads_with_points_without_subscribing_again() -> None:
-    topic = metrics.metrics_topic("ab")
+    topic = events.metrics_topic("ab")
     client = FakeClient(backlog=[ev(1.0, pt(0, 1), pt(1, 1))])
 
     async def scenario() -> tuple[_Watch, _Watch]:
@@ -167,7 +168,7 @@ def test_a_backlog_that_does_not_come_unsubscribes_and_says_so() -> None:
 
     feed = asyncio.run(scenario())
     assert feed.watches == {}
-    assert client.unsubscribed == [metrics.metrics_topic("ab")]
+    assert client.unsubscribed == [events.metrics_topic("ab")]
 
 
 def test_watches_nobody_asked_about_lately_are_let_go() -> None:
@@ -184,7 +185,7 @@ def test_watches_nobody_asked_about_lately_are_let_go() -> None:
     feed.watches["aa"].asked = now - feeds.IDLE_S - 1
     feed.sweep(now)
     assert list(feed.watches) == ["bb"]
-    assert client.unsubscribed == [metrics.metrics_topic("aa")]
+    assert client.unsubscribed == [events.metrics_topic("aa")]
 
 
 def test_a_feed_is_broken_once_its_client_is() -> None:

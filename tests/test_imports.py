@@ -76,7 +76,7 @@ else:
 
 def test_api_names_stay_functions_after_their_subpackages_are_imported() -> None:
     code = """
-import jupyter_mlcloud.train.launch, jupyter_mlcloud.score
+import jupyter_mlcloud.train.launch, jupyter_mlcloud.scoring.api
 import jupyter_mlcloud as mlc
 assert callable(mlc.train) and callable(mlc.score), (mlc.train, mlc.score)
 """

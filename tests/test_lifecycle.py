@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import cluster_info
-from jupyter_mlcloud.train import worker as rank_worker
+from jupyter_mlcloud.cluster import info as cluster_info
+from jupyter_mlcloud.train.rank import cancel
 from jupyter_mlcloud.train.run import Run
 
 from .conftest import wait_for
@@ -184,9 +184,9 @@ def endless(ctx: Any, kill_at: int = 0) -> None:
 def _rank_state() -> tuple[bool, list[str]]:
     import torch.distributed as dist
 
-    from jupyter_mlcloud.train import worker
+    from jupyter_mlcloud.train.rank import cancel
 
-    return dist.is_initialized(), worker.busy_with()
+    return dist.is_initialized(), cancel.busy_with()
 
 
 def _allreduce_world(ctx: Any) -> float:
@@ -243,10 +243,10 @@ def test_cancel_while_pending_before_the_ranks_were_submitted(
 
 
 def _early_cancels() -> list[tuple[str, int]]:
-    from jupyter_mlcloud.train import worker
+    from jupyter_mlcloud.train.rank import cancel
 
-    with worker._lock:
-        return list(worker._early_cancels)
+    with cancel._lock:
+        return list(cancel._early_cancels)
 
 
 def _hold(started: str, gate: str) -> None:
@@ -278,7 +278,7 @@ def test_cancel_during_the_rendezvous(cluster: mlc.ClusterHandle, tmp_path: Path
         assert run.workers == workers
         for peer in (w for rank, w in enumerate(workers) if rank not in held):
             wait_for(lambda run=run, peer=peer: run.id in cluster.client.run(
-                         rank_worker.busy_with, workers=[peer])[peer],
+                         cancel.busy_with, workers=[peer])[peer],
                      timeout=60, what="the free rank to reach the rendezvous")
         run.cancel(wait=False)
         assert run.status == "cancelling"

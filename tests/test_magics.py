@@ -10,6 +10,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
+from jupyter_mlcloud.cluster import api as clusters
 
 from .conftest import discovery_files, wait_for
 
@@ -50,7 +51,7 @@ def test_connect_and_down_all(shell: InteractiveShell, capsys: pytest.CaptureFix
     shell.run_line_magic("mlcloud", f"connect {owner.address} --name viewer")
     assert mlc.current().name == "viewer"
     shell.run_line_magic("mlcloud", "down --all")
-    assert "owner" in capsys.readouterr().out and mlc.clusters.handles() == []
+    assert "owner" in capsys.readouterr().out and clusters.handles() == []
 
 
 def test_help_prints_usage_without_error(shell: InteractiveShell,
@@ -85,7 +86,7 @@ def test_bad_input_raises_one_usage_error(shell: InteractiveShell, line: str,
     with pytest.raises(UsageError, match=message) as err:
         shell.run_line_magic("mlcloud", line)
     assert "\n" not in str(err.value).strip()
-    assert discovery_files() == [] and mlc.clusters.handles() == []
+    assert discovery_files() == [] and clusters.handles() == []
 
 
 def test_duplicate_name_in_magic(shell: InteractiveShell) -> None:
@@ -149,7 +150,7 @@ def test_help_flag_prints_the_help_and_runs_nothing(shell: InteractiveShell,
     assert "--checkpoint-keep" in capsys.readouterr().out
     shell.run_line_magic("batch_score", "-h")
     assert "--sample-dim" in capsys.readouterr().out
-    assert mlc.clusters.handles() == []
+    assert clusters.handles() == []
 
 
 def _run(shell: InteractiveShell, magic: str, line: str) -> object:
@@ -209,7 +210,7 @@ def test_bad_lines_of_each_magic_raise_one_usage_error(shell: InteractiveShell, 
     with pytest.raises(UsageError, match=message) as err:
         _run(shell, magic, line)
     assert "\n" not in str(err.value)
-    assert mlc.clusters.handles() == []
+    assert clusters.handles() == []
 
 
 def test_quoted_values_lose_their_quotes(shell: InteractiveShell) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from jupyter_mlcloud import metrics
-from jupyter_mlcloud.metrics import EventBatcher, items_of, point, to_number
+from jupyter_mlcloud.telemetry import events
+from jupyter_mlcloud.telemetry.events import EventBatcher, items_of, point, to_number
 
 
 class Recorder:
@@ -66,17 +66,17 @@ def slow(recorder: Recorder) -> Iterator[EventBatcher]:
 
 
 def test_topics_name_the_run() -> None:
-    assert metrics.metrics_topic("ab12") == "mlcloud-metrics-ab12"
-    assert metrics.logs_topic("ab12") == "mlcloud-logs-ab12"
-    assert metrics.control_topic("ab12") == "mlcloud-control-ab12"
-    assert metrics.RUNS_TOPIC == "mlcloud-runs"
+    assert events.metrics_topic("ab12") == "mlcloud-metrics-ab12"
+    assert events.logs_topic("ab12") == "mlcloud-logs-ab12"
+    assert events.control_topic("ab12") == "mlcloud-control-ab12"
+    assert events.RUNS_TOPIC == "mlcloud-runs"
 
 
 def test_each_run_and_kind_has_its_own_topic() -> None:
     topics = {f(run) for run in ("a", "b", "a1")
-              for f in (metrics.metrics_topic, metrics.logs_topic, metrics.control_topic)}
+              for f in (events.metrics_topic, events.logs_topic, events.control_topic)}
     assert len(topics) == 9
-    assert metrics.RUNS_TOPIC not in topics
+    assert events.RUNS_TOPIC not in topics
 
 
 # ---------------------------------------------------------------- numbers and points
@@ -121,7 +121,7 @@ def test_several_elements_or_a_complex_number_get_the_same_sentence(value: Any) 
 
 
 def test_a_point_carries_rank_step_epoch_time_and_floats(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics.time, "time", lambda: 1234.5)
+    monkeypatch.setattr(events.time, "time", lambda: 1234.5)
     p = point(2, 17, 3, {"loss": torch.tensor(0.25), "lr": 1})
     assert p == {"rank": 2, "step": 17, "epoch": 3, "time": 1234.5, "loss": 0.25, "lr": 1.0}
     assert list(p) == ["rank", "step", "epoch", "time", "loss", "lr"]  # metrics in given order

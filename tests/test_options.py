@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud.train.launch import FaultOptions, function_kwargs, run_options
-from jupyter_mlcloud.train.strategies import StrategyOptions
+from jupyter_mlcloud.train.launch import function_kwargs, run_options
+from jupyter_mlcloud.train.options import FaultOptions, StrategyOptions
 
 
 def fit(ctx: Any, lr: float = 0.1, seed: int = 0) -> None:

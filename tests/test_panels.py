@@ -8,8 +8,8 @@ import math
 import pytest
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import runs
 from jupyter_mlcloud.panels.notebook import LiveLoss
+from jupyter_mlcloud.telemetry import fold
 
 from .conftest import wait_for
 
@@ -78,17 +78,17 @@ def test_live_loss_drops_repeats_other_ranks_and_holds_points_while_paused() -> 
 def test_steps_per_s_over_a_window_and_none_where_unmeasurable() -> None:
     times = [0.0, 1.0, 2.0, 3.0, 10.0, 11.0]
     steps = [0, 10, 20, 30, 40, 5]  # the last one went back: a resume
-    assert runs.steps_per_s(times, steps, window=2.0) == [
+    assert fold.steps_per_s(times, steps, window=2.0) == [
         None, 10.0, 10.0, 10.0, pytest.approx(10 / 7), None]
 
 
 @pytest.mark.parametrize(("target", "ids"), [("ab12", ["ab12"]), ("ab12,cd", ["ab12", "cd"]),
                                              ("ab12,ab12", ["ab12"])])
 def test_run_ids_of_a_panel_target(target: str, ids: list[str]) -> None:
-    assert runs.parse_run_ids(target) == ids
+    assert fold.parse_run_ids(target) == ids
 
 
 @pytest.mark.parametrize("target", ["ab12,", "xyz", "ab12,../x"])
 def test_bad_panel_targets_are_named(target: str) -> None:
     with pytest.raises(ValueError, match="is not a run id"):
-        runs.parse_run_ids(target)
+        fold.parse_run_ids(target)

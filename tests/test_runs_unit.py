@@ -1,4 +1,4 @@
-"""Unit tests of :mod:`jupyter_mlcloud.runs`: run events folded into a listing, and points
+"""Unit tests of :mod:`jupyter_mlcloud.telemetry.fold`: run events folded into a listing, and points
 turned into a panel's columns. Pure functions: events in, rows and columns out."""
 
 from __future__ import annotations
@@ -8,8 +8,13 @@ from typing import Any
 
 import pytest
 
-from jupyter_mlcloud import runs
-from jupyter_mlcloud.runs import fold_run_events, metric_columns, metric_names, steps_per_s
+from jupyter_mlcloud.telemetry import fold
+from jupyter_mlcloud.telemetry.fold import (
+    fold_run_events,
+    metric_columns,
+    metric_names,
+    steps_per_s,
+)
 
 
 def started(run: str, workers: list[str] | None = None, pid: int = 100) -> dict[str, Any]:
@@ -117,22 +122,22 @@ def test_folding_does_not_change_the_events() -> None:
 
 
 def test_at_most_sixteen_runs_in_one_panel() -> None:
-    ids = [f"{i:x}" for i in range(runs.MAX_OVERLAY)]
-    assert runs.parse_run_ids(",".join(ids)) == ids
+    ids = [f"{i:x}" for i in range(fold.MAX_OVERLAY)]
+    assert fold.parse_run_ids(",".join(ids)) == ids
     with pytest.raises(ValueError, match=re.escape("17 runs in one panel; at most 16")):
-        runs.parse_run_ids(",".join([*ids, "ff"]))
+        fold.parse_run_ids(",".join([*ids, "ff"]))
     # Repeats count once.
-    assert runs.parse_run_ids(",".join(ids + ids)) == ids
+    assert fold.parse_run_ids(",".join(ids + ids)) == ids
 
 
 def test_run_ids_are_trimmed_and_keep_their_first_order() -> None:
-    assert runs.parse_run_ids(" b2 , a1,b2 ") == ["b2", "a1"]
+    assert fold.parse_run_ids(" b2 , a1,b2 ") == ["b2", "a1"]
 
 
 @pytest.mark.parametrize("target", ["", "AB12", "a" * 33, "ab 12", "g1"])
 def test_not_a_run_id_names_the_part(target: str) -> None:
     with pytest.raises(ValueError) as caught:
-        runs.parse_run_ids(target)
+        fold.parse_run_ids(target)
     assert str(caught.value).startswith(f"{target.strip()!r} is not a run id")
 
 

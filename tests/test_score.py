@@ -18,7 +18,7 @@ import xarray as xr
 from distributed import wait
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import cluster_info
+from jupyter_mlcloud.cluster import info as cluster_info
 
 ROWS = np.random.default_rng(0).normal(size=(1000, 5))
 SAMPLES = np.arange(1000) * 10
@@ -83,7 +83,7 @@ def test_scores_equal_one_process(cluster: mlc.ClusterHandle, model: torch.nn.Mo
 
 
 def _load_counts() -> dict[str, int]:
-    return importlib.import_module("jupyter_mlcloud.scoring_model").load_counts()
+    return importlib.import_module("jupyter_mlcloud.scoring.model").load_counts()
 
 
 def test_model_crosses_to_each_worker_once(cluster: mlc.ClusterHandle) -> None:

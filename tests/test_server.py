@@ -71,7 +71,7 @@ async def test_clusters_endpoint_lists_discovered_clusters_with_live_figures(jp_
 
 
 async def test_unreachable_scheduler_is_listed_as_unreachable(jp_fetch) -> None:
-    from jupyter_mlcloud import discovery
+    from jupyter_mlcloud.cluster import discovery
 
     discovery.write(discovery.ClusterRecord(name="gone", kind="remote",
                                             address="tcp://127.0.0.1:9", status="running"))

@@ -1,4 +1,4 @@
-"""Unit tests of :mod:`jupyter_mlcloud.train.sharding`: each rank's sample indices, padding,
+"""Unit tests of :mod:`jupyter_mlcloud.train.rank.sharding`: each rank's sample indices, padding,
 shuffling and batching, checked against ``DistributedSampler`` and hand-worked cases.
 
 No process group: ranks are simulated by building one :class:`Shard` per rank.
@@ -18,7 +18,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from jupyter_mlcloud.train.sharding import Shard, block_range, strided_indices
+from jupyter_mlcloud.train.rank.sharding import Shard, block_range, strided_indices
 
 SIZES = [1, 2, 3, 5, 10, 16, 17, 31]
 WORLDS = [1, 2, 3, 4, 7]

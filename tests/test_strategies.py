@@ -14,10 +14,10 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
-from jupyter_mlcloud import cluster_info
+from jupyter_mlcloud.cluster import info as cluster_info
 from jupyter_mlcloud.train import TrainingError
-from jupyter_mlcloud.train.param_server import assign_shards
-from jupyter_mlcloud.train.strategies import stage_bounds
+from jupyter_mlcloud.train.strategies.param_server import assign_shards
+from jupyter_mlcloud.train.strategies.pipeline import stage_bounds
 
 from .conftest import digest, keep_rank1_worker_dead, make_fit
 

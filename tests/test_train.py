@@ -76,10 +76,10 @@ def _worker_state(cluster: mlc.ClusterHandle) -> dict[str, Any]:
         import psutil
         import torch.distributed as dist
 
-        from jupyter_mlcloud.train import worker
+        from jupyter_mlcloud.train.rank import cancel
 
         return (dist.is_initialized(), threading.active_count(), psutil.Process().num_fds(),
-                worker.busy_with())
+                cancel.busy_with())
 
     return cluster.client.run(probe)
 

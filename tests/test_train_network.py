@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import psutil
 import pytest
 
-from jupyter_mlcloud.train.network import address_ip, interface_for, socket_env
+from jupyter_mlcloud.train.rank.network import address_ip, interface_for, socket_env
 
 
 class Addr(NamedTuple):  # the fields of psutil.net_if_addrs()'s entries that matter here

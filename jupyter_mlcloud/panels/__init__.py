@@ -93,7 +93,7 @@ def rates_text(run_id: str, columns: Mapping[str, Sequence[Any]]) -> str:
 def resources_panel(source: Any, *, title: str = "Workers") -> Any:
     """Per-worker CPU % and memory (GiB); GPU utilisation and memory when workers have GPUs.
 
-    ``source`` has the columns of :func:`jupyter_mlcloud.cluster_info.worker_resources`
+    ``source`` has the columns of :func:`jupyter_mlcloud.cluster.info.worker_resources`
     (see :func:`resources_source`).
     """
     from bokeh.layouts import column, row

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .. import runs
+from ..telemetry import fold
 from . import BASE_COLUMNS, loss_panel, loss_sources, metric_figure, rates_text
 
 
@@ -89,12 +89,12 @@ class LiveLoss:
     def _stream(self, run_id: str, points: Sequence[Mapping[str, Any]]) -> None:
         for point in points:  # new metrics get plots in the order they first appear
             for name in point:
-                if name not in self.metrics and name not in runs.NOT_METRICS + BASE_COLUMNS:
+                if name not in self.metrics and name not in fold.NOT_METRICS + BASE_COLUMNS:
                     self._add_metric(name)
         tail = self._tail[run_id]
         times = [_number(p.get("time")) for p in points]
         steps = [_number(p.get("step")) for p in points]
-        rates = runs.steps_per_s([t for t, _ in tail] + times,
+        rates = fold.steps_per_s([t for t, _ in tail] + times,
                                  [s for _, s in tail] + steps)[len(tail):]
         rows: dict[str, list[Any]] = {
             "step": steps, "time": times,
@@ -102,9 +102,9 @@ class LiveLoss:
         }
         for name in self.metrics:
             rows[name] = [_number(p.get(name)) for p in points]
-        self.sources[run_id].stream(rows, rollover=runs.HISTORY)
+        self.sources[run_id].stream(rows, rollover=fold.HISTORY)
         tail.extend(zip(times, steps, strict=True))
-        horizon = tail[-1][0] - runs.RATE_WINDOW_S
+        horizon = tail[-1][0] - fold.RATE_WINDOW_S
         self._tail[run_id] = [p for p in tail if p[0] >= horizon] or tail[-1:]
         self._lines[run_id] = rates_text(run_id, rows)
         self._rates.text = " | ".join(self._lines.values())

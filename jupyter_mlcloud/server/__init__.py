@@ -9,7 +9,7 @@ from .handlers import FEEDS_KEY, LISTS_KEY, route_table
 
 def install(web_app: Any) -> None:
     """Add the routes, and the live state they share, to a tornado application."""
-    from .. import feeds
+    from . import feeds
 
     live = feeds.Feeds()
     web_app.settings[FEEDS_KEY] = live
@@ -18,7 +18,7 @@ def install(web_app: Any) -> None:
 
 
 def _load_jupyter_server_extension(server_app: Any) -> None:
-    from .. import clusters
+    from ..cluster import api as clusters
 
     clusters.OWNER = "jupyter-server"  # clusters started from the sidebar say who holds them
     install(server_app.web_app)

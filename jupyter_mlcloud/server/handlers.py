@@ -12,7 +12,12 @@ from jupyter_server.auth.decorator import ws_authenticated
 from jupyter_server.base.handlers import APIHandler, AuthenticatedFileHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 
-from .. import cluster_info, clusters, discovery, feeds, panels, runs
+from .. import panels
+from ..cluster import api as clusters
+from ..cluster import discovery
+from ..cluster import info as cluster_info
+from ..telemetry import fold
+from . import feeds
 
 # What the "new cluster" form may send, and the API option each one is.
 START_OPTIONS = ("name", "workers", "threads_per_worker", "memory_limit", "gpu", "adapt")
@@ -111,7 +116,7 @@ class RunMetricsHandler(_Handler):
             return self.refuse(404, str(e))
         except feeds.SchedulerUnreachable as e:
             return self.refuse(503, str(e))
-        self.finish(json.dumps(runs.metric_columns(points)))
+        self.finish(json.dumps(fold.metric_columns(points)))
 
 
 class ClusterResourcesHandler(_Handler):
@@ -143,7 +148,7 @@ class PanelHandler(JupyterHandler):
         root = url_path_join(self.base_url, "mlcloud")
         if kind == "loss":
             try:
-                run_ids = runs.parse_run_ids(target)
+                run_ids = fold.parse_run_ids(target)
             except ValueError as e:
                 return self.message(400, str(e))
             metrics, gone = await _feeds(self).panel_metrics(run_ids)

@@ -1,4 +1,11 @@
-"""Distributed training on Dask workers: launch, the ``ctx`` user code sees, runs.
+"""Distributed training on Dask workers.
+
+The kernel side lives here: :mod:`.launch` (``mlc.train``, picking workers, starting ranks,
+recovery), :mod:`.options` (every run option, checked without torch), :mod:`.run` (the
+``Run`` handle and its lifecycle), :mod:`.commits` (which workers hold which commit: metadata
+only), :mod:`.checkpoint` (what a commit is made of, and the checkpoint directory),
+:mod:`.registry` (the active runs) and :mod:`.cell` (a ``%%distributed_train`` cell as a
+payload). What runs on the workers is in :mod:`.rank` and :mod:`.strategies`.
 
 torch is imported only where training code runs (workers) or when ``TrainContext`` is asked
 for, so the Jupyter server extension loads fast.
@@ -14,7 +21,7 @@ __all__ = ["Run", "TrainContext", "TrainingError", "active_runs", "launch", "tra
 
 def __getattr__(name: str) -> Any:
     if name == "TrainContext":
-        from .context import TrainContext
+        from .rank.context import TrainContext
 
         return TrainContext
     raise AttributeError(name)

@@ -7,7 +7,7 @@ import builtins
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .worker import CellPayload
+from .rank.worker import CellPayload
 
 CELL_FILENAME = "<distributed_train cell>"
 PROVIDED = {"ctx", "__name__", "__file__"}  # names every rank gets without shipping

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import CheckpointDir, Meta, Position
-from .ring import Entry, Source
+from .rank.ring import Entry, Source
 
 
 @dataclass
@@ -72,7 +72,7 @@ class CommitIndex:
              ) -> tuple[tuple[Meta, Source] | None, list[Meta]]:
         """Ask ``workers`` what they hold; returns the newest consistent commit among what they
         hold (with its sources) and the durable steps that are now complete, oldest first."""
-        from .ring import index
+        from .rank.ring import index
 
         since = self.step if since is None else since
         replies = client.run(index, self.run_id, since, workers=workers, on_error="return")

@@ -13,77 +13,31 @@ import itertools
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from .. import cluster_info, clusters, metrics
-from . import elastic, registry, ring
-from .checkpoint import CheckpointDir, CommitPlan, Meta, Resume
+from ..cluster import api as clusters
+from ..cluster import info as cluster_info
+from ..telemetry import events
+from . import registry
+from .checkpoint import CheckpointDir, Meta, Resume
 from .commits import CommitIndex
-from .compression_spec import CompressionSpec, parse_compression
+from .options import (
+    BACKENDS,
+    STRATEGIES,
+    CompressionSpec,
+    FaultOptions,
+    StrategyOptions,
+    check_whole,
+    parse_compression,
+)
+from .rank import ring
+from .rank.worker import FunctionPayload, RankSpec, free_port, run_rank
 from .registry import active_runs
 from .registry import lock as _lock
 from .run import Run
-from .strategies import STRATEGIES, StrategyOptions
-from .worker import FunctionPayload, RankSpec, free_port, run_rank
 
-BACKENDS = ("gloo", "nccl")
 __all__ = ["STRATEGIES", "FaultOptions", "StrategyOptions", "launch", "train"]
-CHECKPOINT_EVERY = 100  # default steps between checkpoints written to --checkpoint-dir
-
-def _count(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
-
-
-@dataclass(frozen=True, kw_only=True)  # by name only: a reordered field cannot mis-wire
-class FaultOptions:
-    """How a run survives lost workers: commits, checkpoints, resume and elastic rules."""
-
-    max_failures: int = 0
-    min_workers: int | None = None
-    commit_every: int = 1
-    checkpoint_dir: str | None = None
-    checkpoint_every: int | None = None
-    checkpoint_keep: int = 2
-    resume: bool = False
-    elastic: str = "global-batch"
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any]) -> FaultOptions:
-        """The fault options among ``options`` (e.g. a magic's parsed arguments, same names)."""
-        return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
-
-    def check(self, workers: int | None) -> None:
-        """One sentence for the first bad value."""
-        _count("max_failures", self.max_failures, 0)
-        _count("min_workers", self.min_workers, 1, allow_none=True)
-        _count("commit_every", self.commit_every, 1)
-        _count("checkpoint_every", self.checkpoint_every, 1, allow_none=True)
-        _count("checkpoint_keep", self.checkpoint_keep, 1)
-        elastic.check_rule(self.elastic)
-        if self.min_workers is not None:
-            if workers is not None and self.min_workers > workers:
-                raise ValueError(
-                    f"min_workers={self.min_workers} is more than workers={workers}; use at"
-                    f" most {workers}."
-                )
-            if not self.max_failures:
-                raise ValueError(
-                    "min_workers only matters when a run may recover: add max_failures >= 1"
-                    " (--max-failures N)."
-                )
-        if self.checkpoint_dir is None and (self.resume or self.checkpoint_every):
-            option = "resume" if self.resume else "checkpoint_every"
-            raise ValueError(f"{option} needs checkpoint_dir (--checkpoint-dir PATH).")
-
-    @property
-    def commits(self) -> CommitPlan:
-        """When ranks commit (nothing at all unless a run may recover or checkpoints)."""
-        durable = (self.checkpoint_every or CHECKPOINT_EVERY) if self.checkpoint_dir else 0
-        return CommitPlan(self.commit_every if self.max_failures else 0, durable)
 
 
 def _check_options(strategy: StrategyOptions, compression: Any, backend: str | None,
@@ -95,7 +49,7 @@ def _check_options(strategy: StrategyOptions, compression: Any, backend: str | N
         raise ValueError(f"seed must be a whole number >= 0, got {seed!r}.")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
-    _count("epochs", epochs, 0, allow_none=True)
+    check_whole("epochs", epochs, 0, allow_none=True)
     spec = parse_compression(compression)
     strategy.check(str(spec))
     return spec
@@ -248,7 +202,7 @@ class RankStarter:
         """This attempt's parameter-server actors, one per shard, spread over ``chosen``."""
         if not self.strategy.servers:
             return []  # and torch stays unloaded in the kernel
-        from .param_server import ParamServerShard
+        from .strategies.param_server import ParamServerShard
 
         mode = "sync" if self.strategy.name == "ps-sync" else "async"
         futures = [
@@ -331,7 +285,7 @@ def launch(
         raise
     if snap is not None:
         run.note_resume(snap)
-    client.log_event(metrics.RUNS_TOPIC, {"run": run.id, "state": "started",
+    client.log_event(events.RUNS_TOPIC, {"run": run.id, "state": "started",
                                           "workers": chosen, "pid": os.getpid()})
     run.start(futures)
     return run

@@ -8,10 +8,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import cluster_info, metrics
-from . import checkpoint, registry, ring
+from ..cluster import info as cluster_info
+from ..telemetry import events
+from . import checkpoint, registry
 from .commits import CommitIndex
-from .worker import RankFailed, cancel_rank
+from .rank import ring
+from .rank.cancel import cancel_rank
+from .rank.worker import RankFailed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -137,9 +140,9 @@ class Run:
 
     def subscribe(self) -> None:
         """Start receiving metrics and output; call before any rank starts."""
-        self.client.subscribe_topic(metrics.metrics_topic(self.id), self._on_metrics)
-        self.client.subscribe_topic(metrics.logs_topic(self.id), self._on_logs)
-        self.client.subscribe_topic(metrics.control_topic(self.id), self._on_control)
+        self.client.subscribe_topic(events.metrics_topic(self.id), self._on_metrics)
+        self.client.subscribe_topic(events.logs_topic(self.id), self._on_logs)
+        self.client.subscribe_topic(events.control_topic(self.id), self._on_control)
 
     def start(self, futures: list[Any]) -> None:
         """Watch the rank futures (in a thread) until every rank is done."""
@@ -157,19 +160,19 @@ class Run:
         self._listeners.append(listener)
 
     def _on_metrics(self, event: tuple[float, Any]) -> None:
-        items = metrics.items_of([event])
+        items = events.items_of([event])
         with self._lock:
             self._points.extend(items)
         self._notify("metrics", items)
 
     def _on_logs(self, event: tuple[float, Any]) -> None:
-        items = metrics.items_of([event])
+        items = events.items_of([event])
         with self._lock:
             self._lines.extend(items)
         self._notify("logs", items)
 
     def _on_control(self, event: tuple[float, Any]) -> None:
-        for item in metrics.items_of([event]):
+        for item in events.items_of([event]):
             for record in self.events:
                 if record["attempt"] == item.get("attempt"):
                     record["phases"].setdefault(item["phase"], item["time"])
@@ -476,11 +479,11 @@ class Run:
         # before its task ends, but may reach this process's subscription after. So stop
         # listening first (nothing is added twice), then re-read both from the scheduler.
         try:
-            for topic in (metrics.metrics_topic(self.id), metrics.logs_topic(self.id),
-                          metrics.control_topic(self.id)):
+            for topic in (events.metrics_topic(self.id), events.logs_topic(self.id),
+                          events.control_topic(self.id)):
                 self.client.unsubscribe_topic(topic)
-            points = metrics.items_of(self.client.get_events(metrics.metrics_topic(self.id)))
-            lines = metrics.items_of(self.client.get_events(metrics.logs_topic(self.id)))
+            points = events.items_of(self.client.get_events(events.metrics_topic(self.id)))
+            lines = events.items_of(self.client.get_events(events.logs_topic(self.id)))
             with self._lock:
                 late = {"metrics": points[len(self._points):], "logs": lines[len(self._lines):]}
                 self._points, self._lines = points, lines
@@ -488,7 +491,7 @@ class Run:
                 if items:  # what the subscription had not delivered yet: shown now
                     self._notify(kind, items)
             if announce:  # the runs listing shows the run with this final state
-                self.client.log_event(metrics.RUNS_TOPIC, {"run": self.id,
+                self.client.log_event(events.RUNS_TOPIC, {"run": self.id,
                                                            "state": self._status})
         except Exception:
             pass

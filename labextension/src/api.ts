@@ -1,7 +1,7 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
-/** One cluster as the server lists it (see jupyter_mlcloud.clusters.list_clusters_async). */
+/** One cluster as the server lists it (see jupyter_mlcloud.cluster.api.list_clusters_async). */
 export interface ICluster {
   name: string;
   kind: string;
@@ -90,7 +90,7 @@ export function errorText(reason: unknown): string {
   return text.split('\n')[0] || 'unknown error';
 }
 
-/** One training run as the server lists it (see jupyter_mlcloud.runs.list_runs). */
+/** One training run as the server lists it (see jupyter_mlcloud.telemetry.fold.list_runs). */
 export interface IRun {
   run: string;
   /** "running", "finished", "error", "cancelled", ... as the launcher logged it. */

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from . import clusters, scoring_io
-from .scoring_model import (
+from ..cluster import api as clusters
+from . import storage
+from .model import (
     DEVICES,
     ModelBlob,
     ModelRef,
@@ -165,9 +166,9 @@ def score(
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not allowed; use one of {', '.join(DEVICES)}.")
     torch_dtype = resolve_dtype(dtype)
-    out_format = scoring_io.file_format(output) if output is not None else None
+    out_format = storage.file_format(output) if output is not None else None
     if isinstance(data, str):
-        data = scoring_io.open_input(data, features)
+        data = storage.open_input(data, features)
     if isinstance(data, pd.DataFrame):
         data = dd.from_pandas(data, npartitions=8)
     is_frame = isinstance(data, dd.DataFrame)
@@ -226,10 +227,10 @@ def score(
 
 def _prepare(output: str, fingerprint: str, overwrite: bool, init: Any) -> None:
     """A new output is laid out and marked incomplete; an unfinished one is resumed."""
-    if not scoring_io.prepare_output(output, fingerprint, overwrite):
+    if not storage.prepare_output(output, fingerprint, overwrite):
         if init is not None:
             init()
-        scoring_io.write_state(output, fingerprint, complete=False)
+        storage.write_state(output, fingerprint, complete=False)
 
 
 def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fingerprint: str,
@@ -238,16 +239,16 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
     from dask import delayed
     from distributed import wait
 
-    done = scoring_io.done_blocks(output)
+    done = storage.done_blocks(output)
     tasks = []
     for index, block in enumerate(blocks):
         if index in done:
             continue
         if out_format == "zarr":
-            tasks.append(delayed(scoring_io.write_zarr_block)(block, output, index,
+            tasks.append(delayed(storage.write_zarr_block)(block, output, index,
                                                               int(starts[index])))
         else:
-            tasks.append(delayed(scoring_io.write_parquet_part)(block, output, index))
+            tasks.append(delayed(storage.write_parquet_part)(block, output, index))
     start = time.perf_counter()
     futures = client.compute(tasks)
     if progress and futures:
@@ -262,7 +263,7 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
         failed.result()  # raises the block's own error
     results = client.gather(futures)
     seconds = time.perf_counter() - start
-    scoring_io.write_state(output, fingerprint, complete=True)
+    storage.write_state(output, fingerprint, complete=True)
     rows = sum(r["rows"] for r in results)
     per_worker = Counter()  # type: Counter[str]
     for r in results:

@@ -2,8 +2,8 @@
 
 The launcher logs one event per run start and end on ``mlcloud-runs``, and ranks log points on
 ``mlcloud-metrics-<run>``. Reading them from the schedulers (not from any kernel) is why run
-lists and loss panels survive kernel restarts; :mod:`jupyter_mlcloud.feeds` keeps them current
-in the Jupyter server. These functions are pure: events and points in, rows and columns out.
+lists and loss panels survive kernel restarts; :mod:`jupyter_mlcloud.server.feeds` keeps them
+current in the Jupyter server. These functions are pure: events and points in, rows and columns out.
 """
 
 from __future__ import annotations

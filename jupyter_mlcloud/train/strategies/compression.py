@@ -18,12 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .compression_spec import (  # noqa: F401 - re-exported: the hooks' module names them too
-    COMPRESSIONS,
-    POWERSGD_START_ITER,
-    CompressionSpec,
-    parse_compression,
-)
+from ..options import CompressionSpec
 
 
 class ByteCounter:

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from .strategies import Strategy, StrategyOptions, _no_pipeline_args
-from .worker import cancel_point
+from ..options import StrategyOptions
+from ..rank.cancel import cancel_point
+from .base import Strategy, _no_pipeline_args
 
 CALL_POLL_S = 0.25  # actor replies are waited for in slices, so a cancel is seen promptly
 
@@ -151,7 +152,7 @@ class ParamServerShard:
 
     async def state(self) -> dict[str, Any]:
         """Parameters, optimizer state and counters, copied (for commits)."""
-        from .checkpoint import clone
+        from ..rank.state import clone
 
         return clone({"params": {n: p.detach() for n, p in self.params.items()},
                       "optimizer": self.optimizer.state_dict(), "version": self.version,

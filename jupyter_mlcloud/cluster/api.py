@@ -4,7 +4,7 @@
 ``distributed.LocalCluster``; or it builds any Dask cluster class named by the Dask config
 key ``mlcloud.cluster.factory`` (how Slurm, Kubernetes and Dask-Gateway plug in); or it
 connects to an address, scheduler file, ``Cluster`` or ``Client``. Every cluster gets a
-discovery file (see :mod:`jupyter_mlcloud.discovery`) for as long as it lives.
+discovery file (see :mod:`jupyter_mlcloud.cluster.discovery`) for as long as it lives.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import dask
 from dask.utils import format_bytes, parse_bytes, parse_timedelta
 
-from . import cluster_info, discovery, revive
+from . import discovery, revive
+from . import info as cluster_info
 from .discovery import ClusterRecord
 from .hardware import gpu_count
 

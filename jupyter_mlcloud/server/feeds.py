@@ -18,7 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import cluster_info, discovery, metrics, runs
+from ..cluster import discovery
+from ..cluster import info as cluster_info
+from ..telemetry import events, fold
 
 IDLE_S = 60.0  # a run nobody asked about for this long is unsubscribed; a client, closed
 QUIET_S = 1.0  # with no event for this long, check that the scheduler still answers
@@ -41,7 +43,7 @@ class _Watch:
         self.count = 0
         self.last: dict[str, Any] | None = None
         self.points: deque[dict[str, Any]] | None = (
-            deque(maxlen=runs.HISTORY) if keep_points else None)
+            deque(maxlen=fold.HISTORY) if keep_points else None)
         self.newest = -math.inf  # scheduler time stamp of the newest event taken in
         self.pending: list[tuple[float, Any]] | None = []  # pushed while the backlog loads
         self.asked = time.monotonic()
@@ -64,7 +66,7 @@ class _Watch:
         if event[0] <= self.newest:
             return  # already in the backlog
         self.newest = event[0]
-        for item in metrics.items_of([event]):
+        for item in events.items_of([event]):
             if not isinstance(item, dict):
                 continue
             self.count += 1
@@ -104,7 +106,7 @@ class _SchedulerFeed:
             if watch is not None and (watch.points is not None or not keep_points):
                 watch.asked = time.monotonic()
                 return watch
-            topic = metrics.metrics_topic(run_id)
+            topic = events.metrics_topic(run_id)
             fresh = _Watch(keep_points)
             if watch is None:
                 self.client.subscribe_topic(topic, lambda ev: self._on_event(run_id, ev))
@@ -141,7 +143,7 @@ class _SchedulerFeed:
         for run_id, watch in list(self.watches.items()):
             if now - watch.asked > IDLE_S:
                 del self.watches[run_id]
-                self._unsubscribe(metrics.metrics_topic(run_id))
+                self._unsubscribe(events.metrics_topic(run_id))
 
     def _unsubscribe(self, topic: str) -> None:
         try:
@@ -207,13 +209,13 @@ class Feeds:
                           " shut down.")
         records = [r for r in discovery.list_records() if r.address and not r.tls]
         answers = await asyncio.gather(*(
-            cluster_info.try_events(r.address or "", metrics.RUNS_TOPIC, TIMEOUT_S)
+            cluster_info.try_events(r.address or "", events.RUNS_TOPIC, TIMEOUT_S)
             for r in records))
         silent = []
-        for record, events in zip(records, answers, strict=True):
-            if events is None:
+        for record, history in zip(records, answers, strict=True):
+            if history is None:
                 silent.append(record.name)
-            elif run_id in runs.fold_run_events(events):
+            elif run_id in fold.fold_run_events(history):
                 self._homes[run_id] = (record.name, record.address or "")
                 return record
         if silent:
@@ -223,7 +225,7 @@ class Feeds:
         raise RunGone(f"no run {run_id!r} on any discovered cluster.")
 
     async def points(self, run_id: str) -> list[dict[str, Any]]:
-        """Rank 0's recent points of ``run_id`` (at most ``runs.HISTORY``), oldest first."""
+        """Rank 0's recent points of ``run_id`` (at most ``fold.HISTORY``), oldest first."""
         record = await self.locate(run_id)
         feed = await self._feed(record.address or "")
         watch = await feed.watch(run_id, keep_points=True)
@@ -239,7 +241,7 @@ class Feeds:
         gone: list[str] = []
         for run_id in run_ids:
             try:
-                names.update(dict.fromkeys(runs.metric_names(await self.points(run_id))))
+                names.update(dict.fromkeys(fold.metric_names(await self.points(run_id))))
             except RunGone as e:
                 gone.append(str(e))
             except SchedulerUnreachable:
@@ -250,12 +252,12 @@ class Feeds:
         """Every run on every reachable discovered cluster, newest first, with its last point."""
 
         async def of_cluster(record: discovery.ClusterRecord) -> list[dict[str, Any]]:
-            events = await cluster_info.try_events(record.address or "", metrics.RUNS_TOPIC,
+            history = await cluster_info.try_events(record.address or "", events.RUNS_TOPIC,
                                                    TIMEOUT_S)
             key = (record.name, record.address or "")
-            if events is None:  # silent for now: its runs as last seen, marked so
+            if history is None:  # silent for now: its runs as last seen, marked so
                 return [{**run, "reachable": False} for run in self._listed.get(key, [])]
-            found = runs.fold_run_events(events)
+            found = fold.fold_run_events(history)
             self._listed[key] = list(found.values())
             if not found:
                 return []
@@ -272,7 +274,7 @@ class Feeds:
                 last = (watch.last if watch else None) or {}
                 run.update(cluster=record.name, points=watch.count if watch else 0,
                            step=last.get("step"),
-                           last={k: v for k, v in last.items() if k not in runs.NOT_METRICS})
+                           last={k: v for k, v in last.items() if k not in fold.NOT_METRICS})
             return list(found.values())
 
         records = [r for r in discovery.list_records() if r.address and not r.tls]
@@ -342,7 +344,7 @@ class ListWatcher:
 
     async def snapshot(self) -> dict[str, Any]:
         """``{"clusters": [...], "runs": [...]}`` as ``GET /mlcloud/clusters`` and ``/runs``."""
-        from . import clusters
+        from ..cluster import api as clusters
 
         found, listed = await asyncio.gather(clusters.list_clusters_async(timeout=TIMEOUT_S),
                                              self.feeds.list_runs())

@@ -26,13 +26,17 @@ import socket
 import sys
 import threading
 import traceback
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import metrics
+from ...telemetry import events
+from .. import checkpoint
+from ..options import StrategyOptions, parse_compression
+from . import cancel, ring
+from .cancel import RunCancelled, before_optimizer_step
+from .network import address_ip, socket_env
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -65,7 +69,7 @@ class RankSpec:
     buddy: str | None = None  # the worker that keeps a copy of this rank's commits
     send_state: bool = True  # the copy includes the whole state (the buddy has none of its own)
     checkpoint_url: str | None = None  # ranks write their durable commits there
-    strategy: Any = None  # strategies.StrategyOptions (None: ddp)
+    strategy: Any = None  # options.StrategyOptions (None: ddp)
     servers: list[tuple[str, str]] = field(default_factory=list)  # (worker, key) of PS actors
 
 
@@ -78,10 +82,6 @@ class RankFailed(Exception):
 
     def __str__(self) -> str:
         return self.text
-
-
-class RunCancelled(Exception):
-    """Raised by a rank on its own thread, at a step boundary, once its run is cancelled."""
 
 
 # ---------------------------------------------------------------- payloads
@@ -125,77 +125,11 @@ class CellPayload:
             ns.clear()  # the cell's DDP model must not outlive the process group
 
 
-# ---------------------------------------------------------------- per-worker state
-
-
-@dataclass
-class _Active:
-    run_id: str
-    rank: int
-    attempt: int
-    thread_id: int
-    cancelled: bool = False  # read by the rank at its safe points
-    finishing: bool = False  # in teardown: too late to stop
-
-    def check(self) -> None:
-        """A safe point of the rank: stop here if the run was cancelled."""
-        if self.cancelled:
-            raise RunCancelled(f"run {self.run_id} was cancelled.")
-
-
-_active: dict[str, _Active] = {}
-# Cancels that arrived before their rank's task started: (run id, attempt), newest last.
-_early_cancels: OrderedDict[tuple[str, int], None] = OrderedDict()
-EARLY_CANCELS_KEPT = 256
-_lock = threading.Lock()
-
-
 def free_port() -> int:
     """A TCP port free on this worker's host right now (rank 0 listens on it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return int(s.getsockname()[1])
-
-
-def cancel_rank(run_id: str, attempt: int | None = None) -> bool:
-    """Ask this worker's rank of ``run_id`` to stop at its next safe point (called through
-    ``Client.run``); True if a running rank was flagged.
-
-    With ``attempt``, a rank of that attempt whose task has not started yet is flagged when it
-    does: it still joins the rendezvous (its peers wait there for it), then stops at once.
-    """
-    with _lock:
-        active = _active.get(run_id)
-        if active is not None and attempt in (None, active.attempt):
-            if active.finishing:
-                return False
-            active.cancelled = True
-            return True
-        if attempt is not None:
-            _early_cancels[(run_id, attempt)] = None
-            while len(_early_cancels) > EARLY_CANCELS_KEPT:
-                _early_cancels.popitem(last=False)
-        return False
-
-
-def cancel_point() -> None:
-    """Raise ``RunCancelled`` if the rank running on this thread was cancelled (for waits
-    outside ``ctx``, e.g. on parameter-server replies)."""
-    me = threading.get_ident()
-    with _lock:
-        mine = [a for a in _active.values() if a.thread_id == me]
-    for active in mine:
-        active.check()
-
-
-def _before_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-    cancel_point()  # a global hook: only the thread of a cancelled rank is stopped
-
-
-def busy_with() -> list[str]:
-    """Run ids active on this worker."""
-    with _lock:
-        return list(_active)
 
 
 # ---------------------------------------------------------------- stdout routing
@@ -233,7 +167,7 @@ def _install_routers() -> None:
 class _LineSink:
     """Splits a rank's output into lines and queues them on the run's log topic."""
 
-    def __init__(self, rank: int, batcher: metrics.EventBatcher) -> None:
+    def __init__(self, rank: int, batcher: events.EventBatcher) -> None:
         self.rank, self.batcher = rank, batcher
         self.partial: dict[str, str] = {"stdout": "", "stderr": ""}
 
@@ -320,7 +254,6 @@ def _socket_env(worker_address: str) -> contextlib.AbstractContextManager[None]:
     Set for the whole rank, so groups the user's code makes (``new_group``) bind the same way."""
     import psutil
 
-    from .network import address_ip, socket_env
 
     try:
         ip = address_ip(worker_address)
@@ -398,7 +331,7 @@ def _servers(spec: RankSpec) -> list[Any]:
     """Handles to this attempt's parameter-server actors."""
     from distributed.actor import Actor
 
-    from .param_server import ParamServerShard
+    from ..strategies.param_server import ParamServerShard
 
     return [Actor(ParamServerShard, address, key) for address, key in spec.servers]
 
@@ -418,8 +351,7 @@ def _resumed(spec: RankSpec, worker: Any) -> Any:
     that hold it; a pipeline's stages laid over the whole."""
     import dataclasses
 
-    from . import ring
-    from .strategies import merge_slices
+    from ..strategies.pipeline import merge_slices  # the strategies import torch
 
     resume = spec.resume
     state, per_rank = ring.fetch(spec.run_id, resume.source, worker)
@@ -438,22 +370,10 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     from distributed.worker import thread_state
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from . import checkpoint, ring
-    from .compression import parse_compression
-    from .strategies import StrategyOptions, make_strategy
+    from ..strategies import make_strategy  # imports torch: only on the worker
 
     worker = get_worker()
-    with _lock:
-        if _active:
-            raise RuntimeError(
-                f"worker {worker.address} is already training run {next(iter(_active))};"
-                " pick other workers or wait for it."
-            )
-        active = _Active(spec.run_id, spec.rank, spec.attempt, threading.get_ident())
-        if (spec.run_id, spec.attempt) in _early_cancels:
-            del _early_cancels[(spec.run_id, spec.attempt)]
-            active.cancelled = True
-        _active[spec.run_id] = active
+    active = cancel.begin(spec.run_id, spec.rank, spec.attempt, worker.address)
     ring.open_ring(spec.run_id, spec.attempt, ring.Config(
         buddy=spec.buddy, send_state=spec.send_state, checkpoint_url=spec.checkpoint_url,
         worker=worker))
@@ -467,14 +387,14 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
         if key is not None and (task is None or task.state in ("cancelled", "released")):
             raise RunCancelled(f"run {spec.run_id} was released by its launcher; stopping.")
 
-    reporter = metrics.EventBatcher(worker.log_event, metrics.metrics_topic(spec.run_id))
-    logs = metrics.EventBatcher(worker.log_event, metrics.logs_topic(spec.run_id))
+    reporter = events.EventBatcher(worker.log_event, events.metrics_topic(spec.run_id))
+    logs = events.EventBatcher(worker.log_event, events.logs_topic(spec.run_id))
     sink = _LineSink(spec.rank, logs)
     _install_routers()
     _sinks[threading.get_ident()] = sink
     ctx = None
     failure: str | None = None
-    step_hook = register_optimizer_step_pre_hook(_before_optimizer_step)
+    step_hook = register_optimizer_step_pre_hook(before_optimizer_step)
     restore_timers = _quiet_timers(worker)
     try:
         from .context import TrainContext
@@ -496,7 +416,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
             elastic_rule=spec.elastic,
             base_world=spec.base_world or spec.world_size,
             attempt=spec.attempt,
-            emit=lambda event: worker.log_event(metrics.control_topic(spec.run_id),
+            emit=lambda event: worker.log_event(events.control_topic(spec.run_id),
                                                {"items": [event]}),
             guard=still_wanted,
             strategy=make_strategy(spec.strategy or StrategyOptions(), spec.rank,
@@ -514,8 +434,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
         traceback.clear_frames(exc.__traceback__)
         exc.__traceback__ = None
     finally:
-        with _lock:
-            active.finishing = True
+        cancel.finishing(active)
         step_hook.remove()
         restore_timers()
         _sinks.pop(threading.get_ident(), None)
@@ -531,6 +450,5 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
         ring.leave(spec.run_id)  # its checkpoint files are written before the task ends
         reporter.close()
         logs.close()
-        with _lock:
-            _active.pop(spec.run_id, None)
+        cancel.end(spec.run_id)
     raise RankFailed(spec.rank, worker.address, failure)

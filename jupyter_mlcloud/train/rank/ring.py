@@ -23,8 +23,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..lazy import LazyModule
-from .checkpoint import CheckpointDir, Part, Position, clone, rng_state
+from ...lazy import LazyModule
+from ..checkpoint import CheckpointDir, Part, Position
+from .state import clone, rng_state
 
 if TYPE_CHECKING:
     import torch

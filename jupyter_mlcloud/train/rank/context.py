@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
-from .. import metrics
-from . import checkpoint, elastic, ring
-from .checkpoint import CommitPlan, Position, Resume
-from .compression import Compression, CompressionSpec
+from ...telemetry import events
+from ..checkpoint import CommitPlan, Position, Resume
+from ..options import CompressionSpec, StrategyOptions
+from ..strategies.base import Strategy
+from ..strategies.compression import Compression
+from . import elastic, ring
 from .sharding import Shard
-from .strategies import Strategy, StrategyOptions
+from .state import check_shapes, set_rng_state
 
 
 class TrainContext:
@@ -43,7 +45,7 @@ class TrainContext:
         device: torch.device,
         seed: int,
         default_epochs: int | None,
-        reporter: metrics.EventBatcher | None,
+        reporter: events.EventBatcher | None,
         commits: CommitPlan | None = None,
         resume: Resume | None = None,
         compression: CompressionSpec | None = None,
@@ -121,7 +123,7 @@ class TrainContext:
                     f"the checkpoint holds {len(saved)} model(s) but ctx.prepare was called"
                     f" {index + 1} times; resume with the code that wrote it."
                 )
-            checkpoint.check_shapes(saved[index], model, index)
+            check_shapes(saved[index], model, index)
         model = model.to(self.device)
         wrapped = self._strategy.wrap(model, optimizer, split=split, loss_fn=loss_fn)
         self._models.append(model)
@@ -196,7 +198,7 @@ class TrainContext:
             values = {**values, **self._bytes_per_step()}
         values = {**values, **self._strategy.metrics()}
         if self._reporter is not None:
-            self._reporter.add(metrics.point(self.rank, self.step, self.epoch, values))
+            self._reporter.add(events.point(self.rank, self.step, self.epoch, values))
 
     def checkpoint(self) -> None:
         """Commit at the next step boundary, and write it to ``--checkpoint-dir`` if one is set.
@@ -354,7 +356,7 @@ class TrainContext:
         elastic.rescale_lr(self._elastic, self._optimizers, self._schedulers,
                            resume.world_size, self.world_size)
         if resume.local is not None:  # None: a rank the committed world did not have
-            checkpoint.set_rng_state(resume.local["rng"])
+            set_rng_state(resume.local["rng"])
             for compression, saved in zip(self._compressions, resume.local["hooks"],
                                           strict=False):
                 compression.load_state_dict(saved)
