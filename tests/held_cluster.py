@@ -51,7 +51,7 @@ class HeldCluster:
 
 def start(name: str, runs: int = 1) -> HeldCluster:
     """Start the holding process and wait until its runs have finished."""
-    from .conftest import read_line
+    from tests.conftest import read_line
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "tests.held_cluster", name, str(runs)],

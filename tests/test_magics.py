@@ -11,8 +11,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import api as clusters
-
-from .conftest import discovery_files, wait_for
+from tests.conftest import discovery_files, wait_for
 
 
 @pytest.fixture(scope="module")

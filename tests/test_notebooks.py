@@ -10,7 +10,7 @@ from types import ModuleType
 import nbformat
 import pytest
 
-from .conftest import child_processes, discovery_files, wait_for
+from tests.conftest import child_processes, discovery_files, wait_for
 
 ROOT = Path(__file__).parent.parent
 FOLDER = ROOT / "notebooks"

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 import jupyter_mlcloud as mlc
-
-from .conftest import DaskHosts
+from tests.multihost.conftest import DaskHosts
 
 
 def _make_train() -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import wait_for
+from tests.conftest import wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .. import held_cluster
-from ..conftest import wait_for
-from .conftest import ARTIFACTS, Lab
+from tests import held_cluster
+from tests.conftest import wait_for
+from tests.ui.conftest import ARTIFACTS, Lab
 
 CELL = "%load_ext jupyter_mlcloud\n%mlcloud up --workers 1 --name from-notebook"
 

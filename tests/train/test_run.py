@@ -16,9 +16,8 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import info as cluster_info
 from jupyter_mlcloud.train.rank import cancel
 from jupyter_mlcloud.train.run import Run
-
-from .conftest import wait_for
-from .conftest import wait_for_workers as wait_until_workers
+from tests.conftest import wait_for
+from tests.conftest import wait_for_workers as wait_until_workers
 
 # The module (the package exports its ``launch`` function under the same name).
 launch_module = importlib.import_module("jupyter_mlcloud.train.launch")

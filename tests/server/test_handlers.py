@@ -14,9 +14,8 @@ from tornado.httpclient import HTTPClientError
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.server.handlers import FEEDS_KEY, LISTS_KEY, EventsHandler, route_table
-
-from . import held_cluster
-from .conftest import discovery_files, wait_for
+from tests import held_cluster
+from tests.conftest import discovery_files, wait_for
 
 
 @pytest.fixture

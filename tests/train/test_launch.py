@@ -20,8 +20,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 SCRIPT = textwrap.dedent(
     """

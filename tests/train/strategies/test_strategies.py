@@ -18,8 +18,7 @@ from jupyter_mlcloud.cluster import info as cluster_info
 from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.train.strategies.param_server import assign_shards
 from jupyter_mlcloud.train.strategies.pipeline import stage_bounds
-
-from .conftest import digest, keep_rank1_worker_dead, make_fit
+from tests.conftest import digest, keep_rank1_worker_dead, make_fit
 
 CLUSTER = {"name": "strategies", "workers": 2}
 

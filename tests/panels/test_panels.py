@@ -10,8 +10,7 @@ import pytest
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.panels.notebook import LiveLoss
 from jupyter_mlcloud.telemetry import fold
-
-from .conftest import wait_for
+from tests.conftest import wait_for
 
 CLUSTER = {"name": "panel-tests", "workers": 1}
 

@@ -10,8 +10,7 @@ import pytest
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import discovery
-
-from .conftest import discovery_files, read_line, wait_for
+from tests.conftest import discovery_files, read_line, wait_for
 
 CHILD = """
 import sys, jupyter_mlcloud as mlc

@@ -18,8 +18,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import api as clusters
 from jupyter_mlcloud.cluster import discovery
 from jupyter_mlcloud.cluster import info as cluster_info
-
-from .conftest import child_processes, discovery_files, read_line, wait_for
+from tests.conftest import child_processes, discovery_files, read_line, wait_for
 
 
 def test_up_starts_cpu_workers_and_cleans_up_on_close() -> None:

@@ -24,8 +24,7 @@ from jupyter_mlcloud.train.options import (
 from jupyter_mlcloud.train.rank import cancel, ring
 from jupyter_mlcloud.train.rank.state import rng_state, set_rng_state
 from jupyter_mlcloud.train.run import describe_recovery
-
-from .conftest import (
+from tests.conftest import (
     ModuleCluster,
     digest,
     keep_rank1_worker_dead,
@@ -34,7 +33,7 @@ from .conftest import (
     wait_for_workers,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PHASES = ["detected", "cancelled", "workers ready", "rejoined", "restored", "first step"]
 
 

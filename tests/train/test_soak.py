@@ -7,8 +7,7 @@ from __future__ import annotations
 import random
 
 import jupyter_mlcloud as mlc
-
-from .conftest import ModuleCluster, busy_core, digest, make_fit, wait_for_workers
+from tests.conftest import ModuleCluster, busy_core, digest, make_fit, wait_for_workers
 
 CLUSTER = {"name": "soak", "workers": 2}
 RUNS = 10
