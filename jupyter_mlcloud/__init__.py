@@ -24,7 +24,6 @@ from .cluster.api import (
     up,
 )
 from .cluster.hardware import gpu_count
-
 from .scoring.api import score
 
 # Eager on purpose: ``train`` is also a subpackage, and a later import of it would otherwise

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...lazy import LazyModule
 from ..checkpoint import CheckpointDir, Part, Position
-from .state import clone, rng_state
+from .state import Deferred, clone, clone_deferred, rng_state
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,12 @@ class _Ring:
     client_step: int = -1  # the newest step the launcher has confirmed
     written: list[tuple[Position, int, int, bool]] = field(default_factory=list)  # files done
     stats: dict[str, float] = field(default_factory=lambda: {
-        "commits": 0, "commit_s": 0.0, "sent_bytes": 0, "written_bytes": 0, "write_s": 0.0})
+        "commits": 0, "commit_s": 0.0, "sent_bytes": 0, "written_bytes": 0, "write_s": 0.0,
+        "deferred": 0, "torn": 0})
+    # The newest commit while its large tensors are still being copied: (part, copies, the
+    # training thread). It joins the ring once settled (:func:`settle`).
+    deferred: tuple[Part, Deferred, int] | None = None
+    copy_at_once: bool = False  # a deferred copy was torn: copy at once from then on
     touched: float = field(default_factory=time.monotonic)
     active: bool = False  # a rank of this run runs here
 
@@ -94,7 +99,9 @@ def close_ring(run_id: str) -> None:
 
 
 def leave(run_id: str) -> None:
-    """This worker's rank of ``run_id`` ended; its parts stay until the launcher closes."""
+    """This worker's rank of ``run_id`` ended (on its thread); its parts stay until the
+    launcher closes."""
+    settle(run_id)
     _writer.drain()
     with _lock:
         if run_id in _rings:
@@ -120,30 +127,71 @@ def commit(run_id: str, rank: int, position: Position, local: dict[str, Any],
     ``local`` (this rank's own state) and ``state`` (the models, optimizers and schedulers;
     None on a rank that holds none) may be live views: they are copied here, into the buffers
     of a commit the ring dropped where they fit. RNG states are captured as ``local["rng"]``.
+    The large tensors of ``state`` are copied on a background thread while the next step's
+    forward and backward run; the commit joins the ring when :func:`settle` finds it whole
+    (at the next ``optimizer.step()``, the next commit, or the rank's end).
     """
+    settle(run_id)
     started = time.perf_counter()
     with _lock:
         ring = _rings.setdefault(run_id, _Ring())
         spare, ring.spare = ring.spare, None
     copied = clone(local, spare.local if spare is not None else None)
     copied["rng"] = rng_state()
-    full = None if state is None else clone(state, spare.state if spare is not None else None)
+    full, deferred = None, None
+    if state is not None:
+        into = spare.state if spare is not None else None
+        full, deferred = clone_deferred(state, into, defer=not ring.copy_at_once)
     part = Part(rank, position, copied, full, durable, ring.attempt)
+    if deferred is not None:
+        deferred.start()
+        with _lock:
+            ring.deferred = (part, deferred, threading.get_ident())
+            ring.stats["deferred"] += 1
+            ring.stats["commit_s"] += time.perf_counter() - started
+        return
+    _add(run_id, ring, part, time.perf_counter() - started)
+
+
+def settle(run_id: str) -> None:
+    """On the training thread: wait for the newest commit's background copies, then add it to
+    the ring (or, if a tensor changed while it was copied, drop it and copy at once from now
+    on). Nothing to do if there is none, or on another thread."""
+    started = time.perf_counter()
     with _lock:
-        target = ring.full if full is not None else ring.own
+        ring = _rings.get(run_id)
+        if ring is None or ring.deferred is None \
+                or ring.deferred[2] != threading.get_ident():
+            return
+        (part, deferred, _), ring.deferred = ring.deferred, None
+    if deferred.intact():
+        _add(run_id, ring, part, time.perf_counter() - started)
+        return
+    with _lock:
+        ring.copy_at_once = True
+        ring.stats["torn"] += 1
+        ring.stats["commit_s"] += time.perf_counter() - started
+        if ring.spare is None:
+            ring.spare = part  # its buffers are free again
+
+
+def _add(run_id: str, ring: _Ring, part: Part, blocked_s: float) -> None:
+    """Put a whole commit in the ring and hand it to the buddy sender and the writer."""
+    with _lock:
+        target = ring.full if part.state is not None else ring.own
         if len(target) == target.maxlen and not _pinned(ring, target[0]):
             ring.spare = target[0]  # about to be dropped: its buffers are free
         target.append(part)
         ring.touched = time.monotonic()
         ring.stats["commits"] += 1
-        ring.stats["commit_s"] += time.perf_counter() - started
+        ring.stats["commit_s"] += blocked_s
         if _config.buddy is not None:
             ring.pinned.append(part)
-        if durable and _config.checkpoint_url is not None:
+        if part.durable and _config.checkpoint_url is not None:
             ring.pinned.append(part)
     if _config.buddy is not None:
         _sender.offer(run_id, part, _config)
-    if durable and _config.checkpoint_url is not None:
+    if part.durable and _config.checkpoint_url is not None:
         _writer.offer(run_id, part, _config.checkpoint_url)
 
 
@@ -411,13 +459,13 @@ def fetch(run_id: str, source: Source, worker: Any) -> tuple[dict[str, Any],
 
     with _lock:
         ring = _rings.get(run_id, _Ring())
-        locals_ = {}
-        for rank in range(source.world_size):
-            part = _find(ring, rank, source.step, source.attempt, False)
-            if part is not None:
-                locals_[rank] = part.local
+        found = {rank: _find(ring, rank, source.step, source.attempt, False)
+                for rank in range(source.world_size)}
         mine = _find(ring, source.state_rank, source.step, source.attempt, True)
-        state = mine.state if mine is not None else None
+    # Copies, not the ring's own tensors: an optimizer's load_state_dict keeps the tensors it
+    # is given, and the ring later reuses a part's buffers for newer commits.
+    locals_ = {rank: clone(part.local) for rank, part in found.items() if part is not None}
+    state = clone(mine.state) if mine is not None else None
     wanted: dict[str, list[int]] = {}
     for rank in range(source.world_size):
         if rank not in locals_:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,12 +26,28 @@ _NOTHING: dict[Any, Any] = {}
 _SHARED: frozenset[type] = frozenset()  # filled on first use (it names torch types)
 
 
+DEFER_MIN_BYTES = 1 << 20  # smaller tensors (BatchNorm buffers, step counts) copy at once
+
+
 def clone(value: Any, into: Any = None) -> Any:
     """A deep copy in which tensors are detached copies (so later steps cannot change it).
 
     ``into``: an older copy of the same structure that nothing else holds any more. Its
     tensors of the same shape, strides, dtype and device are overwritten in place instead of
     allocating new ones (on every commit, fresh allocations of this size cost page faults).
+    """
+    out, deferred = clone_deferred(value, into, defer=False)
+    assert deferred is None
+    return out
+
+
+def clone_deferred(value: Any, into: Any = None,
+                   defer: bool = True) -> tuple[Any, Deferred | None]:
+    """:func:`clone`, but the copies of large tensors are left to a background thread.
+
+    The structure comes back at once, with its tensors allocated (or taken from ``into``);
+    the small ones are already copied. The large ones are copied by ``Deferred.start``, and
+    are only valid once ``Deferred.intact()`` says so.
     """
     global _SHARED
     if not _SHARED:
@@ -39,9 +56,43 @@ def clone(value: Any, into: Any = None) -> Any:
     targets: list[torch.Tensor] = []
     sources: list[torch.Tensor] = []
     out = _copy(value, into, targets, sources)
-    if targets:
-        torch._foreach_copy_(targets, sources)  # one call for all: less per-tensor overhead
-    return out
+    now = [n for n, s in enumerate(sources) if not defer or s.nbytes < DEFER_MIN_BYTES]
+    if now:  # one call for all: less per-tensor overhead
+        torch._foreach_copy_([targets[n] for n in now], [sources[n] for n in now])
+    if len(now) == len(sources):
+        return out, None
+    later = sorted(set(range(len(sources))) - set(now))
+    return out, Deferred([targets[n] for n in later], [sources[n] for n in later])
+
+
+class Deferred:
+    """Tensor copies of a commit made on a background thread while training goes on.
+
+    Model parameters and optimizer state change only in ``optimizer.step()``, which waits for
+    the copies first. Whatever changes them elsewhere (a hand-written update, say) bumps the
+    tensors' version counters; :meth:`intact`, called on the training thread, then reports the
+    copy as torn, so a commit is never a mix of two steps.
+    """
+
+    _pool: ThreadPoolExecutor | None = None
+
+    def __init__(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        self.targets, self.sources = targets, sources
+        self.versions = [s._version for s in sources]
+        self.nbytes = sum(s.nbytes for s in sources)
+        self._future: Future[None] | None = None
+
+    def start(self) -> None:
+        if Deferred._pool is None:
+            Deferred._pool = ThreadPoolExecutor(1, thread_name_prefix="mlcloud-commit-copy")
+        self._future = Deferred._pool.submit(torch._foreach_copy_, self.targets, self.sources)
+
+    def intact(self) -> bool:
+        """Wait for the copies; True if no source changed since the commit was taken."""
+        assert self._future is not None
+        if self._future.exception() is not None:
+            return False
+        return all(s._version == v for s, v in zip(self.sources, self.versions, strict=True))
 
 
 def _copy(value: Any, into: Any, targets: list[torch.Tensor],
@@ -53,13 +104,20 @@ def _copy(value: Any, into: Any, targets: list[torch.Tensor],
         return {k: v if type(v) in _SHARED else _copy(v, old.get(k), targets, sources)
                 for k, v in value.items()}
     if isinstance(value, torch.Tensor):
+        source = value.detach() if value.requires_grad else value
         if (type(into) is torch.Tensor and value.layout == torch.strided
                 and into.dtype == value.dtype and into.shape == value.shape
                 and into.device == value.device and into.stride() == value.stride()):
             targets.append(into)
-            sources.append(value.detach() if value.requires_grad else value)
+            sources.append(source)
             return into
-        return value.detach().clone()
+        if type(value) is torch.Tensor and value.layout == torch.strided \
+                and value.is_contiguous():
+            fresh = torch.empty_like(source, memory_format=torch.contiguous_format)
+            targets.append(fresh)
+            sources.append(source)
+            return fresh
+        return source.clone()
     if isinstance(value, (list, tuple)):
         same = isinstance(into, (list, tuple)) and len(into) == len(value)
         items = [v if type(v) in _SHARED else

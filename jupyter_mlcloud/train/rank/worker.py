@@ -395,6 +395,9 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     ctx = None
     failure: str | None = None
     step_hook = register_optimizer_step_pre_hook(before_optimizer_step)
+    # The newest commit's background copies must end before the weights change.
+    settle_hook = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: ring.settle(spec.run_id))
     restore_timers = _quiet_timers(worker)
     try:
         from .context import TrainContext
@@ -436,6 +439,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     finally:
         cancel.finishing(active)
         step_hook.remove()
+        settle_hook.remove()
         restore_timers()
         _sinks.pop(threading.get_ident(), None)
         sink.close()
