@@ -20,6 +20,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
+from jupyter_mlcloud.cluster import api as clusters
 from tests.conftest import wait_for
 
 SCRIPT = textwrap.dedent(
@@ -339,7 +340,7 @@ def test_bad_cells_fail_before_anything_is_shipped(shell: InteractiveShell, line
 
 
 def test_no_cluster_says_how_to_start_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mlc.clusters, "_current", [])
+    monkeypatch.setattr(clusters, "_current", [])
     with pytest.raises(ValueError, match="%mlcloud up --workers 2"):
         mlc.train(lambda ctx: None)
 

@@ -20,6 +20,7 @@ import contextlib
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -384,7 +385,8 @@ class _Writer:
                 self._busy = True
             try:
                 started = time.perf_counter()
-                size = CheckpointDir(url).write_part(part)
+                with _without_checksums():
+                    size = CheckpointDir(url).write_part(part)
                 with _lock:
                     ring = _rings.get(run_id)
                     if ring is not None:
@@ -399,6 +401,22 @@ class _Writer:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+@contextlib.contextmanager
+def _without_checksums() -> Iterator[None]:
+    """``torch.save`` without the zip entries' CRC-32: computing it halves the write rate,
+    and a checkpoint is trusted by its ``.done`` marker, written once every file is complete.
+    (The switch is process-wide; a concurrent ``torch.save`` elsewhere also skips it.)"""
+    from torch.utils.serialization import config
+
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
+
 
 
 _sender, _writer = _Sender(), _Writer()
