@@ -154,8 +154,9 @@ class TrainContext:
         or dask arrays. Lazy data is loaded by each rank for its own samples only.
         """
         if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0:
-            batch_size = elastic.per_rank_batch(self._elastic, batch_size, self.base_world,
-                                                self.world_size)
+            batch_size = elastic.per_rank_batch(self._elastic, batch_size,
+                                                self._data_world(self.base_world),
+                                                self._data_world(self.world_size))
         rank, world = self._strategy.data_view()  # pipeline: every stage sees every batch
         return Shard(
             data,
@@ -279,8 +280,9 @@ class TrainContext:
             self._restore()
             return 0
         self._at_target = True
-        return elastic.map_batch(self._elastic, p.batch, self._resume.world_size,
-                                 self.world_size)
+        return elastic.map_batch(self._elastic, p.batch,
+                                 self._data_world(self._resume.world_size),
+                                 self._data_world(self.world_size))
 
     def _before_batch(self, index: int) -> None:
         """Batch ``index`` of the current loop is about to be handed out."""
@@ -339,6 +341,11 @@ class TrainContext:
             "strategy": self._strategy.extra_state(),
         }
 
+    def _data_world(self, world: int) -> int:
+        """How many ways a run of ``world`` ranks splits each batch: the elastic rules scale
+        with it (1 for a pipeline, whose stages all see every batch)."""
+        return world if self._strategy.data_parallel else 1
+
     def _restore(self) -> None:
         resume, self._resume = self._resume, None
         assert resume is not None
@@ -354,7 +361,7 @@ class TrainContext:
         for scheduler, saved in zip(self._schedulers, state["schedulers"], strict=True):
             scheduler.load_state_dict(saved)
         elastic.rescale_lr(self._elastic, self._optimizers, self._schedulers,
-                           resume.world_size, self.world_size)
+                           self._data_world(resume.world_size), self._data_world(self.world_size))
         if resume.local is not None:  # None: a rank the committed world did not have
             set_rng_state(resume.local["rng"])
             for compression, saved in zip(self._compressions, resume.local["hooks"],

@@ -17,6 +17,7 @@ with its ``.done`` marker once every rank has written its file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...lazy import LazyModule
 from ..checkpoint import CheckpointDir, Part, Position
+from . import shards
 from .state import Deferred, clone, clone_deferred, rng_state
 
 if TYPE_CHECKING:
@@ -385,8 +387,7 @@ class _Writer:
                 self._busy = True
             try:
                 started = time.perf_counter()
-                with _without_checksums():
-                    size = CheckpointDir(url).write_part(part)
+                size = _write(CheckpointDir(url), part)
                 with _lock:
                     ring = _rings.get(run_id)
                     if ring is not None:
@@ -401,6 +402,18 @@ class _Writer:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+def _write(directory: CheckpointDir, part: Part) -> int:
+    """Write one rank's part of a durable commit; its shard (a pipeline stage's slice), if it
+    has one, through DCP. Returns the bytes written."""
+    size = 0
+    if part.local.get("slice"):
+        skeleton, tensors = shards.split(part.local["slice"])
+        size += shards.save(tensors, directory.shard_url(part.position.steps, part.rank))
+        part = dataclasses.replace(part, local={**part.local, "slice": skeleton})
+    with _without_checksums():
+        return size + directory.write_part(part)
 
 
 @contextlib.contextmanager
@@ -472,7 +485,10 @@ def fetch(run_id: str, source: Source, worker: Any) -> tuple[dict[str, Any],
     it holds them, else from the workers that do (worker to worker)."""
     if source.directory is not None:
         directory = CheckpointDir(source.directory)
-        return directory.read_state(source.step), directory.read_locals(source.step)
+        locals_ = {rank: {**local, "slice": shards.load(
+                       local.get("slice"), directory.shard_url(source.step, rank))}
+                   for rank, local in directory.read_locals(source.step).items()}
+        return directory.read_state(source.step), locals_
     from distributed.utils import sync
 
     with _lock:

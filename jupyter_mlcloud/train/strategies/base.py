@@ -29,6 +29,7 @@ class Strategy:
 
     collective_state = False  # True: every rank takes part in gathering a commit's state
     replicated_state = True  # every rank holds the same whole state: each commits it
+    data_parallel = True  # ranks split each batch (False: every rank sees every batch)
 
     def __init__(self, options: StrategyOptions, rank: int, world_size: int, device: Any,
                  servers: Sequence[Any] = (), timeout: float = 300.0) -> None:

@@ -123,6 +123,7 @@ class PipelineStrategy(Strategy):
     """One stage per rank; every rank draws the same batches (only the ends use them)."""
 
     replicated_state = False  # each rank trains its own stage
+    data_parallel = False  # so the elastic rules leave the batch as it is on any stage count
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
