@@ -141,9 +141,10 @@ class CheckpointDir:
     def _dir(self, step: int) -> str:
         return f"{self.path.rstrip('/')}/step-{step:09d}"
 
-    def shard_url(self, step: int, rank: int) -> str:
-        """Where rank ``rank`` writes its own shard of checkpoint ``step`` (a DCP checkpoint)."""
-        return f"{self._dir(step)}/rank-{rank:04d}.dcp"
+    def shard_url(self, step: int, rank: int | None) -> str:
+        """Where rank ``rank`` writes its own shard of checkpoint ``step`` (a DCP checkpoint);
+        ``None``: the whole state's tensors, under a strategy that does not replicate it."""
+        return f"{self._dir(step)}/" + ("state.dcp" if rank is None else f"rank-{rank:04d}.dcp")
 
     def write_part(self, part: Part) -> int:
         """Write one rank's part of a durable commit (on its worker); returns the bytes."""

@@ -75,6 +75,7 @@ class Config:
     buddy: str | None = None  # worker address of the copy's holder
     send_state: bool = True  # False: the buddy holds the same replicated state itself
     checkpoint_url: str | None = None
+    sharded: bool = False  # the state is not replicated: rank 0 writes it through DCP
     worker: Any = None
 
 
@@ -195,7 +196,7 @@ def _add(run_id: str, ring: _Ring, part: Part, blocked_s: float) -> None:
     if _config.buddy is not None:
         _sender.offer(run_id, part, _config)
     if part.durable and _config.checkpoint_url is not None:
-        _writer.offer(run_id, part, _config.checkpoint_url)
+        _writer.offer(run_id, part, _config.checkpoint_url, _config.sharded)
 
 
 def _unpin(run_id: str, part: Part) -> None:
@@ -359,14 +360,14 @@ class _Writer:
     """Writes durable commits to the checkpoint directory, in commit order."""
 
     def __init__(self) -> None:
-        self._queue: deque[tuple[str, Part, str]] = deque()
+        self._queue: deque[tuple[str, Part, str, bool]] = deque()
         self._cond = threading.Condition()
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def offer(self, run_id: str, part: Part, url: str) -> None:
+    def offer(self, run_id: str, part: Part, url: str, sharded: bool) -> None:
         with self._cond:
-            self._queue.append((run_id, part, url))
+            self._queue.append((run_id, part, url, sharded))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="mlcloud-checkpoint-writer")
@@ -383,11 +384,11 @@ class _Writer:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                run_id, part, url = self._queue.popleft()
+                run_id, part, url, sharded = self._queue.popleft()
                 self._busy = True
             try:
                 started = time.perf_counter()
-                size = _write(CheckpointDir(url), part)
+                size = _write(CheckpointDir(url), part, sharded)
                 with _lock:
                     ring = _rings.get(run_id)
                     if ring is not None:
@@ -404,14 +405,20 @@ class _Writer:
                     self._cond.notify_all()
 
 
-def _write(directory: CheckpointDir, part: Part) -> int:
-    """Write one rank's part of a durable commit; its shard (a pipeline stage's slice), if it
-    has one, through DCP. Returns the bytes written."""
-    size = 0
+def _write(directory: CheckpointDir, part: Part, sharded: bool) -> int:
+    """Write one rank's part of a durable commit. Its own shard (a pipeline stage's slice) and,
+    under a strategy whose state is not replicated (``sharded``: fsdp, pipeline, ps-*; the
+    parameter servers' shards are in it), the whole state rank 0 holds go through DCP.
+    Returns the bytes written."""
+    size, step = 0, part.position.steps
     if part.local.get("slice"):
         skeleton, tensors = shards.split(part.local["slice"])
-        size += shards.save(tensors, directory.shard_url(part.position.steps, part.rank))
+        size += shards.save(tensors, directory.shard_url(step, part.rank))
         part = dataclasses.replace(part, local={**part.local, "slice": skeleton})
+    if sharded and part.state is not None and part.rank == 0:
+        skeleton, tensors = shards.split(part.state, "state")
+        size += shards.save(tensors, directory.shard_url(step, None))
+        part = dataclasses.replace(part, state=skeleton)
     with _without_checksums():
         return size + directory.write_part(part)
 
@@ -488,7 +495,9 @@ def fetch(run_id: str, source: Source, worker: Any) -> tuple[dict[str, Any],
         locals_ = {rank: {**local, "slice": shards.load(
                        local.get("slice"), directory.shard_url(source.step, rank))}
                    for rank, local in directory.read_locals(source.step).items()}
-        return directory.read_state(source.step), locals_
+        state = shards.load(directory.read_state(source.step),
+                            directory.shard_url(source.step, None))
+        return state, locals_
     from distributed.utils import sync
 
     with _lock:

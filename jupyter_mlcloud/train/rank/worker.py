@@ -376,7 +376,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     active = cancel.begin(spec.run_id, spec.rank, spec.attempt, worker.address)
     ring.open_ring(spec.run_id, spec.attempt, ring.Config(
         buddy=spec.buddy, send_state=spec.send_state, checkpoint_url=spec.checkpoint_url,
-        worker=worker))
+        sharded=spec.strategy is not None and not spec.strategy.replicated, worker=worker))
     key = getattr(thread_state, "key", None)
 
     def still_wanted() -> None:

@@ -167,6 +167,21 @@ def test_killed_parameter_server_resumes_from_its_commit(cluster: mlc.ClusterHan
     assert digest(model) == expected
 
 
+def test_parameter_server_checkpoint_goes_through_dcp_and_resumes(
+        cluster: mlc.ClusterHandle, tmp_path: Path) -> None:
+    expected = digest(mlc.train(make_fit(), cluster=cluster, strategy="ps-sync")
+                      .result(timeout=300))
+    directory = tmp_path / "ckpt"
+    mlc.train(make_fit(epochs=1), cluster=cluster, strategy="ps-sync", ps_workers=2,
+              checkpoint_dir=str(directory), checkpoint_every=4).result(timeout=300)
+    # Rank 0 wrote the state, the two servers' shards in it, through torch.distributed.checkpoint.
+    (done,) = sorted(directory.glob("step-*.done"))[-1:]
+    assert (directory / done.name.removesuffix(".done") / "state.dcp" / ".metadata").is_file()
+    model = mlc.train(make_fit(), cluster=cluster, strategy="ps-sync", ps_workers=2,
+                      checkpoint_dir=str(directory), resume=True).result(timeout=300)
+    assert digest(model) == expected
+
+
 @pytest.fixture
 def shell(cluster: mlc.ClusterHandle) -> Iterator[InteractiveShell]:
     ip = InteractiveShell.instance()
@@ -299,8 +314,9 @@ def test_pipeline_checkpoint_is_written_by_each_stage_and_resumes_on_fewer(
               config={"epochs": 1}).result(timeout=120)
     # Rank 1 wrote its stage itself, through torch.distributed.checkpoint.
     (latest,) = sorted(directory.glob("step-*.done"))[-1:]
-    stage = directory / latest.name.removesuffix(".done") / "rank-0001.dcp"
-    assert (stage / ".metadata").is_file()
+    step = directory / latest.name.removesuffix(".done")
+    assert (step / "rank-0001.dcp" / ".metadata").is_file()
+    assert (step / "state.dcp" / ".metadata").is_file()  # rank 0's, with its stage in it
     # One stage takes both halves over and finishes the second epoch as if never stopped.
     model, _ = mlc.train(pipeline_fit, None, cluster=cluster, workers=1, strategy="pipeline",
                          microbatches=4, checkpoint_dir=str(directory),
