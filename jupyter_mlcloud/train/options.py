@@ -5,7 +5,6 @@ Every option object is built by keyword (``kw_only``), so reordering a field can
 one; ``from_options`` picks an object's fields out of a magic's parsed arguments.
 """
 
-
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -20,6 +19,20 @@ COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 # A short run of exact gradients first is what PowerSGD's authors and PyTorch advise (PyTorch
 # defaults to 1000 steps, tuned for long runs); 2 is the least error feedback allows.
 POWERSGD_START_ITER = 2
+STRATEGIES = ("ddp", "fsdp", "pipeline", "ps-sync", "ps-async")
+SCHEDULES = ("1f1b", "gpipe")
+GPU_ONLY = ("fsdp",)
+DEFAULT_MICROBATCHES = 4
+BACKENDS = ("gloo", "nccl")
+CHECKPOINT_EVERY = 100  # default steps between checkpoints written to --checkpoint-dir
+
+
+def check_whole(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    """One sentence unless ``value`` is a whole number >= ``minimum`` (or None if allowed)."""
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -68,15 +81,6 @@ def parse_compression(text: Any) -> CompressionSpec:
             " (plain all-reduce steps before compressing), e.g. powersgd:2:20."
         )
     return CompressionSpec(kind, int(rank), int(start))
-
-
-STRATEGIES = ("ddp", "fsdp", "pipeline", "ps-sync", "ps-async")
-
-SCHEDULES = ("1f1b", "gpipe")
-
-GPU_ONLY = ("fsdp",)
-
-DEFAULT_MICROBATCHES = 4
 
 
 @dataclass(frozen=True, kw_only=True)  # by name only: a reordered field cannot mis-wire
@@ -153,17 +157,6 @@ class StrategyOptions:
                 f" support it with gloo on CPU; on these workers use one of: {others}."
             )
 
-
-BACKENDS = ("gloo", "nccl")
-
-CHECKPOINT_EVERY = 100  # default steps between checkpoints written to --checkpoint-dir
-
-def check_whole(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    """One sentence unless ``value`` is a whole number >= ``minimum`` (or None if allowed)."""
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
 
 @dataclass(frozen=True, kw_only=True)  # by name only: a reordered field cannot mis-wire
 class FaultOptions:
