@@ -3,7 +3,7 @@
 ``score`` returns the scores lazily as the same kind of container it was given (xarray in,
 xarray out with the sample coordinates; dask DataFrame in, dask DataFrame out), or writes them
 to zarr / parquet, resumably. The model crosses to each worker once (see
-:mod:`.scoring_model`); blocks are scored in batches inside each task.
+:mod:`.model`); blocks are scored in batches inside each task.
 """
 
 from __future__ import annotations

@@ -4,12 +4,15 @@ A *commit* is taken on every rank at a step boundary (before ``ctx.shard`` hands
 batch): the position in the data, each rank's own state (RNG states, comm-hook state such as
 PowerSGD's local error feedback, a pipeline stage's slice) and, where the rank holds it, the
 registered models, optimizers and LR schedulers, copied. Commits stay on the workers (see
-:mod:`.ring`); this module holds what they are made of and the files they become.
+:mod:`.rank.ring`); this module holds what they are made of and the files they become.
 
 ``--checkpoint-dir`` gets chosen commits, written by the ranks themselves in parallel, to any
 fsspec path: ``step-NNNNNNNNN/state.pt`` (one writer: the rank holding the whole state),
-``step-NNNNNNNNN/rank-NNNN.pt`` (each rank's own part), then, once all are there,
-``step-NNNNNNNNN/meta.json`` and the ``step-NNNNNNNNN.done`` marker, written by the launcher.
+``step-NNNNNNNNN/rank-NNNN.pt`` (each rank's own part; a rank's shard and, under a strategy
+that does not replicate the state, the whole state's tensors go to ``rank-NNNN.dcp/`` and
+``state.dcp/`` through ``torch.distributed.checkpoint``: see :mod:`.rank.shards`), then, once
+all are there, ``step-NNNNNNNNN/meta.json`` and the ``step-NNNNNNNNN.done`` marker, written by
+the launcher.
 A checkpoint without its marker is never read (and is removed by the next seal), so a
 half-written checkpoint cannot be resumed from.
 """

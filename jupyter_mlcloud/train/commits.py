@@ -1,6 +1,6 @@
 """The launcher's view of a run's commits: metadata only, never the state itself.
 
-Workers hold the commits (:mod:`.ring`); every ``PULL_INTERVAL_S`` the launcher asks them which
+Workers hold the commits (:mod:`.rank.ring`); every ``PULL_INTERVAL_S`` the launcher asks them which
 parts they hold (a few hundred bytes through the scheduler) and keeps the newest step that
 every rank has committed, so a recovery knows where to go on from and which worker to pull
 each part from. It also seals durable checkpoints once every rank has written its file.

@@ -1,17 +1,9 @@
-"""How a model is distributed and stepped: ``--strategy ddp|fsdp|pipeline|ps-sync|ps-async``.
+"""``--strategy ddp`` and the base every strategy refines.
 
-``StrategyOptions`` is what the launcher checks and ships; ``make_strategy`` builds, on each
-rank, the object ``ctx.prepare`` delegates to. Each strategy answers the same few questions:
-how to wrap the model, which ranks share a batch, what a commit must hold beyond rank 0's
-state, what to put back on resume, which metrics it adds, and what the notebook gets back.
-
-- ``ddp``: ``DistributedDataParallel``; every rank holds the whole model.
-- ``fsdp``: FSDP2 ``fully_shard`` (GPUs / NCCL only).
-- ``pipeline``: the model split into one stage per rank (``torch.distributed.pipelining``,
-  GPipe or 1F1B over ``--microbatches``); every rank sees the same batches; the wrapped model
-  trains with ``model.step(inputs, target)``.
-- ``ps-sync`` / ``ps-async``: a parameter server held by Dask actors (see
-  :mod:`.param_server`).
+Each strategy answers the same few questions: how to wrap the model, which ranks share a
+batch, what a commit must hold beyond rank 0's state, what to put back on resume, which
+metrics it adds, and what the notebook gets back. :class:`Strategy` answers them for
+``DistributedDataParallel``, where every rank holds the whole model.
 """
 
 from __future__ import annotations
