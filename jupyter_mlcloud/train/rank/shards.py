@@ -12,6 +12,7 @@ checkpoint; reading builds the tensors from the refs and lets DCP fill them.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -32,21 +33,26 @@ class ShardRef:
     dtype: str
 
 
+def _rebuild(item: Any, leaf: Callable[[Any, str], Any], key: str) -> Any:
+    """``item``'s dicts, lists and tuples rebuilt, with ``leaf(value, key path)`` at the leaves."""
+    if isinstance(item, dict):
+        return {k: _rebuild(v, leaf, f"{key}.{k}") for k, v in item.items()}
+    if isinstance(item, (list, tuple)):
+        return type(item)(_rebuild(v, leaf, f"{key}.{n}") for n, v in enumerate(item))
+    return leaf(item, key)
+
+
 def split(value: Any, prefix: str = "shard") -> tuple[Any, dict[str, torch.Tensor]]:
     """``value`` with each tensor replaced by a :class:`ShardRef`, and the tensors by key."""
     tensors: dict[str, torch.Tensor] = {}
 
-    def walk(item: Any, key: str) -> Any:
-        if isinstance(item, torch.Tensor):
-            tensors[key] = item
-            return ShardRef(key, tuple(item.shape), str(item.dtype).removeprefix("torch."))
-        if isinstance(item, dict):
-            return {k: walk(v, f"{key}.{k}") for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return type(item)(walk(v, f"{key}.{n}") for n, v in enumerate(item))
-        return item
+    def ref(item: Any, key: str) -> Any:
+        if not isinstance(item, torch.Tensor):
+            return item
+        tensors[key] = item
+        return ShardRef(key, tuple(item.shape), str(item.dtype).removeprefix("torch."))
 
-    return walk(value, prefix), tensors
+    return _rebuild(value, ref, prefix), tensors
 
 
 def save(tensors: dict[str, torch.Tensor], url: str) -> int:
@@ -66,32 +72,13 @@ def load(skeleton: Any, url: str) -> Any:
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     refs: list[ShardRef] = []
-
-    def collect(item: Any) -> None:
-        if isinstance(item, ShardRef):
-            refs.append(item)
-        elif isinstance(item, dict):
-            for v in item.values():
-                collect(v)
-        elif isinstance(item, (list, tuple)):
-            for v in item:
-                collect(v)
-
-    collect(skeleton)
+    _rebuild(skeleton, lambda item, _: refs.append(item) if isinstance(item, ShardRef) else None,
+             "")
     if not refs:
         return skeleton
     tensors = {r.key: torch.empty(r.shape, dtype=getattr(torch, r.dtype)) for r in refs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp_load(tensors, storage_reader=FsspecReader(url), no_dist=True)
-
-    def fill(item: Any) -> Any:
-        if isinstance(item, ShardRef):
-            return tensors[item.key]
-        if isinstance(item, dict):
-            return {k: fill(v) for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return type(item)(fill(v) for v in item)
-        return item
-
-    return fill(skeleton)
+    return _rebuild(skeleton, lambda item, _: tensors[item.key]
+                    if isinstance(item, ShardRef) else item, "")
