@@ -14,14 +14,19 @@ from typing import Any
 
 
 def fold_run_events(events: list[tuple[float, Any]]) -> dict[str, dict[str, Any]]:
-    """Run id -> {run, status, workers, pid, started, ended} from ``mlcloud-runs`` events."""
+    """Run id -> {run, status, workers, pid, started, ended[, mlflow]} from ``mlcloud-runs``
+    events. A ``"tracked"`` event says where the run is recorded in MLflow (``{run_id,
+    experiment_id, uri}``): it adds ``mlflow`` and leaves the status as it was."""
     runs: dict[str, dict[str, Any]] = {}
     for stamp, msg in events:
         if not isinstance(msg, dict) or "run" not in msg:
             continue
         run = runs.setdefault(msg["run"], {"run": msg["run"], "status": "running",
                                            "started": stamp, "ended": None})
-        if msg.get("state") == "started":
+        if msg.get("state") == "tracked":
+            if isinstance(msg.get("mlflow"), dict):
+                run["mlflow"] = msg["mlflow"]
+        elif msg.get("state") == "started":
             run.update(workers=msg.get("workers", []), pid=msg.get("pid"), started=stamp)
         else:
             run.update(status=msg.get("state", "ended"), ended=stamp)

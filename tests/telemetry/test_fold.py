@@ -97,6 +97,26 @@ def test_the_last_of_repeated_starts_and_ends_wins() -> None:
     assert (run["pid"], run["started"], run["status"], run["ended"]) == (2, 2.0, "finished", 6.0)
 
 
+TRACKED = {"run_id": "9f1c", "experiment_id": "3", "uri": "sqlite:///mlruns.db"}
+
+
+@pytest.mark.parametrize("after", [[], [ended("ab")]])
+def test_a_tracked_event_adds_the_mlflow_run_and_keeps_the_status(after: list) -> None:
+    events = [(1.0, started("ab")), (2.0, {"run": "ab", "state": "tracked", "mlflow": TRACKED})]
+    events += [(5.0, event) for event in after]
+    run = fold_run_events(events)["ab"]
+    assert run["mlflow"] == TRACKED
+    assert (run["status"], run["ended"]) == (("finished", 5.0) if after else ("running", None))
+
+
+def test_a_tracked_event_after_the_end_keeps_the_end_state() -> None:
+    events = [(1.0, started("ab")), (5.0, ended("ab", "error")),
+              (6.0, {"run": "ab", "state": "tracked", "mlflow": TRACKED}),
+              (7.0, {"run": "ab", "state": "tracked", "mlflow": "not a dict"})]
+    run = fold_run_events(events)["ab"]
+    assert (run["status"], run["ended"], run["mlflow"]) == ("error", 5.0, TRACKED)
+
+
 def test_a_start_after_the_end_keeps_the_end_state() -> None:
     run = fold_run_events([(1.0, started("ab")), (5.0, ended("ab")), (7.0, started("ab")),
                            ])["ab"]
