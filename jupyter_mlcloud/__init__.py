@@ -25,6 +25,8 @@ from .cluster.api import (
 )
 from .cluster.hardware import gpu_count
 from .scoring.api import score
+from .tracking.registry import register
+from .tracking.registry import table as models
 
 # Eager on purpose: ``train`` is also a subpackage, and a later import of it would otherwise
 # bind the module in the function's place. Nothing here loads torch or pandas.
@@ -44,6 +46,8 @@ __all__ = [
     "get",
     "gpu_count",
     "list_clusters",
+    "models",
+    "register",
     "scale",
     "score",
     "status",

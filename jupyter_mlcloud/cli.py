@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("score", help="score a dataset with a saved model, write the scores")
-    p.add_argument("--model", required=True, help="torch.save-d model or torch.export .pt2")
+    p.add_argument("--model", required=True,
+                   help="torch.save-d model, torch.export .pt2, or models:/NAME@ALIAS")
     p.add_argument("--input", required=True, help="zarr store, parquet dataset or netCDF file")
     p.add_argument("--output", required=True, help=".zarr store (or .parquet for tables)")
     p.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
@@ -51,7 +52,7 @@ def score_command(args: argparse.Namespace) -> int:
         report = score(args.model, args.input, features=features, sample_dim=args.sample_dim,
                        batch_size=args.batch_size, output=args.output,
                        overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-                       cluster=cluster, progress=sys.stderr.isatty())
+                       cluster=cluster, progress=sys.stderr.isatty(), track=args.track)
     except ValueError as e:
         print(f"jupyter-mlcloud: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,7 +61,8 @@ def score_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         cluster.close()
-    print(json.dumps({"output": report.output, **report.summary}))
+    print(json.dumps({"output": report.output, **report.summary,
+                      "mlflow_run_id": report.mlflow_run_id}))
     return EXIT_OK
 
 

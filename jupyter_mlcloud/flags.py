@@ -25,6 +25,8 @@ def score_options(integer: Callable[[str], int] = int) -> list[OptionSpec]:
         (("--overwrite",), {"action": "store_true", "help": "replace an existing output"}),
         (("--device",), {"default": "auto", "help": "auto, cpu or cuda"}),
         (("--dtype",), {"help": "input dtype, e.g. float32 or bfloat16"}),
+        (("--no-track",), {"dest": "track", "action": "store_false",
+                           "help": "do not record the job in MLflow"}),
     ]
 
 

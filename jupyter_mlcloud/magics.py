@@ -22,7 +22,7 @@ from IPython.display import display
 from .cluster import api as clusters
 from .flags import OptionSpec, score_options
 
-SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect")
+SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect", "models")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -126,6 +126,8 @@ def _subcommand_parsers() -> dict[str, _Parser]:
     p.add_argument("address", help="scheduler address, scheduler file or discovered name")
     p.add_argument("--name", help="name to use here")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
+
+    sub("models", "List the registered MLflow models, their versions and aliases.")
     assert tuple(parsers) == SUBCOMMANDS
     return parsers
 
@@ -261,6 +263,8 @@ class MLCloudMagics(Magics):
     @argument("--checkpoint-keep", type=_int, default=2, help="checkpoints kept (2)")
     @argument("--resume", action="store_true",
               help="go on from the newest checkpoint in --checkpoint-dir")
+    @argument("--no-track", dest="track", action="store_false",
+              help="do not record the run in MLflow")
     def distributed_train(self, line: str, cell: str) -> Any:
         """Run the cell data-parallel on the cluster's workers, one rank per worker.
 
@@ -290,6 +294,7 @@ class MLCloudMagics(Magics):
                 strategy=StrategyOptions.from_options({**vars(args), "name": args.strategy}),
                 compression=args.compression,
                 faults=FaultOptions.from_options(vars(args)),
+                track=args.track,
             )
         except SyntaxError as e:
             raise UsageError(
@@ -385,7 +390,7 @@ class MLCloudMagics(Magics):
             result = score(self._lookup(args.model), data, sample_dim=args.sample_dim,
                            features=features, batch_size=args.batch_size, output=args.output,
                            overwrite=args.overwrite, device=args.device, dtype=args.dtype,
-                           cluster=args.cluster)
+                           cluster=args.cluster, track=args.track)
         except ValueError as e:
             raise UsageError(str(e)) from None
         if args.out:
@@ -434,6 +439,11 @@ class MLCloudMagics(Magics):
 
         handle = clusters.connect(args.address, name=args.name, timeout=args.timeout)
         display(cluster_card(handle))
+
+    def _models(self, args: argparse.Namespace) -> Any:
+        from .tracking.registry import table
+
+        return table()
 
 
 def register(ipython: Any) -> None:

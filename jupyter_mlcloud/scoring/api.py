@@ -38,6 +38,7 @@ class ScoreReport:
     output: str
     format: str
     summary: dict[str, Any] = field(default_factory=dict)
+    mlflow_run_id: str | None = None  # the MLflow run recording the job (track=True)
 
     def open(self) -> Any:
         """The written scores, lazily: an xarray DataArray (zarr) or dask DataFrame (parquet)."""
@@ -138,6 +139,7 @@ def score(
     dtype: str | None = None,
     cluster: Any = None,
     progress: bool = True,
+    track: bool = True,
 ) -> Any:
     """Score ``data`` with ``model`` on the cluster's workers.
 
@@ -156,7 +158,9 @@ def score(
     ``(sample_dim, "output")`` and the sample coordinates; a dask DataFrame with columns
     ``score`` or ``score_0..``; else a dask array). With ``output`` (``.zarr`` or, for
     DataFrames, ``.parquet``): the scores are written, resuming an interrupted earlier write of
-    the same job, and a :class:`ScoreReport` is returned (``.summary``, ``.open()``).
+    the same job, and a :class:`ScoreReport` is returned (``.summary``, ``.open()``). With
+    ``track`` (default on) a written job is recorded in MLflow, its options as params and its
+    summary as metrics (``report.mlflow_run_id``).
     """
     import dask.dataframe as dd
     import pandas as pd
@@ -165,6 +169,8 @@ def score(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
     if device not in DEVICES:
         raise ValueError(f"device {device!r} is not allowed; use one of {', '.join(DEVICES)}.")
+    if not isinstance(track, bool):
+        raise ValueError(f"track must be True or False, got {track!r}.")
     torch_dtype = resolve_dtype(dtype)
     out_format = storage.file_format(output) if output is not None else None
     if isinstance(data, str):
@@ -180,6 +186,13 @@ def score(
     blob = ModelBlob.of(model)
     local_model = blob.load()
     client = clusters.resolve_client(cluster)
+
+    def params() -> dict[str, Any]:  # what a recorded job logs as its MLflow params
+        return {"model": model if isinstance(model, str) else type(model).__name__,
+                "model_sha256": blob.digest, "output": output, "batch_size": batch_size,
+                "device": device, "dtype": dtype, "sample_dim": sample_dim,
+                "features": ",".join(features) if features else None}
+
     check_device(client, device)
 
     if is_frame:
@@ -202,7 +215,8 @@ def score(
             return scores
         fingerprint = _fingerprint(blob.digest, frame, batch_size, device, dtype)
         _prepare(output, fingerprint, overwrite, init=None)
-        return _write(client, scores.to_delayed(), output, "parquet", fingerprint, progress)
+        return _recorded(track, params(), lambda: _write(
+            client, scores.to_delayed(), output, "parquet", fingerprint, progress))
 
     array, template = _matrix(data, sample_dim, features)
     width, out_dtype = output_shape(local_model, int(array.shape[1]), torch_dtype)
@@ -221,8 +235,25 @@ def score(
     # The store's layout (metadata, coordinates) first; the blocks fill it in.
     _prepare(output, fingerprint, overwrite,
              init=lambda: result.to_dataset().to_zarr(output, compute=False, mode="w"))
-    return _write(client, scores.to_delayed().ravel(), output, "zarr", fingerprint, progress,
-                  starts=np.cumsum((0,) + array.chunks[0][:-1]))
+    return _recorded(track, params(), lambda: _write(
+        client, scores.to_delayed().ravel(), output, "zarr", fingerprint, progress,
+        starts=np.cumsum((0,) + array.chunks[0][:-1])))
+
+
+def _recorded(track: bool, params: dict[str, Any], write: Any) -> ScoreReport:
+    """``write()``, recorded in MLflow as a scoring job when ``track``: FINISHED with its
+    summary as metrics, FAILED (KILLED if interrupted) when it raised."""
+    if not track:
+        return write()  # type: ignore[no-any-return]
+    from ..tracking.runs import record_scoring
+
+    try:
+        report: ScoreReport = write()
+    except BaseException as e:
+        record_scoring(params, None, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    report.mlflow_run_id = record_scoring(params, report.summary, "FINISHED").created(timeout=10)
+    return report
 
 
 def _prepare(output: str, fingerprint: str, overwrite: bool, init: Any) -> None:

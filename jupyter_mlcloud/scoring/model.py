@@ -9,13 +9,14 @@ carry only a :class:`ModelRef` to it.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import threading
 from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
+
+from .. import savedmodel
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -34,9 +35,14 @@ class ModelBlob:
 
     @classmethod
     def of(cls, model: Any) -> ModelBlob:
-        """From a module or callable (cloudpickled: notebook classes travel by value), or a path
-        to a ``torch.save`` file or a ``torch.export`` ``.pt2`` file."""
-        if isinstance(model, (str, os.PathLike)):
+        """From a module or callable (cloudpickled: notebook classes travel by value), a path
+        to a ``torch.save`` file or a ``torch.export`` ``.pt2`` file, or an MLflow model URI
+        (``models:/name/3``, ``models:/name@alias``, ``runs:/id/model``)."""
+        from ..tracking import registry
+
+        if registry.is_model_uri(model):
+            model = registry.load(model)
+        elif isinstance(model, (str, os.PathLike)):
             return cls._from_file(os.fspath(model))
         if not callable(model):
             raise ValueError(
@@ -49,14 +55,7 @@ class ModelBlob:
 
     @classmethod
     def _from_file(cls, path: str) -> ModelBlob:
-        import fsspec
-
-        try:
-            with fsspec.open(path, "rb") as f:
-                data = f.read()
-        except (FileNotFoundError, OSError) as e:
-            raise ValueError(f"cannot read the model file {path!r} ({e}).") from None
-        blob = cls._make(data, "export" if path.endswith(".pt2") else "torch")
+        blob = cls._make(*savedmodel.read_file(path))
         blob.load()  # fail here, on the client, not on every worker
         return blob
 
@@ -66,32 +65,7 @@ class ModelBlob:
 
     def load(self) -> Any:
         """The callable model, built from the bytes (no caching)."""
-        import torch
-
-        if self.loader == "pickle":
-            import cloudpickle
-
-            model = cloudpickle.loads(self.data)
-        elif self.loader == "export":
-            try:
-                model = torch.export.load(io.BytesIO(self.data)).module()
-            except Exception as e:
-                raise ValueError(f"the .pt2 file is not a torch.export program ({e}).") from None
-        else:
-            try:
-                model = torch.load(io.BytesIO(self.data), weights_only=False, map_location="cpu")
-            except Exception as e:
-                raise ValueError(f"the model file is not a saved torch model ({e}).") from None
-            if isinstance(model, dict):
-                raise ValueError(
-                    "the model file holds a state_dict, not a model; build the model, call"
-                    " load_state_dict on it, and pass the module instead."
-                )
-        if not callable(model):
-            raise ValueError(f"the model file holds a {type(model).__name__}, not a model.")
-        if isinstance(model, torch.nn.Module) and self.loader != "export":
-            model.eval()  # exported programs are traced in eval mode already
-        return model
+        return savedmodel.build(self.data, self.loader)
 
 
 class ModelRef:

@@ -100,14 +100,17 @@ class CommitIndex:
                     del self._written[step]
         return best, ready
 
-    def seal(self, directory: CheckpointDir | None, ready: list[Meta]) -> list[str]:
-        """Seal the complete durable steps in ``directory``; one sentence per failure."""
-        problems = []
+    def seal(self, directory: CheckpointDir | None, ready: list[Meta],
+             ) -> tuple[list[Meta], list[str]]:
+        """Seal the complete durable steps in ``directory``: those sealed, and one sentence
+        per failure."""
+        sealed, problems = [], []
         for meta in ready:
             if directory is None:
                 continue
             try:
                 directory.seal(meta)
+                sealed.append(meta)
             except OSError as e:
                 problems.append(f"checkpoint of step {meta.step} not sealed: {e}")
-        return problems
+        return sealed, problems

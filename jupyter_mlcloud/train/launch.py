@@ -7,6 +7,7 @@ imported there.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import itertools
@@ -223,6 +224,17 @@ class RankStarter:
         self.shipped.clear()
 
 
+def _cluster_name(cluster: Any, client: Any) -> str:
+    """The cluster's name as the sidebar shows it (a bare Client: its scheduler address)."""
+    if isinstance(cluster, str):
+        return cluster
+    if isinstance(cluster, clusters.ClusterHandle):
+        return cluster.name
+    if cluster is None:
+        return clusters.get(None).name
+    return str(client.scheduler.address)
+
+
 def launch(
     payload: Any,
     *,
@@ -236,8 +248,14 @@ def launch(
     strategy: str | StrategyOptions = "ddp",
     compression: str = "none",
     faults: FaultOptions = FaultOptions(),
+    track: bool = True,
+    config: Mapping[str, Any] | None = None,
 ) -> Run:
-    """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`."""
+    """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`.
+
+    With ``track``, the run is recorded in MLflow with its options and ``config``."""
+    if not isinstance(track, bool):
+        raise ValueError(f"track must be True or False, got {track!r}.")
     if not isinstance(strategy, StrategyOptions):
         strategy = StrategyOptions(name=str(strategy))
     spec = _check_options(strategy, compression, backend, seed, timeout, epochs)
@@ -274,6 +292,16 @@ def launch(
         raise
     try:
         run.subscribe()
+        if track:
+            from ..tracking.runs import track_training
+
+            options = {"workers": len(chosen), "backend": backend, "seed": seed,
+                       "timeout": timeout, "epochs": epochs, "compression": str(spec),
+                       **{("strategy" if k == "name" else k): v
+                          for k, v in dataclasses.asdict(strategy).items()},
+                       **dataclasses.asdict(faults)}
+            run.tracking = track_training(run, options, config, _cluster_name(cluster, client),
+                                          kind)
         first = None
         if snap is not None and directory is not None:  # --resume: the ranks read the files
             first = (snap, ring.Source(snap.step, -1, snap.world_size, directory=directory.url))
@@ -315,6 +343,7 @@ def train(
     ps_workers: int | None = None,
     max_staleness: int | None = None,
     config: Mapping[str, Any] | None = None,
+    track: bool = True,
     **kwargs: Any,
 ) -> Run:
     """Run ``fn(ctx, *args, **config)`` on every selected worker, data-parallel; return a ``Run``.
@@ -347,6 +376,11 @@ def train(
     ``gpipe``), ``ps-sync`` or ``ps-async`` (a parameter server in ``ps_workers`` Dask actors,
     default 1; ``max_staleness`` bounds how far an async trainer runs ahead).
 
+    ``track`` (default on) records the run in MLflow (see :mod:`jupyter_mlcloud.tracking`):
+    every option above and ``config`` as params, rank 0's ``ctx.report`` metrics, the
+    workers' system figures, each recovery and checkpoint, and a ``torch.nn.Module`` in the
+    result as its model; ``run.mlflow_run_id`` names it.
+
     ``run.result()`` returns rank 0's return value (models unwrapped, whole, on CPU).
     """
     if not callable(fn):
@@ -367,6 +401,8 @@ def train(
                             commit_every=commit_every, checkpoint_dir=checkpoint_dir,
                             checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
                             resume=resume, elastic=elastic),
+        track=track,
+        config=config,
     )
 
 

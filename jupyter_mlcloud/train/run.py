@@ -135,6 +135,7 @@ class Run:
         self.max_failures, self.min_workers = max_failures, min_workers
         self.attempt = 0
         self._pulled_at = 0.0
+        self.tracking: Any = None  # the MLflow record (jupyter_mlcloud.tracking), if tracked
 
     # ------------------------------------------------------------ wiring (launcher)
 
@@ -173,6 +174,9 @@ class Run:
 
     def _on_control(self, event: tuple[float, Any]) -> None:
         for item in events.items_of([event]):
+            if item.get("phase") == "example":  # rank 0's first input rows, for the tracker
+                self._notify("example", [item])
+                continue
             for record in self.events:
                 if record["attempt"] == item.get("attempt"):
                     record["phases"].setdefault(item["phase"], item["time"])
@@ -330,8 +334,11 @@ class Run:
             _, ready = self.store.pull(self.client, sorted(alive))
         except Exception:
             return  # a worker went: the watcher sees it next
-        for problem in self.store.seal(self.checkpoints, ready):
+        sealed, problems = self.store.seal(self.checkpoints, ready)
+        for problem in problems:
             self._notify("logs", [{"rank": "mlcloud", "stream": "stderr", "line": problem}])
+        if sealed:
+            self._notify("checkpoint", [{"step": meta.step} for meta in sealed])
 
     def _resume_source(self) -> tuple[checkpoint.Meta, ring.Source] | None:
         """Where the next attempt goes on from: the newest commit every rank's part of which a
@@ -524,6 +531,14 @@ class Run:
         """The newest step whose commit this process holds (0: none yet); a lost worker
         resumes from there."""
         return self.store.step if self.store is not None else 0
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        """The id of the MLflow run recording this run; None with ``track=False`` or while the
+        tracking store does not answer (waits up to 10 s for the run to be created)."""
+        if self.tracking is None:
+            return None
+        return self.tracking.recorder.created(timeout=10)
 
     @property
     def status(self) -> str:

@@ -17,6 +17,8 @@ from . import elastic, ring
 from .sharding import Shard
 from .state import check_shapes, set_rng_state
 
+EXAMPLE_ROWS = 5  # rows of rank 0's first input kept as the logged model's input example
+
 
 class TrainContext:
     """Handed to the training cell (as ``ctx``) or function (as its argument) on every rank.
@@ -125,6 +127,8 @@ class TrainContext:
                 )
             check_shapes(saved[index], model, index)
         model = model.to(self.device)
+        if index == 0 and self.rank == 0 and self.attempt == 0:
+            self._send_example(model)
         wrapped = self._strategy.wrap(model, optimizer, split=split, loss_fn=loss_fn)
         self._models.append(model)
         if optimizer is not None:
@@ -372,6 +376,24 @@ class TrainContext:
         self._bytes_mark = (*self._bytes_mark[:2], self._steps)
         self._first_step_pending = True
         self._event("restored")
+
+    def _send_example(self, model: torch.nn.Module) -> None:
+        """Send the first rows of the model's first input to the notebook, once: the example
+        and signature its MLflow model is logged with."""
+
+        def first_input(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            handle.remove()
+            x = args[0] if args else None
+            if self._emit is None or not isinstance(x, torch.Tensor) or x.dim() == 0:
+                return
+            rows = x[:EXAMPLE_ROWS].detach().cpu()
+            if rows.dtype in (torch.bfloat16, torch.float16):
+                rows = rows.float()  # numpy has no bfloat16
+            self._emit({"phase": "example", "attempt": self.attempt, "time": time.time(),
+                        "example": {"data": rows.tolist(),
+                                    "dtype": str(rows.dtype).removeprefix("torch.")}})
+
+        handle = model.register_forward_pre_hook(first_input)
 
     def _event(self, phase: str) -> None:
         if self._emit is not None and self.rank == 0:

@@ -1,0 +1,88 @@
+"""Which MLflow store to use, and the clients that talk to it.
+
+MLflow's own configuration wins: ``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``.
+Without either, the Dask config key ``mlcloud.tracking.uri`` names the store, by default an
+SQLite file ``mlruns.db`` in the working directory (MLflow 3 refuses the old ``./mlruns``
+file store by default). That choice is then handed to MLflow itself, so that
+``mlflow.pytorch.load_model("models:/...")`` in the same kernel reads the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import urllib.request
+from typing import Any
+
+from ..lazy import LazyModule
+
+mlflow = LazyModule("mlflow")
+mlflow_exceptions = LazyModule("mlflow.exceptions")
+tracking_utils = LazyModule("mlflow.tracking._tracking_service.utils")
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+DEFAULT_EXPERIMENT = "jupyter_mlcloud"
+PROBE_TIMEOUT_S = 2.0
+_lock = threading.Lock()
+
+
+def _absolute(uri: str) -> str:
+    """A relative ``sqlite:///file`` made absolute, so a later ``chdir`` keeps the store."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/") and ":memory:" not in uri:
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force (see the module docstring); sets MLflow's to it if unset."""
+    import dask
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    with _lock:
+        if tracking_utils.is_tracking_uri_set():
+            return str(tracking_utils.get_tracking_uri())
+        uri = _absolute(str(dask.config.get("mlcloud.tracking.uri", DEFAULT_URI)))
+        mlflow.set_tracking_uri(uri)
+        return uri
+
+
+def experiment_name() -> str:
+    """The experiment runs are recorded in: ``MLFLOW_EXPERIMENT_NAME``, else the Dask config
+    key ``mlcloud.tracking.experiment`` (default ``jupyter_mlcloud``)."""
+    import dask
+
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or str(
+        dask.config.get("mlcloud.tracking.experiment", DEFAULT_EXPERIMENT))
+
+
+def client(uri: str | None = None) -> Any:
+    """An ``MlflowClient`` for ``uri`` (default: :func:`tracking_uri`)."""
+    uri = uri or tracking_uri()
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the store answers: an HTTP server's ``/health`` within ``timeout``; local
+    stores (SQLite, files) always do. MLflow's own client retries a dead server for minutes,
+    so callers ask this first."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def experiment_id(mlflow_client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing (two creators may race: one wins)."""
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(mlflow_client.create_experiment(name))
+    except mlflow_exceptions.MlflowException:
+        return str(mlflow_client.get_experiment_by_name(name).experiment_id)
