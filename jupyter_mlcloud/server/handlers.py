@@ -40,9 +40,9 @@ class _Handler(APIHandler):
         try:
             data = json.loads(self.request.body or b"{}")
         except ValueError:
-            raise tornado.web.HTTPError(400, reason="the request body is not JSON") from None
+            raise tornado.web.HTTPError(400, "the request body is not JSON.") from None
         if not isinstance(data, dict):
-            raise tornado.web.HTTPError(400, reason="the request body must be a JSON object")
+            raise tornado.web.HTTPError(400, "the request body must be a JSON object.")
         return data
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -167,6 +167,71 @@ class BokehStaticHandler(AuthenticatedFileHandler):
     """BokehJS, served by Jupyter itself behind its authentication: no CDN, no extra port."""
 
 
+class _RegistryHandler(_Handler):
+    """Calls into :mod:`jupyter_mlcloud.tracking.registry`, which MLflow is imported for at the
+    first request, never when the extension loads."""
+
+    async def registry_call(self, name: str, *args: Any,
+                            refusable: bool = False) -> tuple[bool, Any]:
+        """``(True, registry.<name>(*args))``, run off the event loop; or ``(False, None)`` once
+        the failure is answered: an unknown model or version is a 404, a value of the request
+        MLflow refuses (``refusable``: the call carries the request's values) a 400, any other
+        failure a 503, each with one sentence, never a traceback."""
+        def call() -> Any:
+            from ..tracking import registry
+
+            return getattr(registry, name)(*args)
+
+        try:
+            return True, await asyncio.get_running_loop().run_in_executor(None, call)
+        except ValueError as e:
+            self.refuse(404, str(e))
+        except Exception as e:  # MLflow's own errors carry a message and an error code
+            message = _first_line(getattr(e, "message", None) or str(e) or type(e).__name__)
+            if refusable and getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE":
+                self.refuse(400, message)
+            else:
+                self.refuse(503, f"the MLflow store did not answer: {message}")
+        return False, None
+
+
+class ModelsHandler(_RegistryHandler):
+    """``GET /mlcloud/models``: every registered model of the tracking store, with its
+    versions (newest first), their runs, metrics and aliases."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        ok, found = await self.registry_call("models")
+        if ok:
+            self.finish(json.dumps({"models": found}))
+
+
+class ModelAliasHandler(_RegistryHandler):
+    """``PUT /mlcloud/models/<name>/aliases/<alias>`` with ``{"version": N}``: point the alias
+    at that version; answers the model as ``GET /mlcloud/models`` lists it."""
+
+    @tornado.web.authenticated
+    async def put(self, name: str, alias: str) -> None:
+        version = self.body().get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            return self.refuse(400, f'send {{"version": N}} with N a version number >= 1, got'
+                                    f" {version!r}.")
+        ok, _ = await self.registry_call("set_alias", name, alias, version, refusable=True)
+        if not ok:
+            return
+        ok, found = await self.registry_call("models")
+        if not ok:
+            return
+        model = next((m for m in found if m.get("name") == name), None)
+        if model is None:  # deleted meanwhile
+            return self.refuse(404, f"no registered model named {name!r}.")
+        self.finish(json.dumps(model))
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
 class RunsHandler(_Handler):
     """``GET /mlcloud/runs``: every training run on the discovered clusters, newest first."""
 
@@ -211,11 +276,14 @@ def route_table(base_url: str) -> list[tuple[Any, ...]]:
     root = url_path_join(base_url, "mlcloud")
     name = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
     target = r"([A-Za-z0-9][A-Za-z0-9_.,%-]{0,600})"  # a cluster, or run ids joined by commas
+    part = r"([^/]{1,256})"  # a model or alias name (percent-decoded by tornado)
     return [
         (url_path_join(root, "clusters"), ClustersHandler),
         (url_path_join(root, "clusters", name), ClusterHandler),
         (url_path_join(root, "clusters", name, "resources"), ClusterResourcesHandler),
         (url_path_join(root, "runs"), RunsHandler),
+        (url_path_join(root, "models"), ModelsHandler),
+        (url_path_join(root, "models", part, "aliases", part), ModelAliasHandler),
         (url_path_join(root, "events"), EventsHandler),
         (url_path_join(root, "runs", r"([0-9a-f]{1,32})", "metrics"), RunMetricsHandler),
         (url_path_join(root, "panels", r"(loss|resources)", target), PanelHandler),

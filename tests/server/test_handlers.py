@@ -97,10 +97,10 @@ ROUTES = [route[0] for route in route_table("/")]
 
 
 @pytest.mark.parametrize("pattern", ROUTES)
-@pytest.mark.parametrize("method", ["GET", "POST", "PATCH", "DELETE"])
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE"])
 async def test_every_route_refuses_unauthenticated_requests(jp_fetch, pattern: str,
                                                             method: str) -> None:
-    body = "{}" if method in ("POST", "PATCH") else None
+    body = "{}" if method in ("POST", "PUT", "PATCH") else None
     with pytest.raises(HTTPClientError) as err:
         await jp_fetch(*_sample_path(pattern), method=method, body=body,
                        headers={"Authorization": ""}, follow_redirects=False)
