@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 NAME = "mlflow"  # the URL prefix under the base URL, and the launcher's name for it
@@ -61,7 +62,8 @@ def setup_mlflow() -> dict[str, Any]:
         "environment": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         "request_headers_override": {"Host": "127.0.0.1:{port}"},
         "new_browser_tab": False,
-        "launcher_entry": {"title": "MLflow", "category": "Other"},
+        "launcher_entry": {"title": "MLflow", "category": "Other",
+                           "icon_path": str(Path(__file__).with_name("mlflow-launcher.svg"))},
     }
 
 

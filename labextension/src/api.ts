@@ -107,6 +107,15 @@ export interface IRun {
   last: { [metric: string]: number };
   /** False while its scheduler does not answer: the run is shown as last seen. */
   reachable?: boolean;
+  /** Where MLflow records the run, once it does. */
+  mlflow?: IMlflowRun;
+}
+
+/** A run's MLflow record, as the kernel announced it on the runs topic. */
+export interface IMlflowRun {
+  run_id: string;
+  experiment_id: string;
+  uri: string;
 }
 
 /** Every training run on the discovered clusters, newest first. */
@@ -199,4 +208,63 @@ export function openEvents(onLists: (lists: ILists) => void, onClose: () => void
   };
   socket.onclose = () => onClose();
   return socket;
+}
+
+/** One version of a registered model (see jupyter_mlcloud.tracking.registry.models). */
+export interface IModelVersion {
+  version: number;
+  run_id: string | null;
+  aliases: string[];
+  /** Unix seconds. */
+  created: number;
+  /** The latest metrics of the run the version came from. */
+  metrics: { [name: string]: number };
+}
+
+/** A registered model: its aliases and its versions, newest first. */
+export interface IModel {
+  name: string;
+  aliases: { [alias: string]: number };
+  versions: IModelVersion[];
+}
+
+/** Every registered model of the tracking store the Jupyter server reads. */
+export async function listModels(): Promise<IModel[]> {
+  const body = await requestAPI<{ models?: IModel[] }>('models');
+  if (!body || !Array.isArray(body.models)) {
+    throw new APIError('the server answered without a model list');
+  }
+  return body.models;
+}
+
+/** Point `name@alias` at `version`; resolves to the model as it is now. */
+export async function setAlias(name: string, alias: string, version: number): Promise<IModel> {
+  const path = URLExt.join(
+    'models',
+    encodeURIComponent(name),
+    'aliases',
+    encodeURIComponent(alias)
+  );
+  return requestAPI<IModel>(path, jsonRequest('PUT', { version }));
+}
+
+/**
+ * The MLflow UI, served by the Jupyter server at `<baseUrl>mlflow/` (behind its
+ * authentication); `route` is a page of the UI, such as `/models/digits/versions/2`.
+ */
+export function mlflowUrl(route = ''): string {
+  const root = URLExt.join(ServerConnection.makeSettings().baseUrl, 'mlflow') + '/';
+  return route ? `${root}#${route}` : root;
+}
+
+/** The MLflow UI's page of a run. */
+export function mlflowRunUrl(run: IMlflowRun): string {
+  return mlflowUrl(
+    `/experiments/${encodeURIComponent(run.experiment_id)}/runs/${encodeURIComponent(run.run_id)}`
+  );
+}
+
+/** The MLflow UI's page of a model version. */
+export function mlflowVersionUrl(name: string, version: number): string {
+  return mlflowUrl(`/models/${encodeURIComponent(name)}/versions/${version}`);
 }

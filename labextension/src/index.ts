@@ -90,8 +90,33 @@ const plugin: JupyterFrontEndPlugin<void> = {
       );
       app.shell.activateById(current.id);
     };
+    // The MLflow UI (proxied by the Jupyter server) in one tab, moved to each page asked for.
+    let mlflowTab: MainAreaWidget<IFrame> | null = null;
+    const openMLflow = (url: string): void => {
+      if (!mlflowTab || mlflowTab.isDisposed) {
+        const frame = new IFrame({
+          sandbox: [
+            'allow-scripts',
+            'allow-same-origin',
+            'allow-forms',
+            'allow-popups',
+            'allow-downloads',
+            'allow-modals'
+          ]
+        });
+        mlflowTab = new MainAreaWidget({ content: frame });
+        mlflowTab.id = 'mlcloud-mlflow';
+        mlflowTab.title.label = 'MLflow';
+        mlflowTab.title.closable = true;
+        mlflowTab.title.icon = cloudIcon;
+        mlflowTab.addClass('jp-mlcloud-mlflow');
+        app.shell.add(mlflowTab, 'main');
+      }
+      mlflowTab.content.url = url;
+      app.shell.activateById(mlflowTab.id);
+    };
     loadBokehJS();
-    const sidebar = new MLCloudSidebar(openPanel, insertConnect);
+    const sidebar = new MLCloudSidebar(openPanel, insertConnect, openMLflow);
     sidebar.title.icon = cloudIcon;
     app.shell.add(sidebar, 'left', { rank: 200 });
     if (restorer) {

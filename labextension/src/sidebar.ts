@@ -3,14 +3,21 @@ import { Widget } from '@lumino/widgets';
 import {
   ICluster,
   ILists,
+  IModel,
+  IModelVersion,
   IRun,
   IStartOptions,
   adaptCluster,
   errorText,
   listClusters,
+  listModels,
   listRuns,
+  mlflowRunUrl,
+  mlflowUrl,
+  mlflowVersionUrl,
   openEvents,
   scaleCluster,
+  setAlias,
   shutDownCluster,
   startCluster
 } from './api';
@@ -21,9 +28,16 @@ export const REFRESH_MS = 3000;
 export const RECONNECT_MS = 5000;
 /** The most runs "Overlay all" puts in one loss panel (the server's limit). */
 export const MAX_OVERLAY = 16;
+/** How often the model list is fetched while the panel is visible (no socket pushes it). */
+export const MODELS_REFRESH_MS = 10000;
+/** Versions listed per model, newest first; the MLflow UI has the rest. */
+export const MAX_VERSIONS = 5;
+/** The alias the one-click button gives a version. */
+export const CHAMPION = 'champion';
 
 export const EMPTY_MESSAGE = 'No clusters yet. Start one in a notebook with %mlcloud up';
 export const NO_RUNS_MESSAGE = 'No runs yet. Train with %%distributed_train';
+export const NO_MODELS_MESSAGE = 'No registered models yet. Register one with mlc.register';
 
 const GIB = 2 ** 30;
 
@@ -66,6 +80,36 @@ function input(className: string, placeholder: string, type = 'text'): HTMLInput
   return node;
 }
 
+/** Metrics as "name value" pairs, four significant digits. */
+function formatMetrics(metrics: { [name: string]: number } | undefined): string {
+  return Object.entries(metrics ?? {})
+    .map(([k, v]) => `${k} ${typeof v === 'number' ? v.toPrecision(4) : String(v)}`)
+    .join(' · ');
+}
+
+/**
+ * A link into the MLflow UI: a plain click opens it through `open` (a JupyterLab tab), a
+ * middle or modified click is left to the browser (a browser tab).
+ */
+function mlflowLink(
+  className: string,
+  label: string,
+  url: string,
+  open: MLflowOpener
+): HTMLAnchorElement {
+  const link = element('a', `jp-mlcloud-link ${className}`, label) as HTMLAnchorElement;
+  link.href = url;
+  link.target = '_blank';
+  link.rel = 'noopener noreferrer';
+  link.addEventListener('click', event => {
+    if (event.button === 0 && !event.ctrlKey && !event.metaKey && !event.shiftKey) {
+      event.preventDefault();
+      open(url);
+    }
+  });
+  return link;
+}
+
 /** Only http(s) dashboards become links (a discovery file could hold anything). */
 function isWebAddress(address: string): boolean {
   try {
@@ -76,18 +120,23 @@ function isWebAddress(address: string): boolean {
   }
 }
 
-/** The "ML Cloud" panel: clusters (with actions), a new-cluster form, training runs. */
+/** The "ML Cloud" panel: clusters (with actions), a new-cluster form, training runs, models. */
 /** Opens a Bokeh panel (served by the Jupyter server) as a main-area tab. */
 export type PanelOpener = (kind: 'loss' | 'resources', target: string) => void;
 
 /** Puts code that attaches to a cluster into the active notebook (throws if there is none). */
 export type ConnectInserter = (clusterName: string) => Promise<void>;
 
+/** Shows a page of the MLflow UI (a URL under `<baseUrl>mlflow/`). */
+export type MLflowOpener = (url: string) => void;
+
 export class MLCloudSidebar extends Widget {
   private readonly clusters: HTMLElement;
   private readonly runs: HTMLElement;
+  private readonly models: HTMLElement;
   private readonly message: HTMLElement;
   private timer: number | undefined;
+  private modelsTimer: number | undefined;
   /** The server's event socket; while it is open, the lists come from it, not from polling. */
   private socket: WebSocket | null = null;
   private reconnect: number | undefined;
@@ -96,6 +145,14 @@ export class MLCloudSidebar extends Widget {
   /** The runs the list shows now, newest first. */
   private listedRuns: IRun[] = [];
   private pending: Promise<void> | null = null;
+  private modelsPending: Promise<void> | null = null;
+  /** Bumped by every alias change: a model list fetched before it is stale. */
+  private modelsGeneration = 0;
+  /** The models the list shows now. */
+  private listedModels: IModel[] = [];
+  private shownModels = '';
+  /** Alias names typed and not set yet, by model and version. */
+  private readonly aliasDrafts = new Map<string, string>();
   /** What each list shows now, so an unchanged answer does not redraw (and wipe inputs). */
   private shownClusters = '';
   private shownRuns = '';
@@ -104,7 +161,10 @@ export class MLCloudSidebar extends Widget {
 
   constructor(
     private readonly openPanel: PanelOpener = () => undefined,
-    private readonly insertConnect: ConnectInserter = async () => undefined
+    private readonly insertConnect: ConnectInserter = async () => undefined,
+    private readonly openMLflow: MLflowOpener = url => {
+      window.open(url, '_blank', 'noopener');
+    }
   ) {
     super();
     this.id = 'mlcloud-sidebar';
@@ -114,7 +174,7 @@ export class MLCloudSidebar extends Widget {
     const header = element('div', 'jp-mlcloud-header');
     header.appendChild(element('span', 'jp-mlcloud-title', 'ML Cloud'));
     const refresh = button('jp-mlcloud-refresh jp-Button', 'Refresh', () => void this.refresh());
-    refresh.title = 'Refresh the cluster and run lists';
+    refresh.title = 'Refresh the cluster, run and model lists';
     header.appendChild(refresh);
     this.node.appendChild(header);
     this.message = element('div', 'jp-mlcloud-message');
@@ -141,6 +201,15 @@ export class MLCloudSidebar extends Widget {
     this.node.appendChild(overlay);
     this.runs = element('div', 'jp-mlcloud-runs');
     this.node.appendChild(this.runs);
+
+    this.node.appendChild(element('div', 'jp-mlcloud-section', 'Models'));
+    const tracking = element('div', 'jp-mlcloud-actions jp-mlcloud-model-actions');
+    tracking.appendChild(
+      mlflowLink('jp-mlcloud-open-mlflow', 'Open MLflow', mlflowUrl(), this.openMLflow)
+    );
+    this.node.appendChild(tracking);
+    this.models = element('div', 'jp-mlcloud-models');
+    this.node.appendChild(this.models);
     this.node.dataset.updates = 'polling';
   }
 
@@ -166,7 +235,28 @@ export class MLCloudSidebar extends Widget {
         this.pending = null;
       });
     }
-    return this.pending;
+    return Promise.all([this.pending, this.refreshModels()]).then(() => undefined);
+  }
+
+  /** Fetch the registered models and redraw them if they changed; one request at a time. */
+  refreshModels(): Promise<void> {
+    if (!this.modelsPending) {
+      const generation = this.modelsGeneration;
+      this.modelsPending = listModels()
+        .then(
+          (value): PromiseSettledResult<IModel[]> => ({ status: 'fulfilled', value }),
+          (reason): PromiseSettledResult<IModel[]> => ({ status: 'rejected', reason })
+        )
+        .then(result => {
+          if (!this.isDisposed && generation === this.modelsGeneration) {
+            this.renderModels(result);
+          }
+        })
+        .finally(() => {
+          this.modelsPending = null;
+        });
+    }
+    return this.modelsPending;
   }
 
   dispose(): void {
@@ -186,6 +276,12 @@ export class MLCloudSidebar extends Widget {
         void this.refresh();
       }
     }, REFRESH_MS);
+    // Nothing pushes registry changes: poll them, only while the panel is shown.
+    this.modelsTimer = window.setInterval(() => {
+      if (this.isVisible) {
+        void this.refreshModels();
+      }
+    }, MODELS_REFRESH_MS);
     this.openSocket();
     void this.refresh();
   }
@@ -259,6 +355,10 @@ export class MLCloudSidebar extends Widget {
     if (this.timer !== undefined) {
       window.clearInterval(this.timer);
       this.timer = undefined;
+    }
+    if (this.modelsTimer !== undefined) {
+      window.clearInterval(this.modelsTimer);
+      this.modelsTimer = undefined;
     }
   }
 
@@ -343,9 +443,139 @@ export class MLCloudSidebar extends Widget {
         this.picked.delete(id);
       }
       this.runs.replaceChildren(
-        ...result.value.map(run => renderRun(run, this.openPanel, this.picked))
+        ...result.value.map(run => renderRun(run, this.openPanel, this.picked, this.openMLflow))
       );
     }
+  }
+
+  private renderModels(result: PromiseSettledResult<IModel[]>): void {
+    const state =
+      result.status === 'fulfilled'
+        ? JSON.stringify(result.value)
+        : `error:${errorText(result.reason)}`;
+    if (state === this.shownModels) {
+      return;
+    }
+    this.shownModels = state;
+    if (result.status === 'rejected') {
+      this.models.replaceChildren(
+        element('div', 'jp-mlcloud-models-error', `Cannot list models: ${errorText(result.reason)}`)
+      );
+      return;
+    }
+    this.listedModels = result.value;
+    if (result.value.length === 0) {
+      this.models.replaceChildren(element('div', 'jp-mlcloud-models-empty', NO_MODELS_MESSAGE));
+      return;
+    }
+    const active = document.activeElement;
+    const focused =
+      active instanceof HTMLInputElement && this.models.contains(active)
+        ? active.dataset.draftKey
+        : undefined;
+    this.models.replaceChildren(...result.value.map(model => this.renderModel(model)));
+    if (focused !== undefined) {
+      for (const box of Array.from(
+        this.models.querySelectorAll<HTMLInputElement>('.jp-mlcloud-alias-name')
+      )) {
+        if (box.dataset.draftKey === focused) {
+          box.focus();
+        }
+      }
+    }
+  }
+
+  /** A model's card: its name and aliases, then its newest versions. */
+  private renderModel(model: IModel): HTMLElement {
+    const card = element('div', 'jp-mlcloud-model');
+    card.dataset.modelName = model.name;
+    const title = element('div', 'jp-mlcloud-model-title');
+    title.appendChild(element('span', 'jp-mlcloud-model-name', model.name));
+    const aliases = Object.entries(model.aliases ?? {})
+      .map(([alias, version]) => `@${alias} v${version}`)
+      .join(' · ');
+    title.appendChild(element('span', 'jp-mlcloud-model-aliases', aliases));
+    card.appendChild(title);
+    for (const version of model.versions.slice(0, MAX_VERSIONS)) {
+      card.appendChild(this.renderVersion(model, version));
+    }
+    const older = model.versions.length - MAX_VERSIONS;
+    if (older > 0) {
+      card.appendChild(
+        mlflowLink(
+          'jp-mlcloud-model-more',
+          `${older} older version${older === 1 ? '' : 's'} in MLflow`,
+          mlflowUrl(`/models/${encodeURIComponent(model.name)}`),
+          this.openMLflow
+        )
+      );
+    }
+    return card;
+  }
+
+  /** A version's row: number (a link to MLflow), aliases, metrics, alias actions. */
+  private renderVersion(model: IModel, version: IModelVersion): HTMLElement {
+    const row = element('div', 'jp-mlcloud-model-version');
+    row.dataset.version = String(version.version);
+    const created = new Date(version.created * 1000).toLocaleString();
+    row.title = `created ${created}${version.run_id ? ` by run ${version.run_id}` : ''}`;
+    row.appendChild(
+      mlflowLink(
+        'jp-mlcloud-version-link',
+        `v${version.version}`,
+        mlflowVersionUrl(model.name, version.version),
+        this.openMLflow
+      )
+    );
+    for (const alias of version.aliases) {
+      row.appendChild(element('span', 'jp-mlcloud-alias', `@${alias}`));
+    }
+    const metrics = formatMetrics(version.metrics);
+    if (metrics) {
+      row.appendChild(element('span', 'jp-mlcloud-version-metrics', metrics));
+    }
+    const actions = element('div', 'jp-mlcloud-actions');
+    if (!version.aliases.includes(CHAMPION)) {
+      actions.appendChild(
+        button('jp-mlcloud-make-champion', 'Make champion', () =>
+          this.assign(model.name, CHAMPION, version.version)
+        )
+      );
+    }
+    const key = `${model.name}\n${version.version}`;
+    const name = input('jp-mlcloud-alias-name', 'alias');
+    name.dataset.draftKey = key;
+    name.value = this.aliasDrafts.get(key) ?? '';
+    name.addEventListener('input', () => this.aliasDrafts.set(key, name.value));
+    actions.appendChild(name);
+    actions.appendChild(
+      button('jp-mlcloud-set-alias', 'Set alias', () => {
+        const alias = name.value.trim().replace(/^@/, '');
+        if (!alias) {
+          this.message.className = 'jp-mlcloud-message jp-mlcloud-message-error';
+          this.message.textContent = 'Type an alias name first, e.g. challenger.';
+          return;
+        }
+        this.assign(model.name, alias, version.version, key);
+      })
+    );
+    row.appendChild(actions);
+    return row;
+  }
+
+  /** Point `name@alias` at `version`, and show the model as the server answers it. */
+  private assign(name: string, alias: string, version: number, draftKey?: string): void {
+    void this.act(`Setting ${name}@${alias} to version ${version}`, async () => {
+      const model = await setAlias(name, alias, version);
+      this.modelsGeneration += 1; // a list fetched before this is stale
+      if (draftKey !== undefined) {
+        this.aliasDrafts.delete(draftKey);
+      }
+      this.renderModels({
+        status: 'fulfilled',
+        value: this.listedModels.map(m => (m.name === model.name ? model : m))
+      });
+    });
   }
 
   /** Run an action, show its outcome (the server's one sentence on failure), refresh. */
@@ -510,8 +740,14 @@ export class MLCloudSidebar extends Widget {
   }
 }
 
-/** One run's row: a tick for overlays, id, status, cluster, last step and metrics. */
-function renderRun(run: IRun, openPanel: PanelOpener, picked: Set<string>): HTMLElement {
+/** One run's row: a tick for overlays, id, status, cluster, last step and metrics, and a link
+ * to its MLflow run once it has one. */
+function renderRun(
+  run: IRun,
+  openPanel: PanelOpener,
+  picked: Set<string>,
+  openMLflow: MLflowOpener
+): HTMLElement {
   const row = element('div', 'jp-mlcloud-run');
   row.dataset.runId = run.run;
   row.dataset.runStatus = run.status;
@@ -534,9 +770,17 @@ function renderRun(run: IRun, openPanel: PanelOpener, picked: Set<string>): HTML
   row.appendChild(element('span', 'jp-mlcloud-run-id', run.run));
   row.appendChild(element('span', 'jp-mlcloud-run-status', run.status));
   row.appendChild(button('jp-mlcloud-open-loss', 'Loss', () => openPanel('loss', run.run)));
-  const metrics = Object.entries(run.last ?? {})
-    .map(([k, v]) => `${k} ${typeof v === 'number' ? v.toPrecision(4) : String(v)}`)
-    .join(' · ');
+  if (run.mlflow?.run_id && run.mlflow.experiment_id) {
+    const link = mlflowLink(
+      'jp-mlcloud-run-mlflow',
+      'MLflow',
+      mlflowRunUrl(run.mlflow),
+      openMLflow
+    );
+    link.title = `MLflow run ${run.mlflow.run_id}`;
+    row.appendChild(link);
+  }
+  const metrics = formatMetrics(run.last);
   row.appendChild(
     element(
       'div',
