@@ -10,7 +10,11 @@ each) and call ``ctx.report(loss=...)`` on every step. Runs alternate tracking o
 (a) slowdown: rank 0's steps/s, timed inside the training function around its step loop (10
     warm-up steps left out; the launch is not included). Medians over the repeats, and the
     median and spread of the per-repeat ratios on/off. Target: ratio >= 0.98.
-(b) completeness: each tracked run returns its model, so its record ends with the logged
+(b) the kernel's CPU time per run (all its threads: the scheduler and nannies of the local
+    cluster, the run's event handling and, with tracking, the recorder), from the launch to
+    ``run.result()`` (off) or to the complete record (on): what tracking adds there, where it
+    competes with the ranks for the same cores, whatever else loads the machine.
+(c) completeness: each tracked run returns its model, so its record ends with the logged
     model; the time from ``run.result()`` returning to ``run.tracking.recorder.wait()``
     returning is printed. Every tracked run's ``loss`` history in MLflow must hold every
     step, each once, and the run must be FINISHED; otherwise the benchmark fails.
@@ -60,21 +64,23 @@ def train(ctx, steps: int):  # type: ignore[no-untyped-def]
     return {"model": model, "steps_per_s": rate}
 
 
-def run_once(cluster, steps: int, track: bool) -> tuple[float, float | None]:  # type: ignore[no-untyped-def]
-    """One run: rank 0's steps/s, and with tracking the seconds from ``run.result()`` to a
-    complete MLflow record (checked to hold every step)."""
+def run_once(cluster, steps: int, track: bool) -> tuple[float, float, float | None]:  # type: ignore[no-untyped-def]
+    """One run: rank 0's steps/s, the kernel's CPU seconds, and with tracking the seconds
+    from ``run.result()`` to a complete MLflow record (checked to hold every step)."""
     import jupyter_mlcloud as mlc
 
+    cpu = time.process_time()
     run = mlc.train(train, cluster=cluster, workers=2, track=track, config={"steps": steps})
     result = run.result(timeout=600)
     if not track:
-        return float(result["steps_per_s"]), None
+        return float(result["steps_per_s"]), time.process_time() - cpu, None
     returned = time.perf_counter()
     if not run.tracking.recorder.wait(300):
         raise RuntimeError(f"run {run.id}: the MLflow record was not complete after 300 s")
     complete = time.perf_counter() - returned
+    cpu = time.process_time() - cpu
     check_record(run, steps)
-    return float(result["steps_per_s"]), complete
+    return float(result["steps_per_s"]), cpu, complete
 
 
 def check_record(run, steps: int) -> None:  # type: ignore[no-untyped-def]
@@ -118,12 +124,17 @@ def main() -> None:
             run_once(cluster, 50, track=False)
             on: list[float] = []
             off: list[float] = []
+            cpu_on: list[float] = []
+            cpu_off: list[float] = []
             complete: list[float] = []
             for _ in range(args.repeats):
-                rate, seconds = run_once(cluster, args.steps, track=True)
+                rate, cpu, seconds = run_once(cluster, args.steps, track=True)
                 on.append(rate)
+                cpu_on.append(cpu)
                 complete.append(float(seconds or 0.0))
-                off.append(run_once(cluster, args.steps, track=False)[0])
+                rate, cpu, _ = run_once(cluster, args.steps, track=False)
+                off.append(rate)
+                cpu_off.append(cpu)
         load_after = os.getloadavg()
 
     ratios = [a / b for a, b in zip(on, off, strict=True)]
@@ -135,6 +146,8 @@ def main() -> None:
     rows = [("rank 0 steps/s, tracking on", on, ".1f", ""),
             ("rank 0 steps/s, tracking off", off, ".1f", ""),
             ("ratio on/off (per repeat)", ratios, ".3f", ">= 0.98"),
+            ("kernel CPU s per run, tracking on", cpu_on, ".2f", ""),
+            ("kernel CPU s per run, tracking off", cpu_off, ".2f", ""),
             ("result() -> record complete (s)", complete, ".2f", "")]
     for label, values, fmt, target in rows:
         cells = [statistics.median(values), min(values), quantile(values, 0.25),
