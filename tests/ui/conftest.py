@@ -71,6 +71,11 @@ def lab(tmp_path: Path, runtime_dir: Path) -> Iterator[Lab]:
     log = open(tmp_path / "lab.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime_dir),
+                                   # the sidebar's model list reads a store: a fresh one, unless
+                                   # the test names its own
+                                   "MLFLOW_TRACKING_URI": os.environ.get(
+                                       "MLFLOW_TRACKING_URI",
+                                       f"sqlite:///{tmp_path / 'mlruns.db'}"),
                                    # a fresh layout each time, not the developer's own
                                    "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
                                    "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")})
