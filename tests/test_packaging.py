@@ -37,6 +37,14 @@ def test_wheel_contains_the_built_labextension_and_server_config(wheel: zipfile.
     assert not [n for n in names if "node_modules" in n or n.endswith(".ts")]
 
 
+def test_wheel_registers_the_mlflow_ui_with_jupyter_server_proxy(wheel: zipfile.ZipFile) -> None:
+    [entry_points] = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    text = wheel.read(entry_points).decode()
+    section = text.split("[jupyter_serverproxy_servers]")[1].split("[")[0]
+    assert "mlflow = jupyter_mlcloud.server.mlflow_ui:setup_mlflow" in section
+    assert "jupyter_mlcloud/server/mlflow-launcher.svg" in wheel.namelist()  # the launcher icon
+
+
 def _jupyter(*args: str) -> str:
     done = subprocess.run([str(BIN / "jupyter"), *args], capture_output=True, text=True,
                           check=True)
