@@ -37,6 +37,20 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str =
         time.sleep(0.05)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Runs are tracked by default: the whole session records into one MLflow store in a
+    temp dir (never the working directory). Tests of tracking itself use stores of their own."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlruns.db'}"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(autouse=True)
 def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own Jupyter runtime dir, inherited by the processes it starts."""

@@ -252,7 +252,9 @@ def _recorded(track: bool, params: dict[str, Any], write: Any) -> ScoreReport:
     except BaseException as e:
         record_scoring(params, None, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    report.mlflow_run_id = record_scoring(params, report.summary, "FINISHED").created(timeout=10)
+    recorder = record_scoring(params, report.summary, "FINISHED")
+    recorder.wait(timeout=30)  # a job's record is small: complete before the report returns
+    report.mlflow_run_id = recorder.run_id
     return report
 
 

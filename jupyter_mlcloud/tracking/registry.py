@@ -51,7 +51,7 @@ def check_uri(uri: str, uri_store: str | None = None) -> str:
         existing = [m.name for m in client.search_registered_models()]
         raise ValueError(f"no registered model {name!r} in {client.tracking_uri}; the"
                          f" registry has: {_known(existing)}.") from None
-    versions = [v.version for v in client.search_model_versions(f"name='{name}'")]
+    versions = [str(v.version) for v in client.search_model_versions(f"name='{name}'")]
     if match["alias"] is not None:
         if match["alias"] not in model.aliases:
             aliases = [f"@{a} (version {v})" for a, v in model.aliases.items()]
@@ -145,7 +145,9 @@ def models(uri: str | None = None) -> list[dict[str, Any]]:
     the run it came from and that run's latest metrics."""
     client = store.client(uri)
     out = []
-    for model in client.search_registered_models():
+    for found in client.search_registered_models():
+        model = client.get_registered_model(found.name)  # a search result lacks the aliases
+        aliases = {a: int(n) for a, n in model.aliases.items()}
         versions = []
         for v in sorted(client.search_model_versions(f"name='{model.name}'"),
                         key=lambda v: int(v.version), reverse=True):
@@ -157,11 +159,9 @@ def models(uri: str | None = None) -> list[dict[str, Any]]:
                     metrics = {}
             versions.append({
                 "version": int(v.version), "run_id": v.run_id,
-                "aliases": sorted(a for a, n in model.aliases.items() if str(n) == v.version),
+                "aliases": sorted(a for a, n in aliases.items() if n == int(v.version)),
                 "created": (v.creation_timestamp or 0) / 1000, "metrics": metrics})
-        out.append({"name": model.name,
-                    "aliases": {a: int(n) for a, n in model.aliases.items()},
-                    "versions": versions})
+        out.append({"name": model.name, "aliases": aliases, "versions": versions})
     return sorted(out, key=lambda m: m["name"])
 
 

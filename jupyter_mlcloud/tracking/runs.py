@@ -117,6 +117,9 @@ def log_model(run_id: str, model: Any, example: Any) -> str:
         model, name=MODEL_NAME, signature=signature, input_example=example, run_id=run_id,
         # Stated, not inferred: inference loads the model in a subprocess (slow, noisy).
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        # The module itself, cloudpickled (notebook classes by value): loading gives back what
+        # run.result() gave; a pt2 export would need a traceable forward and an example.
+        serialization_format="pickle",
     )
     return str(info.model_uri)
 

@@ -77,12 +77,22 @@ def reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
         return False
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an SQLite store's file (MLflow's
+    default is ``./mlruns`` under whatever the working directory is); None: MLflow's choice."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or ":memory:" in uri:
+        return None
+    return os.path.join(os.path.dirname(uri[len(prefix):]), "mlartifacts")
+
+
 def experiment_id(mlflow_client: Any, name: str) -> str:
     """The id of experiment ``name``, created if missing (two creators may race: one wins)."""
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return str(found.experiment_id)
     try:
-        return str(mlflow_client.create_experiment(name))
+        return str(mlflow_client.create_experiment(
+            name, artifact_location=artifact_root(mlflow_client.tracking_uri)))
     except mlflow_exceptions.MlflowException:
         return str(mlflow_client.get_experiment_by_name(name).experiment_id)
