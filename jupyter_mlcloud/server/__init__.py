@@ -19,8 +19,10 @@ def install(web_app: Any) -> None:
 
 def _load_jupyter_server_extension(server_app: Any) -> None:
     from ..cluster import api as clusters
+    from ..tracking import store
 
     clusters.OWNER = "jupyter-server"  # clusters started from the sidebar say who holds them
+    store.default_in(server_app.root_dir)  # the MLflow UI and the Models list read it
     install(server_app.web_app)
     server_app.log.info("jupyter_mlcloud server extension loaded at %smlcloud/",
                         server_app.web_app.settings["base_url"])

@@ -113,8 +113,14 @@ def log_model(run_id: str, model: Any, example: Any) -> str:
             output = model(torch.as_tensor(example))
         if isinstance(output, torch.Tensor):
             signature = mlflow_models.infer_signature(example, output.numpy())
+    # The logged model belongs to the run's experiment: left to MLflow, it would go to the
+    # active experiment (Default), with its files under the working directory.
+    mlflow_client = store.client()
+    logged = mlflow_client.create_logged_model(
+        mlflow_client.get_run(run_id).info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
     info = mlflow_pytorch.log_model(
         model, name=MODEL_NAME, signature=signature, input_example=example, run_id=run_id,
+        model_id=logged.model_id,
         # Stated, not inferred: inference loads the model in a subprocess (slow, noisy).
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         # The module itself, cloudpickled (notebook classes by value): loading gives back what

@@ -49,6 +49,17 @@ def tracking_uri() -> str:
         return uri
 
 
+def default_in(folder: str) -> None:
+    """Put the default store (``mlruns.db``) in ``folder`` for this process, unless
+    ``mlcloud.tracking.uri`` is configured. The Jupyter server calls it with its root
+    directory, where the kernels of the notebooks there keep theirs (their working directory)."""
+    import dask
+
+    if dask.config.get("mlcloud.tracking.uri", None) is None:
+        dask.config.set({"mlcloud.tracking.uri":
+                         f"sqlite:///{os.path.join(os.path.abspath(folder), 'mlruns.db')}"})
+
+
 def experiment_name() -> str:
     """The experiment runs are recorded in: ``MLFLOW_EXPERIMENT_NAME``, else the Dask config
     key ``mlcloud.tracking.experiment`` (default ``jupyter_mlcloud``)."""

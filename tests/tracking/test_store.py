@@ -55,3 +55,13 @@ def test_a_silent_server_is_found_out_quickly() -> None:
     assert not store.reachable(f"http://127.0.0.1:{free_port()}", timeout=1)
     assert time.monotonic() - start < 5  # MLflow's own client would retry for minutes
     assert store.reachable("sqlite:////no/such/dir/x.db")  # local stores: nothing to probe
+
+
+@pytest.mark.usefixtures("unset")
+def test_the_jupyter_server_puts_the_default_store_in_its_root(tmp_path: Path) -> None:
+    with dask.config.set({"mlcloud.tracking.uri": None}):
+        store.default_in(str(tmp_path))
+        assert store.tracking_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with dask.config.set({"mlcloud.tracking.uri": "sqlite:////team/store.db"}):
+        store.default_in(str(tmp_path))  # a configured store stays
+        assert dask.config.get("mlcloud.tracking.uri") == "sqlite:////team/store.db"

@@ -88,6 +88,7 @@ class TrainContext:
         self._first_step_pending = False
         self._asked = False  # ctx.checkpoint() was called: commit at the next boundary
         self._bytes_mark = (0, 0, 0)  # (sent, uncompressed, steps) at the last report
+        self._example_hook: Any = None  # removed by its first call, else by finish()
 
     @property
     def is_main(self) -> bool:
@@ -240,6 +241,8 @@ class TrainContext:
 
     def finish(self) -> Any:
         """After the training code returned, on every rank: bring the results to rank 0."""
+        if self._example_hook is not None:  # never called (a pipeline stage ran, not the
+            self._example_hook.remove()     # whole model): the model must pickle without it
         self._strategy.finish()
 
     def export(self, value: Any) -> Any:
@@ -394,6 +397,7 @@ class TrainContext:
                                     "dtype": str(rows.dtype).removeprefix("torch.")}})
 
         handle = model.register_forward_pre_hook(first_input)
+        self._example_hook = handle
 
     def _event(self, phase: str) -> None:
         if self._emit is not None and self.rank == 0:
