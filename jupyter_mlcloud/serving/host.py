@@ -1,0 +1,218 @@
+"""On a worker: the replicas this worker process serves, each a uvicorn server in a thread
+of its own, with its own event loop, batcher thread and listening socket.
+
+:func:`start_replica` and :func:`stop_replica` are what the kernel submits to a worker (see
+``launch``); :func:`replicas` lists what a worker runs. The socket is bound here before
+uvicorn starts (port 0: the OS picks a free one), so there is no window in which another
+process can take the port between choosing and binding it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..scoring.model import ModelBlob
+from .batching import BatchOptions
+from .security import KeyPair, TLSFiles, write_private
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 60.0
+WILDCARDS = ("0.0.0.0", "::", "[::]")
+#: Longest wait for requests in flight when a replica stops; then connections are cut.
+GRACEFUL_S = 5
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything a worker needs to serve one replica (the model travels separately)."""
+
+    id: str
+    name: str
+    version: str
+    token: str
+    host: str | None = None  # None: the worker's own address
+    port: int = 0  # 0: a free port
+    tls: KeyPair | None = None  # the certificate to serve; None with certfile/keyfile
+    certfile: str | None = None  # user-given files, read on the worker as they are
+    keyfile: str | None = None
+    device: str = "auto"
+    features: int | None = None
+    batching: BatchOptions = field(default_factory=BatchOptions)
+    max_body_bytes: int = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """A started replica, as the worker reports it."""
+
+    id: str
+    name: str
+    version: str
+    url: str
+    host: str
+    port: int
+    worker: str
+    pid: int
+    device: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+@dataclass
+class _Running:
+    info: ReplicaInfo
+    server: Any  # uvicorn.Server
+    thread: threading.Thread
+    sock: socket.socket
+    tls: TLSFiles | None
+    model: Any
+
+
+_running: dict[str, _Running] = {}
+_lock = threading.Lock()
+
+
+def _worker_host() -> tuple[str, str]:
+    """This worker's contact address and its host part."""
+    from distributed import get_worker
+    from distributed.comm import get_address_host
+
+    address = get_worker().address
+    return address, get_address_host(address)
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes in a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror or e}).") from None
+    return sock
+
+
+def start_replica(spec: ReplicaSpec, blob: ModelBlob) -> ReplicaInfo:
+    """On a worker: load ``blob``'s model and serve it over HTTPS as ``spec`` says; returns
+    once the server accepts connections. Fails with one sentence, leaving nothing behind."""
+    import uvicorn
+
+    from .batching import Batcher
+    from .metrics import ReplicaMetrics
+    from .replica import build_app
+    from .runner import ModelRunner
+
+    worker, worker_host = _worker_host()
+    host = spec.host or worker_host
+    with _lock:
+        if spec.id in _running:
+            raise ValueError(f"replica {spec.id!r} already runs on this worker.")
+    model = ModelRunner(blob, device=spec.device, features=spec.features)
+    tls: TLSFiles | None = None
+    if spec.tls is not None:
+        tls = write_private(spec.tls)
+        certfile, keyfile = tls.certfile, tls.keyfile
+    elif spec.certfile and spec.keyfile:
+        certfile, keyfile = spec.certfile, spec.keyfile
+    else:
+        raise ValueError("a replica needs a certificate: pass tls= or certfile= and keyfile=.")
+    sock = None
+    try:
+        sock = _bind(host, spec.port)
+        port = int(sock.getsockname()[1])
+        metrics = ReplicaMetrics(spec.name, spec.version, spec.batching.max_batch_size,
+                                 lambda: batcher.queued)  # read at scrape time, once it exists
+        batcher = Batcher(model, spec.batching, thread_name=f"mlcloud-replica-{spec.id}-compute",
+                          on_batch=metrics.batch)
+        app = build_app(model, batcher, metrics, name=spec.name, version=spec.version,
+                        token=spec.token, max_body_bytes=spec.max_body_bytes)
+        config = uvicorn.Config(app, ssl_certfile=certfile, ssl_keyfile=keyfile,
+                                log_level="warning", access_log=False, lifespan="on",
+                                loop="asyncio", timeout_graceful_shutdown=GRACEFUL_S,
+                                server_header=False)
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                                  name=f"mlcloud-replica-{spec.id}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the replica's server stopped while starting; see the"
+                                   " worker's log.")
+            if time.monotonic() > deadline:
+                server.should_exit = True
+                thread.join(GRACEFUL_S + 5)
+                raise RuntimeError(f"the replica's server did not start within"
+                                   f" {START_TIMEOUT_S:g} s.")
+            time.sleep(0.01)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        if tls is not None:
+            tls.remove()
+        raise
+    reach = worker_host if host in WILDCARDS else host  # a URL names a host, not "any"
+    info = ReplicaInfo(spec.id, spec.name, spec.version,
+                       f"https://{url_host(reach)}:{port}", host, port, worker, os.getpid(),
+                       model.device, [model.input.as_json()], [model.output.as_json()])
+    with _lock:
+        _running[spec.id] = _Running(info, server, thread, sock, tls, model.model)
+    return info
+
+
+def stop_replica(replica_id: str, timeout: float = 30.0) -> bool:
+    """On a worker: stop serving ``replica_id`` (requests in flight get up to a few seconds),
+    close its port and remove its files. False if it does not run here."""
+    with _lock:
+        running = _running.pop(replica_id, None)
+    if running is None:
+        return False
+    running.server.should_exit = True
+    running.thread.join(timeout)
+    if running.thread.is_alive():  # a stuck model: cut the connections, close the loop
+        running.server.force_exit = True
+        running.thread.join(GRACEFUL_S)
+    running.sock.close()
+    if running.tls is not None:
+        running.tls.remove()
+    if running.thread.is_alive():
+        log.warning("replica %s did not stop within %g s", replica_id, timeout)
+        return False
+    return True
+
+
+def stop_all(timeout: float = 30.0) -> list[str]:
+    """On a worker: stop every replica it serves; their ids."""
+    with _lock:
+        ids = list(_running)
+    return [i for i in ids if stop_replica(i, timeout)]
+
+
+def replicas() -> list[ReplicaInfo]:
+    """On a worker: the replicas it serves now."""
+    with _lock:
+        return [r.info for r in _running.values()]
+
+
+def loaded_model(replica_id: str) -> Any:
+    """On a worker: the model object replica ``replica_id`` serves (for inspection)."""
+    with _lock:
+        running = _running.get(replica_id)
+    if running is None:
+        raise KeyError(f"replica {replica_id!r} does not run on this worker.")
+    return running.model

@@ -1,0 +1,144 @@
+"""From the kernel: one replica started on a Dask worker, and stopped again.
+
+The model is turned into bytes here (:class:`~jupyter_mlcloud.scoring.model.ModelBlob`: a
+module, a callable, a saved file or a ``models:/`` URI) and sent to the chosen worker only.
+The certificate is generated here for the worker's host, so the kernel holds the PEM that
+verifies the replica (``ca_file``) and the worker gets its own private copy of the key.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ..scoring.model import DEVICES, ModelBlob
+from . import host as worker_side
+from .batching import BatchOptions
+from .security import KeyPair, TLSFiles, new_token, self_signed, tls_files, write_private
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A running replica: where it answers and how to reach it safely.
+
+    ``url`` is ``https://HOST:PORT``; send ``Authorization: Bearer <token>`` and verify TLS
+    with ``ca_file``. ``worker`` is the Dask worker serving it.
+    """
+
+    id: str
+    name: str
+    version: str
+    url: str
+    token: str
+    ca_file: str
+    worker: str
+    host: str
+    port: int
+    device: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    tls: TLSFiles
+
+    def infer_url(self, *, versioned: bool = False) -> str:
+        """The Open Inference Protocol infer URL of this replica's model."""
+        middle = f"/versions/{self.version}" if versioned else ""
+        return f"{self.url}/v2/models/{self.name}{middle}/infer"
+
+
+def _check(name: str, version: str, device: str, max_body_bytes: int) -> None:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ValueError(f"name {name!r} is not a valid model name; use letters, digits, '_',"
+                         " '.' and '-' (up to 128), starting with a letter or digit.")
+    if not NAME.match(version):
+        raise ValueError(f"version {version!r} is not valid; use a number or a short name of"
+                         " letters, digits, '_', '.' and '-'.")
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}.")
+    if not isinstance(max_body_bytes, int) or max_body_bytes < 1024:
+        raise ValueError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}.")
+
+
+def _pick_worker(client: Any) -> str:
+    """The worker serving the fewest replicas (the first by address on a tie)."""
+    counts = client.run(lambda: len(worker_side.replicas()))
+    if not counts:
+        raise ValueError("the cluster has no workers to run a replica on.")
+    return str(min(sorted(counts), key=lambda w: counts[w]))
+
+
+def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
+                  worker: str | None = None, host: str | None = None,
+                  token: str | None = None, certfile: str | None = None,
+                  keyfile: str | None = None, ca_file: str | None = None,
+                  tls: KeyPair | None = None, device: str = "auto",
+                  features: int | None = None, max_batch_size: int = 32,
+                  max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
+                  max_body_bytes: int = 16 * 2**20, timeout: float = 120.0) -> Replica:
+    """Serve ``model`` as ``name`` (at ``version``) from one Dask worker of ``client``.
+
+    ``worker``: the worker's address (default: the one serving the fewest replicas).
+    ``host``: the address to bind (default: the worker's own, 127.0.0.1 on a local
+    cluster). TLS uses ``certfile``/``keyfile`` as given (readable on the worker; verified
+    with ``ca_file``, default ``certfile``), or ``tls`` (a key pair, e.g. an endpoint's), or
+    a certificate generated for the host. ``token``: the bearer token (default: a random one).
+    Batching: ``max_batch_size`` rows, ``max_wait_ms``, ``max_queue`` requests waiting,
+    ``slo_ms`` (see :mod:`.batching`). ``device="auto"`` uses the worker's GPU if it has one.
+    """
+    version = str(version)
+    _check(name, version, device, max_body_bytes)
+    options = BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)
+    blob = ModelBlob.of(model)
+    if worker is None:
+        worker = _pick_worker(client)
+    elif worker not in client.scheduler_info().get("workers", {}):
+        raise ValueError(f"worker {worker!r} is not a worker of this cluster.")
+    from distributed.comm import get_address_host
+
+    worker_host = get_address_host(worker)
+    bind = host or worker_host
+    files: TLSFiles
+    if certfile is not None or keyfile is not None:
+        files = tls_files(certfile=certfile, keyfile=keyfile, ca_file=ca_file)
+        pair = None
+    else:
+        pair = tls or self_signed([bind, worker_host])  # a wildcard bind is reached by name
+        files = write_private(pair)  # the kernel's copy: ca_file for clients
+    replica_id = f"{name}-{version}-{uuid.uuid4().hex[:8]}"
+    spec = worker_side.ReplicaSpec(
+        replica_id, name, version, token or new_token(), host=host, tls=pair,
+        certfile=certfile if pair is None else None, keyfile=keyfile if pair is None else None,
+        device=device, features=features, batching=options, max_body_bytes=max_body_bytes)
+    try:
+        blob_future = client.scatter(blob, workers=[worker], hash=False)
+        future = client.submit(worker_side.start_replica, spec, blob_future, workers=[worker],
+                               allow_other_workers=False, pure=False, key=f"start-{replica_id}")
+        info: worker_side.ReplicaInfo = future.result(timeout=timeout)
+    except BaseException:
+        files.remove()
+        # A start that timed out may still finish on the worker: stop it there too.
+        try:
+            client.run(worker_side.stop_replica, replica_id, workers=[worker])
+        except Exception:
+            pass
+        raise
+    return Replica(info.id, info.name, info.version, info.url, spec.token, files.ca_file,
+                   info.worker, info.host, info.port, info.device, info.inputs, info.outputs,
+                   files)
+
+
+def stop_replica(client: Any, replica: Replica, timeout: float = 30.0) -> bool:
+    """Stop ``replica`` on its worker (its port is free afterwards) and remove the kernel's
+    copy of its certificate. False if the worker no longer ran it."""
+    try:
+        # A task, not client.run: joining the server's thread must not block the worker's
+        # event loop (its heartbeats).
+        stopped = bool(client.submit(worker_side.stop_replica, replica.id, timeout,
+                                     workers=[replica.worker], allow_other_workers=False,
+                                     pure=False).result(timeout=timeout + 30))
+    finally:
+        replica.tls.remove()
+    return stopped

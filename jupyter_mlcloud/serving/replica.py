@@ -1,0 +1,279 @@
+"""The ASGI app of one replica: Open Inference Protocol v2 REST (JSON and Triton's binary
+tensors), KServe's v1 ``:predict``, health, metadata and Prometheus metrics, for one model
+at one version.
+
+Every route but ``/v2/health/live`` and ``/v2/health/ready`` needs the bearer token. Errors
+are JSON ``{"error": "<one sentence>"}`` (the protocol's error shape) with their status: 400
+for what the request got wrong (naming what was expected), 401 without the token, 404 for
+another model or version, 413 past the body limit, 503 with Retry-After when overloaded, 500
+for anything else; never a stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import protocol
+from .batching import Batcher, Closed, Overloaded, Timings
+from .metrics import ReplicaMetrics
+from .protocol import BadRequest, TensorSpec
+from .security import bearer_matches
+
+log = logging.getLogger(__name__)
+
+#: Paths that answer without the token (load balancers and orchestrators probe them).
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+class Model(Protocol):
+    """What the app serves: tensor metadata and a batch function (see ``runner``)."""
+
+    input: TensorSpec
+    output: TensorSpec
+    input_dtype: np.dtype
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray: ...
+
+
+class Problem(Exception):
+    """An error answer: its status, sentence and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class BearerAuth:
+    """ASGI middleware: 401 for any HTTP request without the bearer token, but the open
+    health paths. Outermost, so unknown paths are refused the same way as known ones."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            authorization = None
+            for key, value in scope["headers"]:
+                if key == b"authorization":
+                    authorization = value.decode("latin-1")
+                    break
+            if not bearer_matches(authorization, self.token):
+                response = _error(401, "this endpoint needs its bearer token: send the header"
+                                  " 'Authorization: Bearer <token>'.",
+                                  {"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes
+    (by its Content-Length, or while it streams in)."""
+    too_big = Problem(413, f"the request body is larger than this endpoint's limit of"
+                      f" {limit} bytes; send fewer rows per request.")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: str,
+              version: str, token: str, max_body_bytes: int) -> ASGIApp:
+    """The replica's ASGI app serving ``model`` as ``name`` at ``version`` through
+    ``batcher``, counting in ``metrics``; the batcher starts and closes with the app."""
+    state = {"ready": False}
+
+    def check_model(request: Request) -> None:
+        asked = request.path_params["name"]
+        if asked != name:
+            raise Problem(404, f"model {asked!r} is not served here; this endpoint serves"
+                          f" {name!r}.")
+        asked_version = request.path_params.get("version")
+        if asked_version is not None and asked_version != version:
+            raise Problem(404, f"version {asked_version!r} of model {name!r} is not served"
+                          f" here; this replica serves version {version}.")
+
+    def rows_of(array: np.ndarray, datatype: str | None) -> np.ndarray:
+        spec = model.input
+        if datatype is not None and datatype != spec.datatype:
+            raise Problem(400, f"input {spec.name!r} has datatype {datatype}; the model"
+                          f" expects {spec.datatype}.")
+        width = spec.shape[1]
+        if array.ndim != 2 or (width != -1 and array.shape[1] != width):
+            raise Problem(400, f"input {spec.name!r} has shape {list(array.shape)}; the model"
+                          f" expects {list(spec.shape)} (rows of"
+                          f" {width if width != -1 else 'any number of'} values).")
+        return array
+
+    async def run(rows: np.ndarray) -> tuple[np.ndarray, Timings]:
+        try:
+            return await batcher.submit(rows)
+        except Overloaded as e:
+            raise Problem(503, str(e), {"Retry-After": str(e.retry_after)}) from None
+        except Closed as e:
+            raise Problem(503, str(e), {"Retry-After": "1"}) from None
+        except Exception as e:
+            log.exception("inference failed in model %s version %s", name, version)
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise Problem(500, f"the model failed on this request ({type(e).__name__}"
+                          f"{': ' + detail if detail else ''}).") from None
+
+    def guarded(counted: bool) -> Callable[[Callable[[Request], Awaitable[Response]]],
+                                           Callable[[Request], Awaitable[Response]]]:
+        """Turn every failure of a handler into a JSON sentence; count infer requests."""
+
+        def wrap(handler: Callable[[Request], Awaitable[Response]]
+                 ) -> Callable[[Request], Awaitable[Response]]:
+            async def endpoint(request: Request) -> Response:
+                if counted:
+                    metrics.started()
+                status = 500
+                try:
+                    response = await handler(request)
+                    status = response.status_code
+                    return response
+                except Problem as p:
+                    status = p.status
+                    return _error(p.status, p.message, p.headers)
+                except BadRequest as e:
+                    status = 400
+                    return _error(400, str(e))
+                except Exception:
+                    log.exception("replica route %s failed", request.url.path)
+                    return _error(500, "the replica failed to answer this request; see the"
+                                  " worker's log.")
+                finally:
+                    if counted and status >= 400:
+                        metrics.answered(status)
+
+            return endpoint
+
+        return wrap
+
+    @guarded(counted=False)
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    @guarded(counted=False)
+    async def ready(request: Request) -> Response:
+        if not state["ready"]:
+            return _error(503, "the replica is not ready.")
+        return JSONResponse({"ready": True})
+
+    @guarded(counted=False)
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "jupyter_mlcloud", "extensions": ["binary_tensor_data"]})
+
+    @guarded(counted=False)
+    async def metadata(request: Request) -> Response:
+        check_model(request)
+        return JSONResponse({"name": name, "versions": [version], "platform": "pytorch",
+                             "inputs": [model.input.as_json()],
+                             "outputs": [model.output.as_json()]})
+
+    @guarded(counted=False)
+    async def model_ready(request: Request) -> Response:
+        check_model(request)
+        return JSONResponse({"name": name, "ready": state["ready"]})
+
+    @guarded(counted=True)
+    async def infer(request: Request) -> Response:
+        started = time.perf_counter()
+        check_model(request)
+        body = await read_body(request, max_body_bytes)
+        decoded = protocol.decode_infer(body, request.headers.get(protocol.HEADER_LENGTH))
+        if len(decoded.inputs) != 1 or model.input.name not in decoded.inputs:
+            given = ", ".join(repr(n) for n in decoded.inputs)
+            raise Problem(400, f"the request gives input(s) {given}; the model takes one"
+                          f" input, {model.input.name!r}.")
+        datatype, array = decoded.inputs[model.input.name]
+        outputs, timings = await run(rows_of(array, datatype))
+        payload, headers = protocol.encode_infer(name, version, decoded.id,
+                                                 [(model.output.name, outputs)], decoded)
+        response = Response(payload, headers=headers)
+        metrics.answered(200, timings, time.perf_counter() - started)
+        return response
+
+    @guarded(counted=True)
+    async def predict_v1(request: Request) -> Response:
+        started = time.perf_counter()
+        check_model(request)
+        body = await read_body(request, max_body_bytes)
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise Problem(400, f"the request body is not valid JSON ({e}).") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
+            raise Problem(400, "the request body must be an object with an 'instances' list.")
+        try:
+            array = np.asarray(doc["instances"], dtype=model.input_dtype)
+        except (ValueError, TypeError, OverflowError):
+            raise Problem(400, f"'instances' must be rows of numbers; the model expects"
+                          f" {list(model.input.shape)}.") from None
+        outputs, timings = await run(rows_of(array, None))
+        response = JSONResponse({"predictions": outputs.tolist(), "model_name": name,
+                                 "model_version": version})
+        metrics.answered(200, timings, time.perf_counter() - started)
+        return response
+
+    @guarded(counted=False)
+    async def prometheus(request: Request) -> Response:
+        data, content_type = metrics.render()
+        return Response(data, headers={"content-type": content_type})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, HTTPException):
+            return _error(exc.status_code, f"{request.method} {request.url.path} is not a"
+                          f" route of this endpoint ({exc.detail}).")
+        return _error(500, "the replica failed to answer this request.")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> Any:
+        batcher.start()
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await batcher.close()
+
+    routes = [
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2", server_metadata),
+        Route("/v2/models/{name}", metadata),
+        Route("/v2/models/{name}/versions/{version}", metadata),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v1/models/{name}:predict", predict_v1, methods=["POST"]),
+        Route("/metrics", prometheus),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: not_found})
+    return BearerAuth(app, token)
