@@ -44,7 +44,7 @@ def tracking_uri() -> str:
     with _lock:
         if tracking_utils.is_tracking_uri_set():
             return str(tracking_utils.get_tracking_uri())
-        uri = _absolute(str(dask.config.get("mlcloud.tracking.uri", DEFAULT_URI)))
+        uri = _absolute(str(dask.config.get("mlcloud.tracking.uri", None) or DEFAULT_URI))
         mlflow.set_tracking_uri(uri)
         return uri
 
