@@ -9,6 +9,7 @@ the workers' training threads.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Mapping
@@ -102,10 +103,21 @@ def example_array(example: Mapping[str, Any] | None) -> Any:
     return np.asarray(example["data"], dtype=example.get("dtype") or "float32")
 
 
+class _PickleChoiceFilter(logging.Filter):
+    """Drops MLflow's warning against pickled models: pickling is chosen on purpose (see
+    :func:`log_model`), and the warning would repeat at the end of every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
 def log_model(run_id: str, model: Any, example: Any) -> str:
     """``mlflow.pytorch.log_model`` of ``model`` in run ``run_id``, with a signature
     inferred from ``example`` and the model's output on it, when there is an example;
     returns the logged model's URI."""
+    logger = logging.getLogger("mlflow.pytorch")
+    if not any(isinstance(f, _PickleChoiceFilter) for f in logger.filters):
+        logger.addFilter(_PickleChoiceFilter())
     model = model.cpu().eval()
     signature = None
     if example is not None:
