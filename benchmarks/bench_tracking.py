@@ -31,6 +31,8 @@ import statistics
 import tempfile
 import time
 
+from stats import quantile
+
 THREAD_VARS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 for _name, _value in THREAD_VARS.items():
     os.environ.setdefault(_name, _value)
@@ -95,15 +97,6 @@ def check_record(run, steps: int) -> None:  # type: ignore[no-untyped-def]
     status = client.get_run(run.mlflow_run_id).info.status
     assert status == "FINISHED", f"run {run.id}: MLflow status {status}"
     assert run.tracking.model_uri, f"run {run.id}: no model logged"
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile ``q`` (0..1) of ``values``."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def main() -> None:

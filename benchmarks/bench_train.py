@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stats import quantile
+
 THREAD_VARS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 for _name, _value in THREAD_VARS.items():
     os.environ.setdefault(_name, _value)
@@ -110,15 +112,6 @@ def ours_once(shell, steps: int) -> dict[str, object]:  # type: ignore[no-untype
         shell.run_cell_magic("distributed_train", "--out result", script(steps))
     result = shell.user_ns["result"]
     return {"launch": result["first"] - start, "steps": result["median_steps"]}
-
-
-def quantile(values: list[float], q: float) -> float:
-    """Linear-interpolated quantile ``q`` (0..1) of ``values``."""
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def main() -> None:

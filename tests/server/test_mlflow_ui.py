@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from jupyter_mlcloud.server import mlflow_ui
-from tests.conftest import wait_for
+from tests.conftest import answers, free_port, wait_for
 
 BASE = "/hub/user/ada/"  # a base URL like JupyterHub's: the prefix must survive the proxy
 # JupyterLab as reached from another machine, under a name MLflow does not know as local.
@@ -59,20 +59,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     """A SQLite store with an experiment, a run and a registered model in it."""
@@ -92,7 +78,7 @@ def store(tmp_path: Path) -> str:
 def server(tmp_path: Path, runtime_dir: Path, store: str) -> Iterator[Server]:
     root = tmp_path / "root"
     root.mkdir()
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     command = [sys.executable, "-m", "jupyter", "server", "--no-browser", f"--port={port}",
                "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
                f"--ServerApp.root_dir={root}", "--ip=127.0.0.1", f"--ServerApp.base_url={BASE}",
@@ -107,7 +93,7 @@ def server(tmp_path: Path, runtime_dir: Path, store: str) -> Iterator[Server]:
                                         "JUPYTER_RUNTIME_DIR": str(runtime_dir)})
     url = f"http://127.0.0.1:{port}{BASE}"
     try:
-        wait_for(lambda: process.poll() is not None or _answers(f"{url}api/status?token={token}"),
+        wait_for(lambda: process.poll() is not None or answers(f"{url}api/status?token={token}"),
                  timeout=90, what="jupyter server to answer")
         assert process.poll() is None, log.read_text()
         yield Server(process, url, token, log)

@@ -5,30 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.conftest import wait_for
+from tests.conftest import answers, free_port, wait_for
 
 START_TIMEOUT_S = 120.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def answers(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=1) as reply:
-            return bool(reply.status == 200)
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
@@ -37,6 +21,7 @@ def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
     answers. The whole process group is stopped on exit, and the port is free again."""
     port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
+    health = f"{uri}/health"
     folder.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -47,8 +32,8 @@ def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
         cwd=folder, stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "wb"),
         start_new_session=True)
     try:
-        wait_for(lambda: answers(uri) or process.poll() is not None, START_TIMEOUT_S,
-                 "mlflow server to answer")
+        wait_for(lambda: answers(health, timeout=1) or process.poll() is not None,
+                 START_TIMEOUT_S, "mlflow server to answer")
         assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
         yield uri
     finally:
@@ -59,4 +44,4 @@ def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(30)
-        wait_for(lambda: not answers(uri), 30, "the mlflow server's port to close")
+        wait_for(lambda: not answers(health, timeout=1), 30, "the mlflow server's port to close")

@@ -10,7 +10,8 @@ import pytest
 from mlflow import MlflowClient
 
 from jupyter_mlcloud.tracking.recorder import MAX_BATCH, Recorder, TrackingWarning
-from tests.tracking.conftest import free_port, mlflow_server
+from tests.conftest import free_port
+from tests.tracking.conftest import mlflow_server
 
 
 def test_points_params_and_status_arrive_in_batches(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking._tracking_service import utils as tracking_utils
 
 from jupyter_mlcloud.tracking import store
-from tests.tracking.conftest import free_port
+from tests.conftest import free_port
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import answers, free_port, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -42,25 +41,11 @@ class Lab:
         return json.loads(text) if text else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def lab(tmp_path: Path, runtime_dir: Path) -> Iterator[Lab]:
     root = tmp_path / "notebooks"
     root.mkdir()
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     command = [
         sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
@@ -81,7 +66,7 @@ def lab(tmp_path: Path, runtime_dir: Path) -> Iterator[Lab]:
                                    "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "settings")})
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: server.poll() is not None or _answers(f"{url}/api/status?token={token}"),
+        wait_for(lambda: server.poll() is not None or answers(f"{url}/api/status?token={token}"),
                  timeout=90, what="jupyter lab to answer")
         assert server.poll() is None, (tmp_path / "lab.log").read_text()
         yield Lab(url, token, root)
