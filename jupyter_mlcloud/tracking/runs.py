@@ -40,13 +40,14 @@ def training_params(options: Mapping[str, Any], config: Mapping[str, Any] | None
     return params
 
 
-def _system_sampler(client: Any, workers: list[str]) -> Any:
-    """Per-rank CPU, memory and GPU figures of the run's workers, MLflow's ``system/`` keys."""
+def _system_sampler(run: Any) -> Any:
+    """Per-rank CPU, memory and GPU figures of the run's workers (those of its current attempt,
+    after a recovery too), as MLflow's ``system/`` metrics."""
 
     def sample() -> list[tuple[str, float]]:
-        info = cluster_info.workers(client)
+        info = cluster_info.workers(run.client)
         out: list[tuple[str, float]] = []
-        for rank, worker in enumerate(workers):
+        for rank, worker in enumerate(list(run.workers)):
             figures = (info.get(worker) or {}).get("metrics") or {}
             gpu = figures.get("gpu") or {}
             prefix = f"system/rank_{rank}_"
@@ -155,7 +156,7 @@ class TrainingRecord:
                 "mlcloud.cluster_kind": cluster_kind}
         self.recorder = Recorder(
             f"train-{run.id}", params=params, tags=tags,
-            sample=_system_sampler(run.client, list(run.workers)),
+            sample=_system_sampler(run),
             on_created=self._announce)
         run.add_listener(self._on_items)
         run.add_done_callback(self._on_done)
