@@ -179,7 +179,9 @@ class TrainingRecord:
                                        for i in items])
         elif kind == "recovery":
             for record in items:
-                if "first step" in record["phases"]:  # complete: its phases are all there
+                # A recovery is complete once it reached its first step (a --resume record
+                # has no phases of its own: it is in the params).
+                if record.get("kind") == "recovery" and "first step" in record["phases"]:
                     now = int(time.time() * 1000)
                     self.recorder.log_metrics([
                         ("recovery_from_step", float(record["from_step"]), record["attempt"],
