@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ClusterHandle",
+    "Endpoint",
     "Run",
     "TrainContext",
     "TrainingError",
@@ -43,6 +44,7 @@ __all__ = [
     "connect",
     "current",
     "down",
+    "endpoints",
     "get",
     "gpu_count",
     "list_clusters",
@@ -50,6 +52,7 @@ __all__ = [
     "register",
     "scale",
     "score",
+    "serve",
     "status",
     "train",
     "up",
@@ -61,6 +64,10 @@ def __getattr__(name: str) -> Any:
         from .train.rank.context import TrainContext
 
         return TrainContext
+    if name in ("serve", "endpoints", "Endpoint"):  # serving loads on first use
+        from .serving import api as serving_api
+
+        return getattr(serving_api, name)
     raise AttributeError(name)
 
 

@@ -78,7 +78,8 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
                   features: int | None = None, max_batch_size: int = 32,
                   max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
                   max_body_bytes: int = 16 * 2**20, timeout: float = 120.0) -> Replica:
-    """Serve ``model`` as ``name`` (at ``version``) from one Dask worker of ``client``.
+    """Serve ``model`` as ``name`` (at ``version``) from one Dask worker of ``client``;
+    ``model`` may also be a future of a :class:`ModelBlob` already on the cluster.
 
     ``worker``: the worker's address (default: the one serving the fewest replicas).
     ``host``: the address to bind (default: the worker's own, 127.0.0.1 on a local
@@ -91,7 +92,10 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
     version = str(version)
     _check(name, version, device, max_body_bytes)
     options = BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)
-    blob = ModelBlob.of(model)
+    from distributed import Future
+
+    # A future of a ModelBlob already on the cluster (an endpoint's) is used as it is.
+    blob: Any = model if isinstance(model, Future) else ModelBlob.of(model)
     if worker is None:
         worker = _pick_worker(client)
     elif worker not in client.scheduler_info().get("workers", {}):
@@ -113,7 +117,8 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
         certfile=certfile if pair is None else None, keyfile=keyfile if pair is None else None,
         device=device, features=features, batching=options, max_body_bytes=max_body_bytes)
     try:
-        blob_future = client.scatter(blob, workers=[worker], hash=False)
+        blob_future = (blob if isinstance(blob, Future)
+                       else client.scatter(blob, workers=[worker], hash=False))
         future = client.submit(worker_side.start_replica, spec, blob_future, workers=[worker],
                                allow_other_workers=False, pure=False, key=f"start-{replica_id}")
         info: worker_side.ReplicaInfo = future.result(timeout=timeout)
