@@ -68,10 +68,7 @@ class ReplicaInfo:
 @dataclass
 class _Running:
     info: ReplicaInfo
-    server: Any  # uvicorn.Server
-    thread: threading.Thread
-    sock: socket.socket
-    tls: TLSFiles | None
+    served: Served
     model: Any
 
 
@@ -107,71 +104,109 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_replica(spec: ReplicaSpec, blob: ModelBlob) -> ReplicaInfo:
-    """On a worker: load ``blob``'s model and serve it over HTTPS as ``spec`` says; returns
-    once the server accepts connections. Fails with one sentence, leaving nothing behind."""
+@dataclass
+class Served:
+    """An ASGI app served over HTTPS by uvicorn on a thread of this worker."""
+
+    server: Any  # uvicorn.Server
+    thread: threading.Thread
+    sock: socket.socket
+    tls: TLSFiles | None
+    url: str
+    host: str
+    port: int
+    worker: str
+
+
+def serve_app(app: Any, *, what: str, thread_name: str, host: str | None, port: int,
+              tls: KeyPair | None, certfile: str | None, keyfile: str | None) -> Served:
+    """On a worker: serve ``app`` over HTTPS on ``host`` (default the worker's own address),
+    with ``tls`` (written to private files) or ``certfile``/``keyfile``; returns once it
+    accepts connections. ``what`` names it in errors. Fails leaving nothing behind."""
     import uvicorn
 
-    from .batching import Batcher
-    from .metrics import ReplicaMetrics
-    from .replica import build_app
-    from .runner import ModelRunner
-
     worker, worker_host = _worker_host()
-    host = spec.host or worker_host
-    with _lock:
-        if spec.id in _running:
-            raise ValueError(f"replica {spec.id!r} already runs on this worker.")
-    model = ModelRunner(blob, device=spec.device, features=spec.features)
-    tls: TLSFiles | None = None
-    if spec.tls is not None:
-        tls = write_private(spec.tls)
-        certfile, keyfile = tls.certfile, tls.keyfile
-    elif spec.certfile and spec.keyfile:
-        certfile, keyfile = spec.certfile, spec.keyfile
-    else:
-        raise ValueError("a replica needs a certificate: pass tls= or certfile= and keyfile=.")
+    host = host or worker_host
+    files: TLSFiles | None = None
+    if tls is not None:
+        files = write_private(tls)
+        certfile, keyfile = files.certfile, files.keyfile
+    elif not (certfile and keyfile):
+        raise ValueError(f"a {what} needs a certificate: pass tls= or certfile= and keyfile=.")
     sock = None
     try:
-        sock = _bind(host, spec.port)
-        port = int(sock.getsockname()[1])
-        metrics = ReplicaMetrics(spec.name, spec.version, spec.batching.max_batch_size,
-                                 lambda: batcher.queued)  # read at scrape time, once it exists
-        batcher = Batcher(model, spec.batching, thread_name=f"mlcloud-replica-{spec.id}-compute",
-                          on_batch=metrics.batch)
-        app = build_app(model, batcher, metrics, name=spec.name, version=spec.version,
-                        token=spec.token, max_body_bytes=spec.max_body_bytes)
+        sock = _bind(host, port)
         config = uvicorn.Config(app, ssl_certfile=certfile, ssl_keyfile=keyfile,
                                 log_level="warning", access_log=False, lifespan="on",
                                 loop="asyncio", timeout_graceful_shutdown=GRACEFUL_S,
                                 server_header=False)
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                  name=f"mlcloud-replica-{spec.id}", daemon=True)
+                                  name=thread_name, daemon=True)
         thread.start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while not server.started:
             if not thread.is_alive():
-                raise RuntimeError("the replica's server stopped while starting; see the"
+                raise RuntimeError(f"the {what}'s server stopped while starting; see the"
                                    " worker's log.")
             if time.monotonic() > deadline:
                 server.should_exit = True
                 thread.join(GRACEFUL_S + 5)
-                raise RuntimeError(f"the replica's server did not start within"
+                raise RuntimeError(f"the {what}'s server did not start within"
                                    f" {START_TIMEOUT_S:g} s.")
             time.sleep(0.01)
     except BaseException:
         if sock is not None:
             sock.close()
-        if tls is not None:
-            tls.remove()
+        if files is not None:
+            files.remove()
         raise
+    bound = int(sock.getsockname()[1])
     reach = worker_host if host in WILDCARDS else host  # a URL names a host, not "any"
-    info = ReplicaInfo(spec.id, spec.name, spec.version,
-                       f"https://{url_host(reach)}:{port}", host, port, worker, os.getpid(),
-                       model.device, [model.input.as_json()], [model.output.as_json()])
+    return Served(server, thread, sock, files, f"https://{url_host(reach)}:{bound}", host,
+                  bound, worker)
+
+
+def stop_served(served: Served, timeout: float = 30.0) -> bool:
+    """Stop ``served`` (requests in flight get up to a few seconds), close its port and
+    remove its files; False if its thread did not end."""
+    served.server.should_exit = True
+    served.thread.join(timeout)
+    if served.thread.is_alive():  # a stuck request: cut the connections, close the loop
+        served.server.force_exit = True
+        served.thread.join(GRACEFUL_S)
+    served.sock.close()
+    if served.tls is not None:
+        served.tls.remove()
+    return not served.thread.is_alive()
+
+
+def start_replica(spec: ReplicaSpec, blob: ModelBlob) -> ReplicaInfo:
+    """On a worker: load ``blob``'s model and serve it over HTTPS as ``spec`` says; returns
+    once the server accepts connections. Fails with one sentence, leaving nothing behind."""
+    from .batching import Batcher
+    from .metrics import ReplicaMetrics
+    from .replica import build_app
+    from .runner import ModelRunner
+
     with _lock:
-        _running[spec.id] = _Running(info, server, thread, sock, tls, model.model)
+        if spec.id in _running:
+            raise ValueError(f"replica {spec.id!r} already runs on this worker.")
+    model = ModelRunner(blob, device=spec.device, features=spec.features)
+    metrics = ReplicaMetrics(spec.name, spec.version, spec.batching.max_batch_size,
+                             lambda: batcher.queued)  # read at scrape time, once it exists
+    batcher = Batcher(model, spec.batching, thread_name=f"mlcloud-replica-{spec.id}-compute",
+                      on_batch=metrics.batch)
+    app = build_app(model, batcher, metrics, name=spec.name, version=spec.version,
+                    token=spec.token, max_body_bytes=spec.max_body_bytes)
+    served = serve_app(app, what="replica", thread_name=f"mlcloud-replica-{spec.id}",
+                       host=spec.host, port=spec.port, tls=spec.tls, certfile=spec.certfile,
+                       keyfile=spec.keyfile)
+    info = ReplicaInfo(spec.id, spec.name, spec.version, served.url, served.host, served.port,
+                       served.worker, os.getpid(), model.device, [model.input.as_json()],
+                       [model.output.as_json()])
+    with _lock:
+        _running[spec.id] = _Running(info, served, model.model)
     return info
 
 
@@ -182,15 +217,7 @@ def stop_replica(replica_id: str, timeout: float = 30.0) -> bool:
         running = _running.pop(replica_id, None)
     if running is None:
         return False
-    running.server.should_exit = True
-    running.thread.join(timeout)
-    if running.thread.is_alive():  # a stuck model: cut the connections, close the loop
-        running.server.force_exit = True
-        running.thread.join(GRACEFUL_S)
-    running.sock.close()
-    if running.tls is not None:
-        running.tls.remove()
-    if running.thread.is_alive():
+    if not stop_served(running.served, timeout):
         log.warning("replica %s did not stop within %g s", replica_id, timeout)
         return False
     return True

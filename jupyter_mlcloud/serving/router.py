@@ -37,9 +37,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from .host import GRACEFUL_S, START_TIMEOUT_S, WILDCARDS, _bind, _worker_host, url_host
+from .host import Served, serve_app, stop_served
 from .replica import BearerAuth, Problem, read_body
-from .security import KeyPair, TLSFiles, write_private
+from .security import KeyPair
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,7 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
 @dataclass
 class _Running:
     info: RouterInfo
-    server: Any
-    thread: threading.Thread
-    sock: Any
-    tls: TLSFiles | None
+    served: Served
     state: _State
 
 
@@ -255,54 +252,16 @@ _lock = threading.Lock()
 def start_router(spec: RouterSpec, backends: Sequence[Backend] = ()) -> RouterInfo:
     """On a worker: serve ``spec``'s router over HTTPS in front of ``backends``; returns once
     it accepts connections. Fails with one sentence, leaving nothing behind."""
-    import uvicorn
-
-    worker, worker_host = _worker_host()
-    host = spec.host or worker_host
     with _lock:
         if spec.id in _running:
             raise ValueError(f"router {spec.id!r} already runs on this worker.")
-    tls: TLSFiles | None = None
-    if spec.tls is not None:
-        tls = write_private(spec.tls)
-        certfile, keyfile = tls.certfile, tls.keyfile
-    elif spec.certfile and spec.keyfile:
-        certfile, keyfile = spec.certfile, spec.keyfile
-    else:
-        raise ValueError("a router needs a certificate: pass tls= or certfile= and keyfile=.")
     state = _State(tuple(_Slot(b) for b in backends))
-    sock = None
-    try:
-        sock = _bind(host, spec.port)
-        port = int(sock.getsockname()[1])
-        config = uvicorn.Config(build_app(spec, state), ssl_certfile=certfile,
-                                ssl_keyfile=keyfile, log_level="warning", access_log=False,
-                                lifespan="on", loop="asyncio",
-                                timeout_graceful_shutdown=GRACEFUL_S, server_header=False)
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                  name=f"mlcloud-router-{spec.id}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not server.started:
-            if not thread.is_alive():
-                raise RuntimeError("the router's server stopped while starting; see the"
-                                   " worker's log.")
-            if time.monotonic() > deadline:
-                server.should_exit = True
-                thread.join(GRACEFUL_S + 5)
-                raise RuntimeError(f"the router did not start within {START_TIMEOUT_S:g} s.")
-            time.sleep(0.01)
-    except BaseException:
-        if sock is not None:
-            sock.close()
-        if tls is not None:
-            tls.remove()
-        raise
-    reach = worker_host if host in WILDCARDS else host
-    info = RouterInfo(spec.id, f"https://{url_host(reach)}:{port}", host, port, worker)
+    served = serve_app(build_app(spec, state), what="router",
+                       thread_name=f"mlcloud-router-{spec.id}", host=spec.host, port=spec.port,
+                       tls=spec.tls, certfile=spec.certfile, keyfile=spec.keyfile)
+    info = RouterInfo(spec.id, served.url, served.host, served.port, served.worker)
     with _lock:
-        _running[spec.id] = _Running(info, server, thread, sock, tls, state)
+        _running[spec.id] = _Running(info, served, state)
     return info
 
 
@@ -377,15 +336,7 @@ def stop_router(router_id: str, timeout: float = 30.0) -> bool:
         running = _running.pop(router_id, None)
     if running is None:
         return False
-    running.server.should_exit = True
-    running.thread.join(timeout)
-    if running.thread.is_alive():
-        running.server.force_exit = True
-        running.thread.join(GRACEFUL_S)
-    running.sock.close()
-    if running.tls is not None:
-        running.tls.remove()
-    return not running.thread.is_alive()
+    return stop_served(running.served, timeout)
 
 
 def routers() -> list[RouterInfo]:
