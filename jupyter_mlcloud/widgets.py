@@ -116,7 +116,7 @@ class RunMonitor:
         self._last: dict[str, Any] = {}
         self._first: tuple[float, int] | None = None
         self._rate = 0.0
-        run.add_listener(self._on_items)
+        run.add_listener(self._on_items, replay=True)  # lines printed before it was made
         self.refresh()
 
     def _on_items(self, kind: str, items: list[dict[str, Any]]) -> None:

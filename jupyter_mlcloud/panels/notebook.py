@@ -142,9 +142,7 @@ def follow(live: LiveLoss, run: Any) -> None:
         if done.status != "finished":
             live.notice(f"run {done.id} {done.status}")
 
-    with live.lock:  # points arriving meanwhile wait, then are dropped as repeats
-        run.add_listener(on_items)
-        live.add(run.id, _records(run.metrics))
+    run.add_listener(on_items, replay=True)
     run.add_done_callback(at_end)
 
 

@@ -130,6 +130,10 @@ class Run:
         self._done_callbacks: list[Callable[[Run], None]] = []
         self._listeners: list[Callable[[str, list[dict[str, Any]]], None]] = []
         self._lock = threading.Lock()
+        # Held while points or lines are stored and handed to the listeners, so a listener
+        # added with replay gets each item exactly once, in order.
+        self._feed = threading.RLock()
+        self._feed_closed = False  # the final record is read: the subscriptions are stale
         self._starter = starter  # starts an attempt on given workers (see launch.RankStarter)
         self.store, self.checkpoints = store, checkpoints
         self.max_failures, self.min_workers = max_failures, min_workers
@@ -156,21 +160,35 @@ class Run:
         self._end("error", TrainingError(f"the run could not be started: {exc}"))
         self._close(announce=False)  # it was never announced as started either
 
-    def add_listener(self, listener: Callable[[str, list[dict[str, Any]]], None]) -> None:
-        """``listener(kind, items)`` with kind ``"metrics"`` or ``"logs"``, from any thread."""
-        self._listeners.append(listener)
+    def add_listener(self, listener: Callable[[str, list[dict[str, Any]]], None],
+                     replay: bool = False) -> None:
+        """``listener(kind, items)`` with kind ``"metrics"`` or ``"logs"``, from any thread.
+
+        With ``replay``, it is first given the points and lines received so far, so a listener
+        added after the launch misses nothing and gets nothing twice.
+        """
+        with self._feed:
+            self._listeners.append(listener)
+            if replay:
+                with self._lock:
+                    backlog = [("metrics", list(self._points)), ("logs", list(self._lines))]
+                for kind, items in backlog:
+                    if items:
+                        self._call_listener(listener, kind, items)
 
     def _on_metrics(self, event: tuple[float, Any]) -> None:
-        items = events.items_of([event])
-        with self._lock:
-            self._points.extend(items)
-        self._notify("metrics", items)
+        self._receive("metrics", events.items_of([event]))
 
     def _on_logs(self, event: tuple[float, Any]) -> None:
-        items = events.items_of([event])
-        with self._lock:
-            self._lines.extend(items)
-        self._notify("logs", items)
+        self._receive("logs", events.items_of([event]))
+
+    def _receive(self, kind: str, items: list[dict[str, Any]]) -> None:
+        with self._feed:
+            if self._feed_closed:  # already in the record read from the scheduler
+                return
+            with self._lock:
+                (self._points if kind == "metrics" else self._lines).extend(items)
+            self._notify(kind, items)
 
     def _on_control(self, event: tuple[float, Any]) -> None:
         for item in events.items_of([event]):
@@ -190,10 +208,15 @@ class Run:
 
     def _notify(self, kind: str, items: list[dict[str, Any]]) -> None:
         for listener in list(self._listeners):
-            try:
-                listener(kind, items)
-            except Exception:
-                pass  # a display problem must never stop the run
+            self._call_listener(listener, kind, items)
+
+    @staticmethod
+    def _call_listener(listener: Callable[[str, list[dict[str, Any]]], None], kind: str,
+                       items: list[dict[str, Any]]) -> None:
+        try:
+            listener(kind, items)
+        except Exception:
+            pass  # a display problem must never stop the run
 
     # ------------------------------------------------------------ states
 
@@ -484,19 +507,23 @@ class Run:
     def _close(self, announce: bool = True) -> None:
         # The event log is the truth: a rank's last points and lines reach the scheduler
         # before its task ends, but may reach this process's subscription after. So stop
-        # listening first (nothing is added twice), then re-read both from the scheduler.
+        # listening first, then re-read both from the scheduler. An unsubscribed client still
+        # calls the handler for events already on their way: those are dropped (_receive).
         try:
             for topic in (events.metrics_topic(self.id), events.logs_topic(self.id),
                           events.control_topic(self.id)):
                 self.client.unsubscribe_topic(topic)
             points = events.items_of(self.client.get_events(events.metrics_topic(self.id)))
             lines = events.items_of(self.client.get_events(events.logs_topic(self.id)))
-            with self._lock:
-                late = {"metrics": points[len(self._points):], "logs": lines[len(self._lines):]}
-                self._points, self._lines = points, lines
-            for kind, items in late.items():
-                if items:  # what the subscription had not delivered yet: shown now
-                    self._notify(kind, items)
+            with self._feed:
+                self._feed_closed = True
+                with self._lock:
+                    late = {"metrics": points[len(self._points):],
+                            "logs": lines[len(self._lines):]}
+                    self._points, self._lines = points, lines
+                for kind, items in late.items():
+                    if items:  # what the subscription had not delivered yet: shown now
+                        self._notify(kind, items)
             if announce:  # the runs listing shows the run with this final state
                 self.client.log_event(events.RUNS_TOPIC, {"run": self.id,
                                                            "state": self._status})

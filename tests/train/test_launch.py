@@ -173,6 +173,21 @@ def test_streamed_output_metrics_and_out_names(shell: InteractiveShell,
     assert model.weight.device.type == "cpu" and shell.user_ns["steps"] == 4
 
 
+def test_a_monitor_made_after_the_ranks_printed_still_shows_every_line(
+        cluster: mlc.ClusterHandle, capsys: pytest.CaptureFixture) -> None:
+    from jupyter_mlcloud.widgets import RunMonitor
+
+    def fn(ctx: Any) -> None:
+        print(f"hello from rank {ctx.rank}")
+
+    run = mlc.train(fn, cluster=cluster)
+    assert run.wait(120) and run.status == "finished"
+    RunMonitor(run).follow()  # as a slow cell would: made once every line had arrived
+    out = capsys.readouterr().out
+    assert out.count("[rank 0] hello from rank 0") == 1
+    assert out.count("[rank 1] hello from rank 1") == 1
+
+
 def test_noblock_run_metrics_and_torchrun_environment(cluster: mlc.ClusterHandle) -> None:
     def fn(ctx: Any) -> dict[str, str]:
         for step in range(5):

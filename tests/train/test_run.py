@@ -144,6 +144,29 @@ def test_callbacks_added_while_the_run_ends_are_each_called_exactly_once() -> No
         assert counts == [1] * len(counts)
 
 
+def test_a_listener_added_with_replay_gets_every_line_once_while_lines_arrive() -> None:
+    for _ in range(20):
+        run = unit_run("running")
+        sent = [{"rank": i % 2, "stream": "stdout", "line": str(i)} for i in range(400)]
+        got: list[str] = []
+        half = threading.Event()
+
+        def arrive(run: Run = run, half: threading.Event = half,
+                   sent: list[dict[str, Any]] = sent) -> None:
+            for i, item in enumerate(sent):  # one event per line, as a subscription delivers
+                run._on_logs((0.0, {"items": [item]}))
+                if i == len(sent) // 2:
+                    half.set()
+
+        feeder = threading.Thread(target=arrive)
+        feeder.start()
+        half.wait(10)
+        run.add_listener(lambda kind, items, got=got: got.extend(i["line"] for i in items),
+                         replay=True)
+        feeder.join(10)
+        assert got == [item["line"] for item in sent]
+
+
 # ---------------------------------------------------------------- real runs
 
 
