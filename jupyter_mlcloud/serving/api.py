@@ -2,10 +2,11 @@
 
 :func:`serve` ships the model to the cluster once (a future the endpoint keeps), starts the
 replicas and a router on workers (see :mod:`.router`), all with one certificate and one
-bearer token, and publishes the endpoint's description as a Dask dataset
-(``mlcloud-endpoint-<name>``). The description holds no model bytes, only what another
-kernel needs to reach and manage the endpoint, so :func:`endpoints` in any client of the
-same scheduler finds it and can scale or close it.
+bearer token, and publishes the endpoint's state on the cluster (see :mod:`.control`). The
+state holds no model bytes, only what another kernel needs to reach and manage the endpoint,
+so :func:`endpoints` in any client of the same scheduler finds it and can scale, update,
+roll back or close it. A controller on the scheduler (:mod:`.controller`) brings the router
+back when its process dies, replaces replicas whose workers died, and autoscales.
 """
 
 from __future__ import annotations
@@ -15,37 +16,48 @@ import os
 import shutil
 import ssl
 import tempfile
+import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
 from ..cluster import api as clusters
 from ..scoring.model import ModelBlob
-from . import host as worker_side
-from . import launch
+from . import control, launch
 from . import router as router_side
+from .batching import BatchOptions
 from .protocol import DATATYPES, HEADER_LENGTH
 from .security import new_token, self_signed, tls_files
 
-PREFIX = "mlcloud-endpoint-"
+
+def _replica_count(n: Any, what: str = "replicas") -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {n!r}.")
+    return n
 
 
-def _submit(client: Any, fn: Any, *args: Any, worker: str, timeout: float = 120.0) -> Any:
-    """``fn(*args)`` as a task on ``worker`` (not ``client.run``: waits must not block the
-    worker's event loop), its result."""
-    return client.submit(fn, *args, workers=[worker], allow_other_workers=False,
-                         pure=False).result(timeout=timeout)
+def _canary(share: Any) -> float:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"canary must be a share of the traffic in (0, 1], e.g. 0.1, got"
+                         f" {share!r}.")
+    return float(share)
 
 
-def _workers(client: Any) -> list[str]:
-    return sorted(client.scheduler_info().get("workers", {}))
+def _source(model: Any) -> str:
+    """How a version's model is named in listings."""
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return type(model).__name__
 
 
 class Endpoint:
     """A served model: ``url`` (its router), ``token``, ``ca_file`` (the PEM verifying it),
-    ``replicas`` (the workers serving it). Call it with :meth:`predict`, or any Open
-    Inference Protocol v2 client (tritonclient included) at ``url``.
+    ``replicas`` (the workers serving it), ``versions`` (with their traffic weights). Call it
+    with :meth:`predict`, or any Open Inference Protocol v2 client (tritonclient included) at
+    ``url``.
     """
 
     def __init__(self, client: Any, description: dict[str, Any]) -> None:
@@ -84,26 +96,49 @@ class Endpoint:
 
     @property
     def replicas(self) -> list[str]:
-        """The worker addresses of the live replicas."""
-        return [r["worker"] for r in self._desc["replicas"]]
+        """The worker addresses of the live replicas (every version's)."""
+        self._refresh_quietly()
+        return [r["worker"] for r in control.all_replicas(self._desc)]
 
     @property
     def replica_info(self) -> list[dict[str, Any]]:
-        """Each replica's id, worker and URL (replicas take the endpoint's token too)."""
-        return [dict(r) for r in self._desc["replicas"]]
+        """Each live replica's id, worker, URL and version (replicas take the endpoint's
+        token too)."""
+        self._refresh_quietly()
+        return [{**r, "version": v["version"]} for v in self._desc["versions"]
+                for r in v["replicas"]]
+
+    @property
+    def versions(self) -> list[dict[str, Any]]:
+        """The live versions, oldest first: ``[{"version": 1, "weight": 0.9, "replicas": 2},
+        ...]``; weights are shares of the traffic and sum to 1."""
+        self._refresh_quietly()
+        return control.summary(self._desc)
+
+    @property
+    def autoscale(self) -> tuple[int, int] | None:
+        """``(min, max)`` replicas when the controller scales the endpoint, else None."""
+        self._refresh_quietly()
+        bounds = self._desc.get("autoscale")
+        return (bounds["min"], bounds["max"]) if bounds else None
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` ran here."""
         return self._closed
 
-    def infer_url(self) -> str:
-        """The Open Inference Protocol infer URL of the endpoint's model."""
-        return f"{self.url}/v2/models/{self.name}/infer"
+    def infer_url(self, version: int | None = None) -> str:
+        """The Open Inference Protocol infer URL of the endpoint's model (of one
+        ``version`` if given)."""
+        middle = f"/versions/{version}" if version is not None else ""
+        return f"{self.url}/v2/models/{self.name}{middle}/infer"
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._desc['replicas'])} replica(s)"
-        return f"<Endpoint {self.name!r} {self.url} {state}>"
+        if self._closed:
+            return f"<Endpoint {self.name!r} {self.url} closed>"
+        parts = ", ".join(f"v{v['version']} {v['weight']:.0%} x{v['replicas']}"
+                          for v in control.summary(self._desc))
+        return f"<Endpoint {self.name!r} {self.url} {parts}>"
 
     # ----------------------------------------------------------------- calling it
 
@@ -116,9 +151,10 @@ class Endpoint:
                 verify=ssl.create_default_context(cafile=self.ca_file))
         return self._http
 
-    def predict(self, x: Any) -> np.ndarray:
+    def predict(self, x: Any, version: int | None = None) -> np.ndarray:
         """The model's outputs for rows ``x`` (numpy or a tensor), computed by the endpoint
-        through its URL (Triton's binary tensors both ways), as a numpy array."""
+        through its URL (Triton's binary tensors both ways), as a numpy array. ``version``:
+        ask that version (default: the one the traffic weights pick)."""
         self._need_open("predict")
         if hasattr(x, "detach"):  # a tensor, without importing torch here
             x = x.detach().cpu().numpy()
@@ -133,7 +169,7 @@ class Endpoint:
                         "parameters": {"binary_data_size": len(raw)}}],
             "parameters": {"binary_data_output": True}}).encode()
         answer = self._session().post(
-            self.infer_url(), content=header + raw,
+            self.infer_url(version), content=header + raw,
             headers={HEADER_LENGTH: str(len(header)),
                      "content-type": "application/octet-stream"})
         if answer.status_code != 200:
@@ -154,35 +190,80 @@ class Endpoint:
             dtype).reshape(out["shape"])
 
     def stats(self) -> dict[str, Any]:
-        """The router's counters: ``requests`` and ``errors`` (infer requests answered, and
-        those with an error status), ``retries``, and per replica id its ``requests``,
-        ``errors`` and ``outstanding``."""
+        """What the router measured: ``requests``, ``errors``, ``rps`` (over the last 10 s),
+        ``p50_ms``, ``p95_ms``, ``p99_ms`` (over the last minute), ``batch_size_mean`` and
+        ``batch_size_max``, ``in_flight`` and ``retries`` in total, and the same per version
+        under ``versions`` (with each version's ``weight`` and ``replicas``); per replica id
+        under ``replicas``: its version, requests, errors and requests in flight."""
         self._need_open("stats")
+        self._refresh_quietly()
         router = self._desc["router"]
-        return dict(_submit(self._client, router_side.stats, router["id"],
-                            worker=router["worker"], timeout=30))
+        figures = dict(control.submit(self._client, router_side.stats, router["id"],
+                                      worker=router["worker"], timeout=30))
+        figures.pop("busy_s", None)
+        counts = {str(v["version"]): v["replicas"] for v in control.summary(self._desc)}
+        versions = {}
+        for number, values in figures.get("versions", {}).items():
+            values.pop("busy_s", None)
+            versions[int(number) if number.isdigit() else number] = {
+                **values, "replicas": counts.get(number, 0)}
+        figures["versions"] = versions
+        return figures
 
     # ----------------------------------------------------------------- managing it
 
     def scale(self, n: int) -> None:
-        """Run ``n`` replicas. New ones join the router once they answer; removed ones
-        leave it first and are stopped once their requests are done, so none is lost."""
+        """Run ``n`` replicas of the main version (the one taking the most traffic). New
+        ones join the router once they answer; removed ones leave it first and are stopped
+        once their requests are done, so none is lost. Turns autoscaling off."""
         self._need_open("scale")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"replicas must be an integer >= 1, got {n!r}.")
-        self._refresh()
-        current = list(self._desc["replicas"])
-        if n > len(current):
-            for _ in range(n - len(current)):
-                current.append(self._start_one(current))
-            self._route(current)
-        elif n < len(current):
-            leaving, current = current[n:], current[:n]
-            self._route(current)  # waits until the router has nothing in flight on them
-            for replica in leaving:
-                _stop_replica(self._client, replica)
-        self._desc["replicas"] = current
-        self._publish()
+        _replica_count(n)
+        with self._editing() as state:
+            state["autoscale"] = None
+            control.set_replicas(self._client, state, control.primary(state), n)
+
+    def update(self, model: Any, canary: float = 1.0, replicas: int | None = None) -> None:
+        """Serve ``model`` (anything :func:`serve` takes) as a new version. It gets
+        ``canary`` of the traffic (0.1: every tenth request) once its ``replicas`` (default:
+        as many as the main version has) answer; the other versions keep the rest in
+        proportion. ``canary=1.0`` replaces the old versions (drained, then stopped).
+        Then :meth:`promote` or :meth:`rollback`."""
+        self._need_open("update")
+        share = _canary(canary)
+        blob = ModelBlob.of(model)
+        (future,) = self._client.scatter([blob], hash=False)
+        with self._editing() as state:
+            count = (_replica_count(replicas) if replicas is not None
+                     else max(len(control.primary(state)["replicas"]), 1))
+            control.add_version(self._client, state, future, _source(model), share, count)
+
+    def promote(self) -> None:
+        """All traffic to the newest version; the older ones are drained and stopped."""
+        self._need_open("promote")
+        with self._editing() as state:
+            control.promote(self._client, state)
+
+    def rollback(self) -> None:
+        """Back to the previous version: the newest is drained and stopped, and the others
+        take its traffic (or, after a promote, the version before it starts again)."""
+        self._need_open("rollback")
+        with self._editing() as state:
+            control.rollback(self._client, state)
+
+    def set_autoscale(self, bounds: str | tuple[int, int] | None, **options: float) -> None:
+        """Let the controller scale the main version between ``bounds`` replicas
+        (``"MIN:MAX"``), following requests in flight per replica; None turns it off. See
+        :mod:`.autoscale` for ``options`` (``target``, ``up_delay_s``, ``down_delay_s``)."""
+        from .autoscale import AutoscalePolicy
+
+        self._need_open("set_autoscale")
+        policy = AutoscalePolicy.parse(bounds, **options) if bounds is not None else None
+        with self._editing() as state:
+            state["autoscale"] = policy.as_dict() if policy else None
+            if policy is not None:
+                main = control.primary(state)
+                n = min(max(len(main["replicas"]), policy.min), policy.max)
+                control.set_replicas(self._client, state, main, n)
 
     def close(self) -> None:
         """Stop the router and every replica, free their ports, and forget the endpoint on
@@ -193,18 +274,10 @@ class Endpoint:
         if self._http is not None:
             self._http.close()
         try:
-            self._refresh()
+            with self._editing() as state:
+                control.close(self._client, state)
         except LookupError:
             pass  # closed by another client already: its processes are gone too
-        else:
-            router = self._desc["router"]
-            try:
-                _submit(self._client, router_side.stop_router, router["id"],
-                        worker=router["worker"], timeout=60)
-            finally:
-                for replica in self._desc["replicas"]:
-                    _stop_replica(self._client, replica)
-                self._unpublish()
         if self._ca_dir is not None:
             shutil.rmtree(self._ca_dir, ignore_errors=True)
 
@@ -220,79 +293,55 @@ class Endpoint:
         if self._closed:
             raise RuntimeError(f"cannot {action}: endpoint {self.name!r} is closed.")
 
-    def _refresh(self) -> None:
-        dataset = PREFIX + self.name
-        if dataset not in self._client.list_datasets():
-            raise LookupError(f"endpoint {self.name!r} no longer runs on this cluster.")
-        description = self._client.get_dataset(dataset)
-        if description["id"] != self._desc["id"]:
-            raise LookupError(f"endpoint {self.name!r} was replaced by another.")
-        self._desc = description
+    @contextmanager
+    def _editing(self) -> Iterator[dict[str, Any]]:
+        """The endpoint's newest state under its lock (see :func:`control.editing`); this
+        handle sees what the block left."""
+        with control.editing(self._client, self.name, self._desc["id"]) as state:
+            self._desc = state
+            yield state
 
-    def _publish(self) -> None:
-        dataset = PREFIX + self.name
-        if dataset in self._client.list_datasets():
-            self._client.unpublish_dataset(dataset)
-        self._client.publish_dataset(**{dataset: self._desc})
-
-    def _unpublish(self) -> None:
-        dataset = PREFIX + self.name
-        if dataset in self._client.list_datasets():
-            self._client.unpublish_dataset(dataset)
-
-    def _start_one(self, current: list[dict[str, Any]]) -> dict[str, Any]:
-        workers = _workers(self._client)
-        if not workers:
-            raise ValueError("the cluster has no workers to run a replica on.")
-        load = {w: sum(r["worker"] == w for r in current) for w in workers}
-        worker = min(workers, key=lambda w: (load[w], w))
-        d = self._desc
-        tls = d["tls"]
-        replica = launch.start_replica(
-            self._client, d["model"], name=d["name"], worker=worker, host=d["host"],
-            token=d["token"], tls=tls, certfile=d["certfile"], keyfile=d["keyfile"],
-            ca_file=self.ca_file if d["certfile"] else None, device=d["device"],
-            max_batch_size=d["max_batch_size"], max_wait_ms=d["max_wait_ms"])
-        replica.tls.remove()  # the kernel's copy: the endpoint has its own ca_file
-        self._desc["inputs"] = replica.inputs
-        return {"id": replica.id, "worker": replica.worker, "url": replica.url}
-
-    def _route(self, replicas: list[dict[str, Any]]) -> None:
-        router = self._desc["router"]
-        backends = [router_side.Backend(r["id"], r["url"]) for r in replicas]
-        _submit(self._client, router_side.set_backends, router["id"], backends,
-                worker=router["worker"])
-
-
-def _stop_replica(client: Any, replica: dict[str, Any]) -> bool:
-    try:
-        return bool(_submit(client, worker_side.stop_replica, replica["id"],
-                            worker=replica["worker"], timeout=60))
-    except Exception:
-        return False  # its worker is gone: so is the replica
+    def _refresh_quietly(self) -> None:
+        """Read the newest state, keeping the last one known if the endpoint is gone."""
+        if self._closed:
+            return
+        try:
+            state = control.read(self._client, self.name)
+        except LookupError:
+            return
+        if state["id"] == self._desc["id"]:
+            self._desc = state
 
 
 def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
-          max_batch_size: int = 32, max_wait_ms: float = 5.0, host: str | None = None,
-          certfile: str | None = None, keyfile: str | None = None,
+          autoscale: str | tuple[int, int] | None = None, max_batch_size: int = 32,
+          max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
+          host: str | None = None, certfile: str | None = None, keyfile: str | None = None,
           device: str = "auto") -> Endpoint:
-    """Serve ``model`` (anything :func:`mlc.score` takes) as ``name`` from ``replicas``
-    replicas on ``cluster``'s workers, behind one router URL with TLS and a bearer token.
+    """Serve ``model`` (anything :func:`mlc.score` takes, ``models:/name@alias`` included)
+    as ``name`` from ``replicas`` replicas on ``cluster``'s workers, behind one router URL
+    with TLS and a bearer token.
 
-    ``host``: the address to bind (default each worker's own, 127.0.0.1 on a local
-    cluster). TLS uses ``certfile``/``keyfile`` (readable on the workers) or a certificate
-    generated for this endpoint. Batching: ``max_batch_size`` rows, ``max_wait_ms``.
-    ``device="auto"`` uses each worker's GPU when it has one. Fails early, in one sentence,
-    on bad input, leaving nothing running.
+    ``autoscale="MIN:MAX"``: the controller scales the replicas between those bounds instead
+    (see :mod:`.autoscale`). Batching per replica: ``max_batch_size`` rows, ``max_wait_ms``,
+    at most ``max_queue`` requests waiting, and 503 when the estimated wait passes
+    ``slo_ms``. ``host``: the address to bind (default each worker's own, 127.0.0.1 on a
+    local cluster). TLS uses ``certfile``/``keyfile`` (readable on the workers) or a
+    certificate generated for this endpoint. ``device="auto"`` uses each worker's GPU when
+    it has one. Fails early, in one sentence, on bad input, leaving nothing running.
     """
+    from .autoscale import AutoscalePolicy
+    from .controller import ensure_controller
+
     client = clusters.resolve_client(cluster)
     launch._check(name, "1", device, 16 * 2**20)
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
-        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}.")
-    if PREFIX + name in client.list_datasets():
+    _replica_count(replicas)
+    BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)  # checks them
+    policy = AutoscalePolicy.parse(autoscale) if autoscale is not None else None
+    if control.dataset(name) in client.list_datasets():
         raise ValueError(f"an endpoint named {name!r} already runs on this cluster; close it"
                          " first (mlc.endpoints()) or pick another name.")
-    workers = _workers(client)
+    workers = control.workers(client)
     if not workers:
         raise ValueError("the cluster has no workers to run an endpoint on.")
     from distributed.comm import get_address_host
@@ -308,28 +357,32 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         ca_pem = pair.cert_pem
     blob = ModelBlob.of(model)
     # The model stays on the cluster with the endpoint: replicas added later, from any
-    # kernel, load it from there.
+    # kernel or the controller, load it from there.
     (model_future,) = client.scatter([blob], hash=False)
+    ensure_controller(client)
     endpoint_id = uuid.uuid4().hex[:8]
     token = new_token()
-    router_worker = workers[0]
     spec = router_side.RouterSpec(
         f"{name}-router-{endpoint_id}", name, token, ca_pem, check_hostname=pair is None,
         host=host, tls=pair, certfile=certfile if pair is None else None,
         keyfile=keyfile if pair is None else None)
-    info: router_side.RouterInfo = _submit(client, router_side.start_router, spec,
-                                           worker=router_worker)
-    description: dict[str, Any] = {
-        "id": endpoint_id, "name": name, "token": token, "ca_pem": ca_pem, "model": model_future,
-        "router": {"id": info.id, "worker": info.worker, "url": info.url},
-        "replicas": [], "inputs": [], "host": host, "tls": pair, "certfile": certfile,
+    info: router_side.RouterInfo = control.submit(client, router_side.start_router, spec,
+                                                  worker=workers[0])
+    state: dict[str, Any] = {
+        "id": endpoint_id, "name": name, "token": token, "ca_pem": ca_pem,
+        "router": {"id": info.id, "worker": info.worker, "url": info.url, "port": info.port,
+                   "spec": spec},
+        "versions": [], "inputs": [], "host": host, "tls": pair, "certfile": certfile,
         "keyfile": keyfile, "device": device, "max_batch_size": max_batch_size,
-        "max_wait_ms": max_wait_ms,
+        "max_wait_ms": max_wait_ms, "max_queue": max_queue, "slo_ms": slo_ms,
+        "autoscale": policy.as_dict() if policy else None, "created": time.time(),
     }
-    endpoint = Endpoint(client, description)
+    control.publish(client, state)
+    endpoint = Endpoint(client, state)
     try:
-        endpoint._publish()
-        endpoint.scale(replicas)
+        with endpoint._editing() as current:
+            first = policy.min if policy else replicas
+            control.add_version(client, current, model_future, _source(model), 1.0, first)
     except BaseException:
         endpoint.close()
         raise
@@ -338,10 +391,13 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
 
 def endpoints(cluster: Any = None) -> list[Endpoint]:
     """The endpoints running on ``cluster`` (a name, a handle or any ``Client`` of its
-    scheduler), whoever started them; each can be called, scaled and closed from here."""
+    scheduler), whoever started them; each can be called, scaled, updated and closed from
+    here."""
     client = clusters.resolve_client(cluster)
     found = []
-    for dataset in sorted(client.list_datasets()):
-        if isinstance(dataset, str) and dataset.startswith(PREFIX):
-            found.append(Endpoint(client, client.get_dataset(dataset)))
+    for name in control.names(client):
+        try:
+            found.append(Endpoint(client, control.read(client, name)))
+        except LookupError:
+            continue  # closed meanwhile
     return found

@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 
 #: Paths that answer without the token (load balancers and orchestrators probe them).
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+#: Headers of every answered infer: the version that answered and the rows of its batch
+#: (the router's per-version figures come from them).
+VERSION_HEADER = "x-mlcloud-model-version"
+BATCH_HEADER = "x-mlcloud-batch-size"
+
+
+def _answer_headers(version: str, timings: Timings) -> dict[str, str]:
+    return {VERSION_HEADER: version, BATCH_HEADER: str(timings.batch_size)}
 
 
 class Model(Protocol):
@@ -214,7 +222,7 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
         outputs, timings = await run(rows_of(array, datatype))
         payload, headers = protocol.encode_infer(name, version, decoded.id,
                                                  [(model.output.name, outputs)], decoded)
-        response = Response(payload, headers=headers)
+        response = Response(payload, headers={**headers, **_answer_headers(version, timings)})
         metrics.answered(200, timings, time.perf_counter() - started)
         return response
 
@@ -236,7 +244,8 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
                           f" {list(model.input.shape)}.") from None
         outputs, timings = await run(rows_of(array, None))
         response = JSONResponse({"predictions": outputs.tolist(), "model_name": name,
-                                 "model_version": version})
+                                 "model_version": version},
+                                headers=_answer_headers(version, timings))
         metrics.answered(200, timings, time.perf_counter() - started)
         return response
 

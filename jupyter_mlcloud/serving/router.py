@@ -7,25 +7,36 @@ forwards the Open Inference Protocol routes to the replicas with an async HTTP c
 verifies them with the endpoint's certificate. Bodies and headers pass through unchanged
 (hop-by-hop headers aside), so Triton's binary tensors work end to end.
 
-Balancing is least outstanding requests (ties in turn). An infer that cannot connect, loses
-its connection, or is answered 503 is retried on another replica, up to ``retries`` times,
-each replica at most once: inference is idempotent, so a retry never runs work twice in a way
-anyone can see.
+Each replica serves one version of the model. A request for ``/v2/models/{name}/infer``
+first picks a version by the versions' weights, with smooth weighted round robin (nginx's),
+so a 10 % canary gets exactly every tenth request rather than 10 % on average; a request for
+``/versions/{v}/infer`` goes to version ``v``. Within the version, balancing is least
+outstanding requests (ties in turn). An infer that cannot connect, loses its connection, or
+is answered 503 is retried on another replica (of the same version while one is left, then
+any), up to ``retries`` times, each replica at most once: inference is idempotent, so a retry
+never runs work twice in a way anyone can see.
 
-Control is a Dask-side call, not an HTTP route: the kernel submits :func:`set_backends` (the
-replica list; it returns once removed replicas have no request left in flight) and
-:func:`stats` to the router's worker, so no control surface is exposed to the network.
+Per version it keeps requests, errors, recent latencies (for p50/p95/p99 and requests per
+second) and batch sizes (which replicas report in a header), and the time-average of requests
+in flight, which autoscaling follows. ``/metrics`` (behind the token) exposes them to
+Prometheus.
+
+Control is a Dask-side call, not an HTTP route: the kernel (or the endpoint controller)
+submits :func:`set_backends` (the replicas and weights; it returns once removed replicas have
+no request left in flight) and :func:`stats` to the router's worker, so no control surface is
+exposed to the network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +49,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from .host import Served, serve_app, stop_served
-from .replica import BearerAuth, Problem, read_body
+from .replica import BATCH_HEADER, VERSION_HEADER, BearerAuth, Problem, read_body
 from .security import KeyPair
 
 log = logging.getLogger(__name__)
@@ -51,13 +62,18 @@ HOP_BY_HOP = frozenset({
     "accept-encoding",
 })
 
+#: Latencies kept per version for the percentiles; requests per second over the last window.
+RECENT = 20_000
+RATE_WINDOW_S = 10.0
+
 
 @dataclass(frozen=True)
 class Backend:
-    """A replica as the router sees it: its id and base URL."""
+    """A replica as the router sees it: its id, base URL and the version it serves."""
 
     id: str
     url: str
+    version: str = "1"
 
 
 @dataclass(frozen=True)
@@ -98,27 +114,118 @@ class _Slot:
     errors: int = 0
 
 
+class _Figures:
+    """One version's (or the whole router's) counts, recent latencies and batch sizes, and
+    the time-integral of its requests in flight."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latencies: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=RECENT)  # (answered at, seconds)
+        self.batches: collections.deque[int] = collections.deque(maxlen=RECENT)
+        self.in_flight = 0
+        self.busy_s = 0.0  # integral of in_flight over time
+        self._since = time.monotonic()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.busy_s += self.in_flight * (now - self._since)
+        self._since = now
+
+    def enter(self) -> None:
+        self._tick()
+        self.in_flight += 1
+
+    def leave(self, status: int, seconds: float, batch: int | None) -> None:
+        self._tick()
+        self.in_flight -= 1
+        self.requests += 1
+        if status >= 400:
+            self.errors += 1
+        elif batch is not None:
+            self.batches.append(batch)
+        if status < 400:
+            self.latencies.append((time.monotonic(), seconds))
+
+    def summary(self) -> dict[str, Any]:
+        """requests, errors, rps, p50/p95/p99 in ms, batch size mean and max, in flight now
+        and ``busy_s`` (requests in flight integrated over time, for averages)."""
+        self._tick()
+        now = time.monotonic()
+        recent = [s for t, s in self.latencies if now - t <= 60.0]
+        window = [t for t, _ in self.latencies if now - t <= RATE_WINDOW_S]
+        span = min(RATE_WINDOW_S, max(now - window[0], 1e-3)) if window else RATE_WINDOW_S
+        out: dict[str, Any] = {"requests": self.requests, "errors": self.errors,
+                               "rps": len(window) / span if window else 0.0,
+                               "in_flight": self.in_flight, "busy_s": self.busy_s}
+        for q in (50, 95, 99):
+            out[f"p{q}_ms"] = _quantile(recent, q / 100) * 1000 if recent else None
+        batches = list(self.batches)
+        out["batch_size_mean"] = sum(batches) / len(batches) if batches else None
+        out["batch_size_max"] = max(batches) if batches else None
+        return out
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class _State:
     """What the app reads and the control calls change (changes run on the app's loop)."""
 
     slots: tuple[_Slot, ...] = ()
+    weights: dict[str, float] = field(default_factory=dict)  # version: share of traffic
+    credit: dict[str, float] = field(default_factory=dict)  # smooth weighted round robin
     turn: int = 0
-    requests: int = 0
-    errors: int = 0
     retries: int = 0
+    total: _Figures = field(default_factory=_Figures)
+    versions: dict[str, _Figures] = field(default_factory=dict)
     gone: dict[str, _Slot] = field(default_factory=dict)  # removed, maybe still in flight
     loop: asyncio.AbstractEventLoop | None = None  # the server's, once it runs
 
-    def pick(self, tried: set[str]) -> _Slot | None:
-        """The untried replica with the fewest requests in flight; ties in turn, so a quiet
-        endpoint still spreads its requests."""
-        candidates = [s for s in self.slots if s.backend.id not in tried]
-        if not candidates:
+    def figures(self, version: str) -> _Figures:
+        if version not in self.versions:
+            self.versions[version] = _Figures()
+        return self.versions[version]
+
+    def _weighted_version(self, versions: set[str]) -> str | None:
+        """The next version by weight among ``versions`` (smooth weighted round robin)."""
+        weighted = sorted(v for v in versions if self.weights.get(v, 0.0) > 0)
+        if not weighted:
+            return None
+        total = sum(self.weights[v] for v in weighted)
+        best = None
+        for v in weighted:
+            self.credit[v] = self.credit.get(v, 0.0) + self.weights[v]
+            if best is None or self.credit[v] > self.credit[best]:
+                best = v
+        assert best is not None
+        self.credit[best] -= total
+        return best
+
+    def pick(self, tried: set[str], version: str | None = None,
+             prefer: str | None = None) -> _Slot | None:
+        """The untried replica with the fewest requests in flight, of ``version`` (a request
+        for that version), else of ``prefer`` (a retry keeps its version while it can), else of
+        a version picked by weight; ties in turn, so a quiet endpoint still spreads its
+        requests."""
+        untried = [s for s in self.slots if s.backend.id not in tried]
+        if version is not None:
+            untried = [s for s in untried if s.backend.version == version]
+        elif prefer is not None and any(s.backend.version == prefer for s in untried):
+            untried = [s for s in untried if s.backend.version == prefer]
+        else:
+            chosen = self._weighted_version({s.backend.version for s in untried})
+            if chosen is not None:
+                untried = [s for s in untried if s.backend.version == chosen]
+        if not untried:
             return None
         self.turn += 1
-        least = min(s.outstanding for s in candidates)
-        tied = [s for s in candidates if s.outstanding == least]
+        least = min(s.outstanding for s in untried)
+        tied = [s for s in untried if s.outstanding == least]
         return tied[self.turn % len(tied)]
 
 
@@ -130,9 +237,51 @@ def _ssl_context(ca_pem: bytes, check_hostname: bool) -> ssl.SSLContext:
     return context
 
 
+def _order(version: str) -> tuple[int, str]:
+    """Versions in numeric order where they are numbers."""
+    return (int(version), "") if version.isdigit() else (1 << 62, version)
+
+
+class _RouterMetrics:
+    """The router's Prometheus series, in a registry of its own: answered requests by
+    version and status, their latency through the router, retries, requests in flight."""
+
+    def __init__(self, name: str, state: _State) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from .metrics import LATENCY_BUCKETS
+
+        self.registry = CollectorRegistry()
+        self._requests = Counter("mlcloud_router_requests", "Infer requests answered through"
+                                 " the router.", ("model", "version", "code"),
+                                 registry=self.registry)
+        self._latency = Histogram("mlcloud_router_latency_seconds", "Time of infer requests"
+                                  " through the router.", ("model", "version"),
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.retries = Counter("mlcloud_router_retries", "Infer requests sent again to"
+                               " another replica.", ("model",),
+                               registry=self.registry).labels(name)
+        Gauge("mlcloud_router_in_flight", "Infer requests inside the router.", ("model",),
+              registry=self.registry).labels(name).set_function(
+                  lambda: state.total.in_flight)
+        self._name = name
+
+    def answered(self, version: str, status: int, seconds: float) -> None:
+        self._requests.labels(self._name, version, str(status)).inc()
+        if status < 400:
+            self._latency.labels(self._name, version).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
 def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
     """The router's ASGI app for ``spec``; ``state`` holds its replicas and counters."""
     import httpx
+
+    metrics = _RouterMetrics(spec.name, state)
 
     holder: dict[str, httpx.AsyncClient] = {}
 
@@ -145,18 +294,32 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
             body = await read_body(request, spec.max_body_bytes)
         except Problem as p:
             return error(p.status, p.message, p.headers)
+        wanted = request.path_params.get("version")
+        if wanted is not None and not any(s.backend.version == wanted for s in state.slots):
+            live = ", ".join(sorted({s.backend.version for s in state.slots}, key=_order))
+            return error(404, f"version {wanted!r} of model {spec.name!r} is not served;"
+                         f" the endpoint serves version(s) {live or 'none'}.")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         tried: set[str] = set()
         last: Response | None = None
-        if counted:
-            state.requests += 1
+        started = time.perf_counter()
+        figures: list[_Figures] = [state.total] if counted else []
+        for f in figures:
+            f.enter()
+        version: str | None = None
+        batch: int | None = None
         for attempt in range(spec.retries + 1):
-            slot = state.pick(tried)
+            slot = state.pick(tried, wanted, prefer=version)
             if slot is None:
                 break
             if attempt:
                 state.retries += 1
+                metrics.retries.inc()
+            if counted and version is None:
+                version = slot.backend.version
+                figures.append(state.figures(version))
+                figures[-1].enter()
             tried.add(slot.backend.id)
             slot.outstanding += 1
             slot.requests += 1
@@ -182,12 +345,18 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
             if answer.status_code == 503 and counted:  # overloaded or stopping: try another
                 slot.errors += 1
                 continue
+            size = answer.headers.get(BATCH_HEADER)
+            batch = int(size) if size and size.isdigit() else None
             break
         if last is None:
             last = error(503, f"no replica of {spec.name!r} could take the request; retry"
                          " later.", {"Retry-After": "1"})
-        if counted and last.status_code >= 400:
-            state.errors += 1
+        if counted:
+            seconds = time.perf_counter() - started
+            for f in figures:
+                f.leave(last.status_code, seconds, batch)
+            answered = last.headers.get(VERSION_HEADER) or version or "none"
+            metrics.answered(answered, last.status_code, seconds)
         return last
 
     async def live(request: Request) -> Response:
@@ -197,6 +366,10 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
         if not state.slots:
             return error(503, "the endpoint has no replica ready.")
         return JSONResponse({"ready": True})
+
+    async def prometheus(request: Request) -> Response:
+        data, content_type = metrics.render()
+        return Response(data, headers={"content-type": content_type})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
@@ -229,6 +402,7 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
         Route("/v2/models/{name}/infer", forward, methods=post),
         Route("/v2/models/{name}/versions/{version}/infer", forward, methods=post),
         Route("/v1/models/{name}:predict", forward, methods=post),
+        Route("/metrics", prometheus, methods=get),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found})
@@ -291,13 +465,18 @@ def _on_loop(running: _Running, change: Any, timeout: float = 30.0) -> Any:
     return done.result(timeout)
 
 
-def set_backends(router_id: str, backends: Sequence[Backend], drain_timeout: float = 60.0
+def set_backends(router_id: str, backends: Sequence[Backend],
+                 weights: Mapping[str, float] | None = None, drain_timeout: float = 60.0
                  ) -> list[str]:
-    """On the router's worker: route to ``backends`` from now on. Returns, with their ids,
-    once the replicas taken out have no request of this router in flight (or after
+    """On the router's worker: route to ``backends`` with the versions' ``weights`` (default:
+    all traffic to the newest version) from now on. Returns, with their ids, once the
+    replicas taken out have no request of this router in flight (or after
     ``drain_timeout``), so they can be stopped without losing one."""
     running = _get(router_id)
     state = running.state
+    if weights is None:
+        newest = max((b.version for b in backends), key=_order, default=None)
+        weights = {newest: 1.0} if newest is not None else {}
 
     def change() -> list[str]:
         keep = {s.backend.id: s for s in state.slots}
@@ -305,6 +484,8 @@ def set_backends(router_id: str, backends: Sequence[Backend], drain_timeout: flo
         wanted = {b.id for b in backends}
         removed = [s for s in state.slots if s.backend.id not in wanted]
         state.slots = slots
+        if dict(weights) != state.weights:  # a new split starts a fresh round
+            state.weights, state.credit = dict(weights), {}
         for slot in removed:
             state.gone[slot.backend.id] = slot
         return [s.backend.id for s in removed]
@@ -319,14 +500,25 @@ def set_backends(router_id: str, backends: Sequence[Backend], drain_timeout: flo
 
 
 def stats(router_id: str) -> dict[str, Any]:
-    """On the router's worker: the router's counters (infer requests answered, errors,
-    retries) and, per replica, requests sent, failures and requests in flight."""
+    """On the router's worker: the router's figures in total (see ``_Figures.summary``)
+    and ``retries``; per version its figures and weight; per replica id its version,
+    requests sent, failures and requests in flight."""
     state = _get(router_id).state
-    return {
-        "requests": state.requests, "errors": state.errors, "retries": state.retries,
-        "replicas": {s.backend.id: {"requests": s.requests, "errors": s.errors,
-                                    "outstanding": s.outstanding} for s in state.slots},
-    }
+
+    def read() -> dict[str, Any]:  # on the loop: the figures change there
+        out = state.total.summary()
+        out["retries"] = state.retries
+        out["versions"] = {v: {**f.summary(), "weight": state.weights.get(v, 0.0)}
+                           for v, f in state.versions.items()}
+        for v, w in state.weights.items():
+            out["versions"].setdefault(v, {**_Figures().summary(), "weight": w})
+        out["replicas"] = {s.backend.id: {"version": s.backend.version,
+                                          "requests": s.requests, "errors": s.errors,
+                                          "outstanding": s.outstanding}
+                           for s in state.slots}
+        return out
+
+    return dict(_on_loop(_get(router_id), read))
 
 
 def stop_router(router_id: str, timeout: float = 30.0) -> bool:

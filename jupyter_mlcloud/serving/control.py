@@ -1,0 +1,327 @@
+"""An endpoint's state on the cluster, and every change to it.
+
+The state is a plain dict published as the Dask dataset ``mlcloud-endpoint-<name>``: the
+router (where it runs, and its spec, to start it again), the versions (each with its model,
+as a future kept on the cluster, its weight and its replicas), the token, the certificate and
+the batching options. It holds no model bytes, so any client of the scheduler can read it.
+
+Whoever changes it (a kernel's :class:`~.api.Endpoint`, the server extension, the CLI, or
+the :mod:`.controller` that heals and autoscales) does so inside :func:`editing`, which holds a
+cluster-wide lock on the endpoint, reads the newest state and publishes what the block left.
+So two kernels scaling the same endpoint, or a kernel and the controller, never overwrite
+each other.
+
+Traffic moves in an order that loses no request: replicas start and answer before the
+router sends them anything; the router stops sending to replicas before they stop, and
+waits for their requests in flight (:func:`~.router.set_backends`).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import host as worker_side
+from . import launch
+from . import router as router_side
+
+PREFIX = "mlcloud-endpoint-"
+#: How many versions keep their model on the cluster (for rollback); older ones drop it.
+KEPT_MODELS = 3
+LOCK_TIMEOUT_S = 300.0
+
+
+def dataset(name: str) -> str:
+    """The Dask dataset holding endpoint ``name``'s state."""
+    return PREFIX + name
+
+
+def submit(client: Any, fn: Any, *args: Any, worker: str, timeout: float = 120.0) -> Any:
+    """``fn(*args)`` as a task on ``worker`` (not ``client.run``: waits must not block the
+    worker's event loop), its result."""
+    return client.submit(fn, *args, workers=[worker], allow_other_workers=False,
+                         pure=False).result(timeout=timeout)
+
+
+def workers(client: Any) -> list[str]:
+    """The scheduler's workers now, sorted."""
+    return sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+
+
+def names(client: Any) -> list[str]:
+    """The endpoints published on ``client``'s scheduler."""
+    return sorted(d[len(PREFIX):] for d in client.list_datasets()
+                  if isinstance(d, str) and d.startswith(PREFIX))
+
+
+def read(client: Any, name: str) -> dict[str, Any]:
+    """Endpoint ``name``'s state; LookupError if it does not run."""
+    if dataset(name) not in client.list_datasets():
+        raise LookupError(f"endpoint {name!r} no longer runs on this cluster.")
+    return dict(client.get_dataset(dataset(name)))
+
+
+def publish(client: Any, state: dict[str, Any]) -> None:
+    """Make ``state`` the endpoint's published state."""
+    key = dataset(state["name"])
+    if key in client.list_datasets():
+        client.unpublish_dataset(key)
+    client.publish_dataset(**{key: state})
+
+
+def unpublish(client: Any, name: str) -> None:
+    """Forget endpoint ``name`` on the cluster (its model futures are released)."""
+    if dataset(name) in client.list_datasets():
+        client.unpublish_dataset(dataset(name))
+
+
+@contextmanager
+def editing(client: Any, name: str, endpoint_id: str | None = None
+            ) -> Iterator[dict[str, Any]]:
+    """Hold the endpoint's lock and yield its newest state; what the block leaves in it is
+    published when the block ends without an error. LookupError if the endpoint is gone (or,
+    with ``endpoint_id``, replaced by another of the same name)."""
+    from distributed import Lock
+
+    lock = Lock(f"mlcloud-endpoint-lock-{name}", scheduler_rpc=client.scheduler,
+                loop=client.loop)
+    if not lock.acquire(timeout=LOCK_TIMEOUT_S):
+        raise TimeoutError(f"endpoint {name!r} is being changed by another client; try again.")
+    try:
+        state = read(client, name)
+        if endpoint_id is not None and state["id"] != endpoint_id:
+            raise LookupError(f"endpoint {name!r} was replaced by another.")
+        yield state
+        if state.get("closed"):
+            unpublish(client, name)
+        else:
+            publish(client, state)
+    finally:
+        lock.release()
+
+
+# ---------------------------------------------------------------- what the state says
+
+
+def live(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """The versions with replicas, oldest first."""
+    return [v for v in state["versions"] if v["replicas"]]
+
+
+def primary(state: dict[str, Any]) -> dict[str, Any]:
+    """The live version taking the most traffic (the newest on a tie)."""
+    versions = live(state) or state["versions"][-1:]
+    return max(versions, key=lambda v: (v["weight"], v["version"]))
+
+
+def summary(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{"version", "weight", "replicas"}]`` of the live versions, oldest first."""
+    return [{"version": v["version"], "weight": round(v["weight"], 6),
+             "replicas": len(v["replicas"])} for v in live(state)]
+
+
+def all_replicas(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every replica of every live version."""
+    return [r for v in state["versions"] for r in v["replicas"]]
+
+
+# ---------------------------------------------------------------- replicas and routing
+
+
+@contextmanager
+def _ca_file(state: dict[str, Any]) -> Iterator[str | None]:
+    """A file with the endpoint's PEM, for user-given certificates (none needed otherwise)."""
+    if not state["certfile"]:
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="mlcloud-ca-")
+    path = os.path.join(directory, "ca.pem")
+    with open(path, "wb") as f:
+        f.write(state["ca_pem"])
+    try:
+        yield path
+    finally:
+        os.remove(path)
+        os.rmdir(directory)
+
+
+def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], n: int
+                   ) -> list[dict[str, Any]]:
+    """Start ``n`` more replicas of ``version`` (each on the worker serving the fewest of the
+    endpoint's replicas) and add them to it; they answer before this returns. Not routed yet.
+    """
+    if version.get("model") is None:
+        raise ValueError(f"version {version['version']} of endpoint {state['name']!r} no longer"
+                         " keeps its model on the cluster; serve it again with update().")
+    started = []
+    for _ in range(n):
+        alive = workers(client)
+        if not alive:
+            raise ValueError("the cluster has no workers to run a replica on.")
+        load = {w: 0 for w in alive}
+        for r in all_replicas(state):
+            if r["worker"] in load:
+                load[r["worker"]] += 1
+        worker = min(alive, key=lambda w: (load[w], w))
+        with _ca_file(state) as ca_file:
+            replica = launch.start_replica(
+                client, version["model"], name=state["name"], version=version["version"],
+                worker=worker, host=state["host"], token=state["token"], tls=state["tls"],
+                certfile=state["certfile"], keyfile=state["keyfile"], ca_file=ca_file,
+                device=state["device"], max_batch_size=state["max_batch_size"],
+                max_wait_ms=state["max_wait_ms"], max_queue=state["max_queue"],
+                slo_ms=state["slo_ms"])
+        replica.tls.remove()  # this client's copy: clients verify with the endpoint's PEM
+        state["inputs"] = replica.inputs
+        entry = {"id": replica.id, "worker": replica.worker, "url": replica.url}
+        version["replicas"].append(entry)
+        started.append(entry)
+    return started
+
+
+def stop_replica(client: Any, replica: dict[str, Any]) -> bool:
+    """Stop one replica on its worker; False if it (or its worker) was gone already."""
+    try:
+        return bool(submit(client, worker_side.stop_replica, replica["id"],
+                           worker=replica["worker"], timeout=60))
+    except Exception:
+        return False
+
+
+def route(client: Any, state: dict[str, Any]) -> None:
+    """Tell the router the live replicas and the versions' weights; returns once replicas
+    no longer listed have no request in flight."""
+    router = state["router"]
+    backends = [router_side.Backend(r["id"], r["url"], str(v["version"]))
+                for v in state["versions"] for r in v["replicas"]]
+    weights = {str(v["version"]): v["weight"] for v in live(state)}
+    submit(client, router_side.set_backends, router["id"], backends, weights,
+           worker=router["worker"])
+
+
+def retire(client: Any, state: dict[str, Any], versions: list[dict[str, Any]]) -> None:
+    """Take ``versions`` out of traffic (weight 0, no replicas), drain and stop their replicas."""
+    leaving = [r for v in versions for r in v["replicas"]]
+    for v in versions:
+        v["weight"], v["replicas"] = 0.0, []
+    route(client, state)
+    for replica in leaving:
+        stop_replica(client, replica)
+
+
+def normalize(state: dict[str, Any]) -> None:
+    """Make the live versions' weights sum to 1 (the primary takes all if they sum to 0)."""
+    versions = live(state)
+    total = sum(v["weight"] for v in versions)
+    if versions and total <= 0:
+        versions[-1]["weight"] = 1.0
+        total = 1.0
+    for v in versions:
+        v["weight"] = v["weight"] / total
+    for v in state["versions"]:
+        if not v["replicas"]:
+            v["weight"] = 0.0
+
+
+def drop_old_models(state: dict[str, Any]) -> None:
+    """Keep models on the cluster for the newest versions only (rollback needs them)."""
+    for v in state["versions"][:-KEPT_MODELS]:
+        if not v["replicas"]:
+            v["model"] = None
+
+
+def set_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], n: int) -> None:
+    """Run ``n`` replicas of ``version``: new ones join once they answer; removed ones leave
+    the router first and stop once their requests are done, so none is lost."""
+    current = version["replicas"]
+    if n > len(current):
+        start_replicas(client, state, version, n - len(current))
+        route(client, state)
+    elif n < len(current):
+        leaving = current[n:]
+        version["replicas"] = current[:n]
+        route(client, state)
+        for replica in leaving:
+            stop_replica(client, replica)
+
+
+def add_version(client: Any, state: dict[str, Any], model: Any, source: str, canary: float,
+                replicas: int) -> dict[str, Any]:
+    """Start a new version of ``model`` with ``replicas`` replicas and give it ``canary`` of
+    the traffic (the others keep the rest in proportion; with 1.0 they are retired)."""
+    number = max((v["version"] for v in state["versions"]), default=0) + 1
+    version = {"version": number, "weight": 0.0, "model": model, "source": source,
+               "replicas": []}
+    state["versions"].append(version)
+    try:
+        start_replicas(client, state, version, replicas)
+    except BaseException:
+        for replica in version["replicas"]:
+            stop_replica(client, replica)
+        state["versions"].remove(version)
+        raise
+    others = [v for v in live(state) if v is not version]
+    for v in others:
+        v["weight"] *= 1.0 - canary
+    version["weight"] = canary
+    normalize(state)
+    route(client, state)
+    if canary >= 1.0 and others:
+        retire(client, state, others)
+    drop_old_models(state)
+    return version
+
+
+def promote(client: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """All traffic to the newest live version; the others are drained and stopped."""
+    versions = live(state)
+    if not versions:
+        raise ValueError(f"endpoint {state['name']!r} has no live version to promote.")
+    newest = versions[-1]
+    newest["weight"] = 1.0
+    retire(client, state, versions[:-1])
+    normalize(state)
+    return newest
+
+
+def rollback(client: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """Back to the previous version: the newest live one is drained and stopped; the other
+    live ones take its traffic, or, with none left, the version before it is started again."""
+    versions = live(state)
+    if not versions:
+        raise ValueError(f"endpoint {state['name']!r} has no live version to roll back.")
+    newest = versions[-1]
+    rest = versions[:-1]
+    if not rest:
+        earlier = [v for v in state["versions"] if v["version"] < newest["version"]]
+        if not earlier:
+            raise ValueError(f"endpoint {state['name']!r} has only version"
+                             f" {newest['version']}: there is nothing to roll back to.")
+        previous = earlier[-1]
+        start_replicas(client, state, previous, len(newest["replicas"]))
+        rest = [previous]
+    for v in rest:
+        v["weight"] = v["weight"] or 1.0 / len(rest)
+    newest["weight"] = 0.0
+    normalize(state)
+    retire(client, state, [newest])
+    normalize(state)
+    return rest[-1]
+
+
+def close(client: Any, state: dict[str, Any]) -> None:
+    """Stop the router and every replica; the state is marked closed (unpublished by
+    :func:`editing`)."""
+    router = state["router"]
+    try:
+        submit(client, router_side.stop_router, router["id"], worker=router["worker"],
+               timeout=60)
+    except Exception:
+        pass  # its worker is gone: so is the router
+    finally:
+        for replica in all_replicas(state):
+            stop_replica(client, replica)
+        state["closed"] = True

@@ -1,0 +1,169 @@
+"""The endpoint controller: a scheduler plugin that keeps every endpoint of the cluster whole.
+
+It lives on the scheduler (the one process an endpoint cannot outlive), so it works with no
+kernel attached. Every ``interval`` seconds, for each endpoint, it:
+
+- starts the router again when its worker died, on a worker of the same host and on the same
+  port, so the URL does not change (a nanny restarts a killed worker on the same host);
+- takes replicas whose worker died out of the router and starts as many again elsewhere;
+- applies the endpoint's autoscale policy (see :mod:`.autoscale`).
+
+It changes an endpoint only inside :func:`.control.editing`, like any kernel does. The
+scheduler has no client of its own, so the controller makes one, in a thread, to its own
+scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from . import control
+from . import router as router_side
+from .autoscale import AutoscalePolicy, Autoscaler
+
+log = logging.getLogger(__name__)
+
+NAME = "mlcloud-endpoint-controller"
+INTERVAL_S = 0.5
+
+
+def ensure_controller(client: Any) -> None:
+    """Register the controller on ``client``'s scheduler (once: later calls change nothing)."""
+    client.register_plugin(EndpointController(), name=NAME)
+
+
+class EndpointController(SchedulerPlugin):
+    """Heals and autoscales the scheduler's endpoints (see the module)."""
+
+    idempotent = True
+
+    def __init__(self, interval: float = INTERVAL_S) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._scalers: dict[str, Autoscaler] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to the scheduler without its thread
+        return {"interval": self.interval}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["interval"])  # type: ignore[misc]
+
+    async def start(self, scheduler: Any) -> None:
+        self._thread = threading.Thread(target=self._run,
+                                        args=(scheduler.address, scheduler.security),
+                                        name=NAME, daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        self._stop.set()
+
+    def _run(self, address: str, security: Any) -> None:
+        from distributed import Client
+
+        try:
+            client = Client(address, security=security, set_as_default=False, timeout=30,
+                            name=NAME)
+        except Exception:
+            log.exception("the endpoint controller could not connect to its scheduler")
+            return
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    names = control.names(client)
+                except Exception:
+                    if self._stop.is_set() or client.status != "running":
+                        return
+                    continue
+                for gone in set(self._scalers) - set(names):
+                    del self._scalers[gone]
+                for name in names:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        tend(client, name, self._scalers)
+                    except LookupError:
+                        self._scalers.pop(name, None)  # closed meanwhile
+                    except Exception:
+                        log.exception("the endpoint controller could not tend endpoint %s",
+                                      name)
+        finally:
+            client.close()
+
+
+def tend(client: Any, name: str, scalers: dict[str, Autoscaler]) -> list[str]:
+    """One look at endpoint ``name``: revive, replace, scale as needed; what it did."""
+    state = control.read(client, name)
+    alive = set(control.workers(client))
+    if not alive:
+        return []  # nothing to run anything on: wait for workers
+    router_gone = state["router"]["worker"] not in alive
+    dead = [r for r in control.all_replicas(state) if r["worker"] not in alive]
+    wanted = None if router_gone else _autoscale(client, state, scalers)
+    if not (router_gone or dead or wanted is not None):
+        return []
+    done: list[str] = []
+    with control.editing(client, name, state["id"]) as state:
+        alive = set(control.workers(client))
+        if state["router"]["worker"] not in alive:
+            _revive_router(client, state, sorted(alive))
+            done.append("router")
+        for version in state["versions"]:
+            lost = [r for r in version["replicas"] if r["worker"] not in alive]
+            if not lost:
+                continue
+            version["replicas"] = [r for r in version["replicas"] if r not in lost]
+            control.route(client, state)  # no request goes to them from now on
+            control.start_replicas(client, state, version, len(lost))
+            control.route(client, state)
+            done.append(f"{len(lost)} replica(s) of version {version['version']}")
+        if wanted is not None and state.get("autoscale"):
+            main = control.primary(state)
+            if wanted != len(main["replicas"]):
+                control.set_replicas(client, state, main, wanted)
+                done.append(f"scaled version {main['version']} to {wanted}")
+    if done:
+        log.info("endpoint %s: %s", name, "; ".join(done))
+    return done
+
+
+def _revive_router(client: Any, state: dict[str, Any], alive: list[str]) -> None:
+    """Start the router again, on its old host and port where possible (the URL stays)."""
+    from distributed.comm import get_address_host
+
+    old = state["router"]
+    host = get_address_host(old["worker"])
+    same_host = [w for w in alive if get_address_host(w) == host]
+    spec = old["spec"]
+    if same_host:
+        spec = dataclasses.replace(spec, port=old["port"])
+    info: router_side.RouterInfo = control.submit(
+        client, router_side.start_router, spec, worker=(same_host or alive)[0])
+    state["router"] = {**old, "worker": info.worker, "url": info.url, "port": info.port}
+    control.route(client, state)
+
+
+def _autoscale(client: Any, state: dict[str, Any], scalers: dict[str, Autoscaler]
+               ) -> int | None:
+    bounds = state.get("autoscale")
+    if not bounds:
+        scalers.pop(state["name"], None)
+        return None
+    policy = AutoscalePolicy(**bounds)
+    scaler = scalers.get(state["name"])
+    if scaler is None or scaler.policy != policy:
+        scaler = scalers[state["name"]] = Autoscaler(policy)
+    router = state["router"]
+    try:
+        figures = control.submit(client, router_side.stats, router["id"],
+                                 worker=router["worker"], timeout=10)
+    except Exception:
+        return None  # closing, or its worker just went: the next tick sees which
+    return scaler.observe(time.monotonic(), figures["busy_s"],
+                          len(control.primary(state)["replicas"]))
