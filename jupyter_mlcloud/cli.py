@@ -2,19 +2,28 @@
 
     jupyter-mlcloud score --model model.pt --input data.zarr --output scores.zarr \\
         [--scheduler tcp://host:8786] [--features a,b] [--batch-size 1024] [--overwrite]
+    jupyter-mlcloud serve --model model.pt --name digits --scheduler tcp://host:8786 \\
+        [--replicas 2 | --autoscale 1:4] [--max-batch-size 32] [--ca-out digits-ca.pem]
+    jupyter-mlcloud endpoints --scheduler tcp://host:8786 [--json]
+    jupyter-mlcloud unserve digits --scheduler tcp://host:8786
+
+`serve` prints the endpoint's URL and token (JSON) and writes the PEM that verifies it; the
+endpoint lives on the cluster and keeps running after the command exits.
 
 Exit codes say what failed: 0 done, 2 bad arguments or input, 3 no cluster to run on,
-4 scoring failed.
+4 scoring or serving failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from .flags import add_score_options
+from .flags import add_score_options, add_serve_options, serve_keywords
 
 EXIT_OK, EXIT_USAGE, EXIT_CLUSTER, EXIT_FAILED = 0, 2, 3, 4
 
@@ -32,7 +41,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="workers of the local cluster (default: auto)")
     add_score_options(p)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the scheduler")
+
+    p = sub.add_parser("serve", help="serve a saved model as an HTTPS endpoint on a running"
+                                     " cluster; it keeps running after this command exits")
+    p.add_argument("--model", required=True,
+                   help="torch.save-d model, torch.export .pt2, or models:/NAME@ALIAS")
+    add_serve_options(p)
+    _scheduler_options(p)
+    p.add_argument("--ca-out", help="where to write the PEM that verifies the endpoint's"
+                                    " certificate (default: ./NAME-ca.pem)")
+
+    p = sub.add_parser("endpoints", help="list the endpoints running on a cluster")
+    _scheduler_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("unserve", help="stop an endpoint: its router and every replica")
+    p.add_argument("endpoint", metavar="NAME", help="the endpoint's name")
+    _scheduler_options(p)
     return parser
+
+
+def _scheduler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", required=True,
+                   help="the cluster's Dask scheduler: an address such as tcp://host:8786 or"
+                        " a scheduler file")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to reach the scheduler")
 
 
 def score_command(args: argparse.Namespace) -> int:
@@ -66,12 +99,93 @@ def score_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _on_cluster(args: argparse.Namespace, action: Callable[[Any], int]) -> int:
+    """``action(cluster)`` on the cluster at ``--scheduler``, with the exit code it gives;
+    ValueError is bad input (one sentence on stderr), anything else a failure. Only this
+    process's connection is closed afterwards, never the cluster or its endpoints."""
+    from .cluster import api as clusters
+
+    try:
+        cluster = clusters.connect(args.scheduler, timeout=args.timeout)
+    except ValueError as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_CLUSTER
+    try:
+        return action(cluster)
+    except ValueError as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        print(f"jupyter-mlcloud {args.command} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        cluster.close()
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    from .serving.api import serve
+    from .serving.catalog import versions_text, write_ca
+
+    ca_out = os.path.abspath(args.ca_out or f"{args.name}-ca.pem")
+    if not os.path.isdir(os.path.dirname(ca_out)):
+        print(f"jupyter-mlcloud: --ca-out {args.ca_out!r}: its folder does not exist; nothing"
+              " was started.", file=sys.stderr)
+        return EXIT_USAGE
+
+    def run(cluster: Any) -> int:
+        endpoint = serve(args.model, cluster=cluster, **serve_keywords(args))
+        try:
+            write_ca(endpoint, ca_out)
+        except OSError as e:
+            endpoint.close()
+            raise ValueError(f"cannot write --ca-out {ca_out!r} ({e.strerror}); the endpoint"
+                             " was stopped.") from None
+        print(json.dumps({"name": endpoint.name, "url": endpoint.url,
+                          "infer_url": endpoint.infer_url(), "token": endpoint.token,
+                          "ca_file": ca_out, "versions": versions_text(endpoint.versions),
+                          "replicas": len(endpoint.replicas)}))
+        return EXIT_OK
+
+    return _on_cluster(args, run)
+
+
+def endpoints_command(args: argparse.Namespace) -> int:
+    from .serving.catalog import table
+
+    def run(cluster: Any) -> int:
+        found = table(cluster)
+        if args.json:
+            for record in json.loads(found.to_json(orient="records")):
+                print(json.dumps(record))
+        elif found.empty:
+            print("No endpoints on this cluster.")
+        else:
+            print(found.to_string(index=False))
+        return EXIT_OK
+
+    return _on_cluster(args, run)
+
+
+def unserve_command(args: argparse.Namespace) -> int:
+    from .serving.catalog import find
+
+    def run(cluster: Any) -> int:
+        find(args.endpoint, cluster).close()
+        print(f"Stopped endpoint {args.endpoint!r}.")
+        return EXIT_OK
+
+    return _on_cluster(args, run)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "score": score_command, "serve": serve_command, "endpoints": endpoints_command,
+    "unserve": unserve_command}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jupyter-mlcloud`` console script."""
     args = _parser().parse_args(argv)
-    if args.command == "score":
-        return score_command(args)
-    return EXIT_USAGE  # argparse already refused anything else
+    return COMMANDS[args.command](args)  # argparse already refused anything else
 
 
 if __name__ == "__main__":

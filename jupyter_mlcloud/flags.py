@@ -34,3 +34,57 @@ def add_score_options(p: argparse.ArgumentParser, integer: Callable[[str], int] 
     """Add the options `mlc.score` takes to ``p`` (the CLI's parser)."""
     for flags, kwargs in score_options(integer):
         p.add_argument(*flags, **kwargs)
+
+
+#: Of the serve options, those that exclude each other: a fixed count or autoscale bounds.
+SERVE_EXCLUSIVE = ("--replicas", "--autoscale")
+
+
+def serve_options(integer: Callable[[str], int] = int,
+                  number: Callable[[str], float] = float) -> list[OptionSpec]:
+    """The options `mlc.serve` takes (all but the model), as flags, with the API's defaults.
+
+    The destinations are the API's keyword names, so :func:`serve_keywords` hands them on
+    as they are; the values are checked by the API, which names the allowed ones.
+    ``integer`` and ``number`` parse whole and decimal numbers.
+    """
+    return [
+        (("--name",), {"required": True,
+                       "help": "the endpoint's name, in its URLs (letters, digits, _ . -)"}),
+        (("--replicas",), {"type": integer, "default": 1,
+                           "help": "replicas of the model on the workers (1)"}),
+        (("--autoscale",), {"metavar": "MIN:MAX",
+                            "help": "let the replicas follow the load between MIN and MAX"
+                                    " instead of --replicas"}),
+        (("--max-batch-size",), {"type": integer, "default": 32,
+                                 "help": "most rows a replica runs the model on at once (32)"}),
+        (("--max-wait-ms",), {"type": number, "default": 5.0,
+                              "help": "most ms a request waits for a batch to fill (5)"}),
+        (("--max-queue",), {"type": integer, "default": 256,
+                            "help": "requests waiting per replica before 503 (256)"}),
+        (("--slo-ms",), {"type": number,
+                         "help": "answer 503 at once when the expected wait passes this"}),
+        (("--host",), {"help": "address to bind (default: each worker's own)"}),
+        (("--certfile",), {"help": "TLS certificate, readable on the workers (default: one"
+                                   " made for the endpoint)"}),
+        (("--keyfile",), {"help": "TLS private key that goes with --certfile"}),
+        (("--device",), {"default": "auto", "help": "auto, cpu or cuda (auto)"}),
+    ]
+
+
+def _dest(flags: tuple[str, ...]) -> str:
+    return flags[-1].lstrip("-").replace("-", "_")
+
+
+def add_serve_options(p: argparse.ArgumentParser, integer: Callable[[str], int] = int,
+                      number: Callable[[str], float] = float) -> None:
+    """Add the options `mlc.serve` takes to ``p`` (a magic's or the CLI's parser), with
+    ``--replicas`` and ``--autoscale`` in a mutually exclusive group."""
+    group = p.add_mutually_exclusive_group()
+    for flags, kwargs in serve_options(integer, number):
+        (group if flags[-1] in SERVE_EXCLUSIVE else p).add_argument(*flags, **kwargs)
+
+
+def serve_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `mlc.serve` that the parsed ``args`` hold."""
+    return {_dest(flags): getattr(args, _dest(flags)) for flags, _ in serve_options()}

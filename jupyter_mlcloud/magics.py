@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import os
 import shlex
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -20,9 +21,10 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from IPython.display import display
 
 from .cluster import api as clusters
-from .flags import OptionSpec, score_options
+from .flags import OptionSpec, add_serve_options, score_options, serve_keywords
 
-SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect", "models")
+SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect", "models", "serve",
+               "endpoints", "unserve")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -68,6 +70,14 @@ def _int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     return value
 
 
@@ -128,6 +138,20 @@ def _subcommand_parsers() -> dict[str, _Parser]:
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
 
     sub("models", "List the registered MLflow models, their versions and aliases.")
+
+    p = sub("serve", "Serve a model as an HTTPS endpoint (token and TLS) on the cluster's"
+                     " workers; the Endpoint is the result.")
+    p.add_argument("model", metavar="MODEL",
+                   help="a notebook name, a path to a saved model, or models:/NAME@ALIAS")
+    add_serve_options(p, integer=_int, number=_float)
+    p.add_argument("--cluster", help="cluster name (default: the current one)")
+
+    p = sub("endpoints", "Show a table of the endpoints running on the cluster.")
+    p.add_argument("--cluster", help="cluster name (default: the current one)")
+
+    p = sub("unserve", "Stop an endpoint: its router and every replica.")
+    p.add_argument("endpoint", metavar="NAME", help="the endpoint's name")
+    p.add_argument("--cluster", help="cluster name (default: the current one)")
     assert tuple(parsers) == SUBCOMMANDS
     return parsers
 
@@ -208,7 +232,7 @@ class MLCloudMagics(Magics):
     @argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
               help="the subcommand's arguments and options, listed below")
     def mlcloud(self, line: str) -> Any:
-        """Start and manage Dask clusters: `%mlcloud SUBCOMMAND [ARGS]`.
+        """Start and manage Dask clusters and endpoints: `%mlcloud SUBCOMMAND [ARGS]`.
 
         Each subcommand's arguments and options are listed below;
         `%mlcloud SUBCOMMAND --help` prints one subcommand's alone.
@@ -444,6 +468,42 @@ class MLCloudMagics(Magics):
         from .tracking.registry import table
 
         return table()
+
+    def _serve(self, args: argparse.Namespace) -> Any:
+        from .serving.api import serve
+        from .serving.catalog import versions_text
+
+        assert self.shell is not None
+        model = self._lookup(args.model)
+        if (model is args.model and args.model.isidentifier()
+                and not os.path.exists(args.model)):
+            raise UsageError(f"%mlcloud serve: MODEL {args.model!r} is neither a name in the"
+                             " notebook nor a saved model file; pass a model's name, a path"
+                             " or models:/NAME@ALIAS.")
+        endpoint = serve(model, cluster=args.cluster, **serve_keywords(args))
+        bounds = endpoint.autoscale
+        scaling = f", autoscaling {bounds[0]}:{bounds[1]}" if bounds else ""
+        print(f"Serving {endpoint.name!r} at {endpoint.url} ({versions_text(endpoint.versions)},"
+              f" {len(endpoint.replicas)} replica(s){scaling}); the Endpoint is the result (_).")
+        print(f"Token: _.token; CA certificate: {endpoint.ca_file}")
+        print(f"Call it: _.predict(x), or POST Open Inference Protocol v2 JSON to"
+              f" {endpoint.infer_url()} with 'Authorization: Bearer <token>'.")
+        return endpoint
+
+    def _endpoints(self, args: argparse.Namespace) -> Any:
+        from .serving.catalog import table
+
+        found = table(args.cluster)
+        if found.empty:
+            print("No endpoints on this cluster. Start one with `%mlcloud serve MODEL --name N`.")
+            return None
+        return found
+
+    def _unserve(self, args: argparse.Namespace) -> None:
+        from .serving.catalog import find
+
+        find(args.endpoint, args.cluster).close()
+        print(f"Stopped endpoint {args.endpoint!r}: its router and replicas are gone.")
 
 
 def register(ipython: Any) -> None:
