@@ -37,9 +37,11 @@ class ModelBlob:
     def of(cls, model: Any) -> ModelBlob:
         """From a module or callable (cloudpickled: notebook classes travel by value), a path
         to a ``torch.save`` file or a ``torch.export`` ``.pt2`` file, or an MLflow model URI
-        (``models:/name/3``, ``models:/name@alias``, ``runs:/id/model``)."""
+        (``models:/name/3``, ``models:/name@alias``, ``runs:/id/model``); a blob is itself."""
         from ..tracking import registry
 
+        if isinstance(model, ModelBlob):
+            return model
         if registry.is_model_uri(model):
             model = registry.load(model)
         elif isinstance(model, (str, os.PathLike)):

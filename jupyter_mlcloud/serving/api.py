@@ -1,6 +1,6 @@
 """From the kernel: an endpoint, one HTTPS URL over replicas on the cluster's workers.
 
-:func:`serve` ships the model to the cluster once (a future the endpoint keeps), starts the
+:func:`serve` ships the model to the cluster once (the scheduler keeps it), starts the
 replicas and a router on workers (see :mod:`.router`), all with one certificate and one
 bearer token, and publishes the endpoint's state on the cluster (see :mod:`.control`). The
 state holds no model bytes, only what another kernel needs to reach and manage the endpoint,
@@ -231,11 +231,10 @@ class Endpoint:
         self._need_open("update")
         share = _canary(canary)
         blob = ModelBlob.of(model)
-        (future,) = self._client.scatter([blob], hash=False)
         with self._editing() as state:
             count = (_replica_count(replicas) if replicas is not None
                      else max(len(control.primary(state)["replicas"]), 1))
-            control.add_version(self._client, state, future, _source(model), share, count)
+            control.add_version(self._client, state, blob, _source(model), share, count)
 
     def promote(self) -> None:
         """All traffic to the newest version; the older ones are drained and stopped."""
@@ -356,9 +355,6 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         pair = self_signed(hosts)
         ca_pem = pair.cert_pem
     blob = ModelBlob.of(model)
-    # The model stays on the cluster with the endpoint: replicas added later, from any
-    # kernel or the controller, load it from there.
-    (model_future,) = client.scatter([blob], hash=False)
     ensure_controller(client)
     endpoint_id = uuid.uuid4().hex[:8]
     token = new_token()
@@ -382,7 +378,7 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     try:
         with endpoint._editing() as current:
             first = policy.min if policy else replicas
-            control.add_version(client, current, model_future, _source(model), 1.0, first)
+            control.add_version(client, current, blob, _source(model), 1.0, first)
     except BaseException:
         endpoint.close()
         raise

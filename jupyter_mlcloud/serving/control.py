@@ -1,9 +1,12 @@
 """An endpoint's state on the cluster, and every change to it.
 
 The state is a plain dict published as the Dask dataset ``mlcloud-endpoint-<name>``: the
-router (where it runs, and its spec, to start it again), the versions (each with its model,
-as a future kept on the cluster, its weight and its replicas), the token, the certificate and
-the batching options. It holds no model bytes, so any client of the scheduler can read it.
+router (where it runs, and its spec, to start it again), the versions (each with its weight
+and its replicas), the token, the certificate and the batching options. It holds no model
+bytes, so any client of the scheduler reads it cheaply. Each version's model is published
+apart (``mlcloud-endpoint-model-<name>-<version>``), so the scheduler keeps its bytes: a
+replica can always be started again, even after every worker that had the model died (worker
+memory would not do: Dask's memory manager keeps one copy of a key, on one worker).
 
 Whoever changes it (a kernel's :class:`~.api.Endpoint`, the server extension, the CLI, or
 the :mod:`.controller` that heals and autoscales) does so inside :func:`editing`, which holds a
@@ -29,6 +32,7 @@ from . import launch
 from . import router as router_side
 
 PREFIX = "mlcloud-endpoint-"
+MODEL_PREFIX = "mlcloud-endpoint-model-"  # not a PREFIX name: "model-" is no endpoint name
 #: How many versions keep their model on the cluster (for rollback); older ones drop it.
 KEPT_MODELS = 3
 LOCK_TIMEOUT_S = 300.0
@@ -54,7 +58,8 @@ def workers(client: Any) -> list[str]:
 def names(client: Any) -> list[str]:
     """The endpoints published on ``client``'s scheduler."""
     return sorted(d[len(PREFIX):] for d in client.list_datasets()
-                  if isinstance(d, str) and d.startswith(PREFIX))
+                  if isinstance(d, str) and d.startswith(PREFIX)
+                  and not d.startswith(MODEL_PREFIX))
 
 
 def read(client: Any, name: str) -> dict[str, Any]:
@@ -73,9 +78,29 @@ def publish(client: Any, state: dict[str, Any]) -> None:
 
 
 def unpublish(client: Any, name: str) -> None:
-    """Forget endpoint ``name`` on the cluster (its model futures are released)."""
-    if dataset(name) in client.list_datasets():
-        client.unpublish_dataset(dataset(name))
+    """Forget endpoint ``name`` on the cluster, its models included."""
+    keys = [d for d in client.list_datasets() if d == dataset(name)
+            or (isinstance(d, str) and d.startswith(f"{MODEL_PREFIX}{name}-"))]
+    for key in keys:
+        client.unpublish_dataset(key)
+
+
+def _model_key(name: str, version: int) -> str:
+    return f"{MODEL_PREFIX}{name}-{version}"
+
+
+def keep_model(client: Any, name: str, version: int, blob: Any) -> None:
+    """Keep ``blob`` (a :class:`ModelBlob`) on the scheduler as ``version``'s model."""
+    key = _model_key(name, version)
+    if key in client.list_datasets():
+        client.unpublish_dataset(key)
+    client.publish_dataset(**{key: blob})
+
+
+def _drop_model(client: Any, name: str, version: int) -> None:
+    key = _model_key(name, version)
+    if key in client.list_datasets():
+        client.unpublish_dataset(key)
 
 
 @contextmanager
@@ -153,9 +178,14 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
     """Start ``n`` more replicas of ``version`` (each on the worker serving the fewest of the
     endpoint's replicas) and add them to it; they answer before this returns. Not routed yet.
     """
-    if version.get("model") is None:
+    if not version.get("model"):
         raise ValueError(f"version {version['version']} of endpoint {state['name']!r} no longer"
                          " keeps its model on the cluster; serve it again with update().")
+    key = _model_key(state["name"], version["version"])
+    if key not in client.list_datasets():
+        raise ValueError(f"the model of version {version['version']} of endpoint"
+                         f" {state['name']!r} is gone from the scheduler.")
+    blob = client.get_dataset(key)
     started = []
     for _ in range(n):
         alive = workers(client)
@@ -168,7 +198,7 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
         worker = min(alive, key=lambda w: (load[w], w))
         with _ca_file(state) as ca_file:
             replica = launch.start_replica(
-                client, version["model"], name=state["name"], version=version["version"],
+                client, blob, name=state["name"], version=version["version"],
                 worker=worker, host=state["host"], token=state["token"], tls=state["tls"],
                 certfile=state["certfile"], keyfile=state["keyfile"], ca_file=ca_file,
                 device=state["device"], max_batch_size=state["max_batch_size"],
@@ -226,11 +256,12 @@ def normalize(state: dict[str, Any]) -> None:
             v["weight"] = 0.0
 
 
-def drop_old_models(state: dict[str, Any]) -> None:
+def drop_old_models(client: Any, state: dict[str, Any]) -> None:
     """Keep models on the cluster for the newest versions only (rollback needs them)."""
     for v in state["versions"][:-KEPT_MODELS]:
-        if not v["replicas"]:
-            v["model"] = None
+        if not v["replicas"] and v["model"]:
+            _drop_model(client, state["name"], v["version"])
+            v["model"] = False
 
 
 def set_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], n: int) -> None:
@@ -248,13 +279,15 @@ def set_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], n:
             stop_replica(client, replica)
 
 
-def add_version(client: Any, state: dict[str, Any], model: Any, source: str, canary: float,
+def add_version(client: Any, state: dict[str, Any], blob: Any, source: str, canary: float,
                 replicas: int) -> dict[str, Any]:
-    """Start a new version of ``model`` with ``replicas`` replicas and give it ``canary`` of
-    the traffic (the others keep the rest in proportion; with 1.0 they are retired)."""
+    """Start a new version of ``blob`` (a :class:`ModelBlob`) with ``replicas`` replicas and
+    give it ``canary`` of the traffic (the others keep the rest in proportion; with 1.0 they
+    are retired)."""
     number = max((v["version"] for v in state["versions"]), default=0) + 1
-    version = {"version": number, "weight": 0.0, "model": model, "source": source,
-               "replicas": []}
+    version: dict[str, Any] = {"version": number, "weight": 0.0, "model": True,
+                               "source": source, "replicas": []}
+    keep_model(client, state["name"], number, blob)
     state["versions"].append(version)
     try:
         start_replicas(client, state, version, replicas)
@@ -262,6 +295,7 @@ def add_version(client: Any, state: dict[str, Any], model: Any, source: str, can
         for replica in version["replicas"]:
             stop_replica(client, replica)
         state["versions"].remove(version)
+        _drop_model(client, state["name"], number)
         raise
     others = [v for v in live(state) if v is not version]
     for v in others:
@@ -271,7 +305,7 @@ def add_version(client: Any, state: dict[str, Any], model: Any, source: str, can
     route(client, state)
     if canary >= 1.0 and others:
         retire(client, state, others)
-    drop_old_models(state)
+    drop_old_models(client, state)
     return version
 
 
@@ -289,14 +323,17 @@ def promote(client: Any, state: dict[str, Any]) -> dict[str, Any]:
 
 def rollback(client: Any, state: dict[str, Any]) -> dict[str, Any]:
     """Back to the previous version: the newest live one is drained and stopped; the other
-    live ones take its traffic, or, with none left, the version before it is started again."""
+    live ones take its traffic, or, with none left, the last version before it that was not
+    itself rolled back is started again."""
     versions = live(state)
     if not versions:
         raise ValueError(f"endpoint {state['name']!r} has no live version to roll back.")
     newest = versions[-1]
+    newest["rolled_back"] = True  # never the version a later rollback goes back to
     rest = versions[:-1]
     if not rest:
-        earlier = [v for v in state["versions"] if v["version"] < newest["version"]]
+        earlier = [v for v in state["versions"]
+                   if v["version"] < newest["version"] and not v.get("rolled_back")]
         if not earlier:
             raise ValueError(f"endpoint {state['name']!r} has only version"
                              f" {newest['version']}: there is nothing to roll back to.")

@@ -110,27 +110,42 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler]) -> list[str]:
         return []
     done: list[str] = []
     with control.editing(client, name, state["id"]) as state:
+        # Each step on its own: a router brought back is kept even if a replica cannot be.
         alive = set(control.workers(client))
         if state["router"]["worker"] not in alive:
-            _revive_router(client, state, sorted(alive))
-            done.append("router")
+            _attempt(done, "router started again", _revive_router, client, state,
+                     sorted(alive))
         for version in state["versions"]:
             lost = [r for r in version["replicas"] if r["worker"] not in alive]
-            if not lost:
-                continue
-            version["replicas"] = [r for r in version["replicas"] if r not in lost]
-            control.route(client, state)  # no request goes to them from now on
-            control.start_replicas(client, state, version, len(lost))
-            control.route(client, state)
-            done.append(f"{len(lost)} replica(s) of version {version['version']}")
+            if lost:
+                _attempt(done, f"{len(lost)} replica(s) of version {version['version']}"
+                         " replaced", _replace, client, state, version, lost)
         if wanted is not None and state.get("autoscale"):
             main = control.primary(state)
             if wanted != len(main["replicas"]):
-                control.set_replicas(client, state, main, wanted)
-                done.append(f"scaled version {main['version']} to {wanted}")
+                _attempt(done, f"version {main['version']} scaled to {wanted}",
+                         control.set_replicas, client, state, main, wanted)
     if done:
         log.info("endpoint %s: %s", name, "; ".join(done))
     return done
+
+
+def _attempt(done: list[str], what: str, step: Any, *args: Any) -> None:
+    try:
+        step(*args)
+    except Exception as e:  # the next tick tries again
+        log.warning("endpoint controller: not yet %s: %s", what, e)
+    else:
+        done.append(what)
+
+
+def _replace(client: Any, state: dict[str, Any], version: dict[str, Any],
+             lost: list[dict[str, Any]]) -> None:
+    """Take ``lost`` replicas out of the router, then start as many elsewhere."""
+    version["replicas"] = [r for r in version["replicas"] if r not in lost]
+    control.route(client, state)  # no request goes to them from now on
+    control.start_replicas(client, state, version, len(lost))
+    control.route(client, state)
 
 
 def _revive_router(client: Any, state: dict[str, Any], alive: list[str]) -> None:

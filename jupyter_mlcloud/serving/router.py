@@ -425,10 +425,11 @@ _lock = threading.Lock()
 
 def start_router(spec: RouterSpec, backends: Sequence[Backend] = ()) -> RouterInfo:
     """On a worker: serve ``spec``'s router over HTTPS in front of ``backends``; returns once
-    it accepts connections. Fails with one sentence, leaving nothing behind."""
+    it accepts connections (at once, if this worker already runs it). Fails with one
+    sentence, leaving nothing behind."""
     with _lock:
-        if spec.id in _running:
-            raise ValueError(f"router {spec.id!r} already runs on this worker.")
+        if spec.id in _running:  # started by an earlier try whose caller did not hear back
+            return _running[spec.id].info
     state = _State(tuple(_Slot(b) for b in backends))
     served = serve_app(build_app(spec, state), what="router",
                        thread_name=f"mlcloud-router-{spec.id}", host=spec.host, port=spec.port,
