@@ -312,11 +312,27 @@ class Endpoint:
             self._desc = state
 
 
+def _follow(model: Any, canary: float) -> tuple[dict[str, Any] | None, str]:
+    """What the controller needs to follow a ``models:/NAME@ALIAS`` model (None for any
+    other model), and the served version's name in listings."""
+    from ..tracking import registry
+
+    target = registry.alias_of(model)
+    if target is None:
+        return None, _source(model)
+    from ..tracking import store
+
+    uri = store.tracking_uri()
+    version = registry.alias_version(*target, uri)
+    follow = {"uri": model, "tracking_uri": uri, "version": version, "canary": canary}
+    return follow, f"models:/{target[0]}/{version} (@{target[1]})"
+
+
 def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
           autoscale: str | tuple[int, int] | None = None, max_batch_size: int = 32,
           max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
           host: str | None = None, certfile: str | None = None, keyfile: str | None = None,
-          device: str = "auto") -> Endpoint:
+          device: str = "auto", canary: float = 1.0) -> Endpoint:
     """Serve ``model`` (anything :func:`mlc.score` takes, ``models:/name@alias`` included)
     as ``name`` from ``replicas`` replicas on ``cluster``'s workers, behind one router URL
     with TLS and a bearer token.
@@ -328,6 +344,10 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     local cluster). TLS uses ``certfile``/``keyfile`` (readable on the workers) or a
     certificate generated for this endpoint. ``device="auto"`` uses each worker's GPU when
     it has one. Fails early, in one sentence, on bad input, leaving nothing running.
+
+    A ``models:/NAME@ALIAS`` endpoint follows the alias: when it moves to another registered
+    version, that version is rolled out as :meth:`Endpoint.update` would, taking ``canary``
+    of the traffic (1.0: all of it, replacing the old one).
     """
     from .autoscale import AutoscalePolicy
     from .controller import ensure_controller
@@ -337,6 +357,7 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     _replica_count(replicas)
     BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)  # checks them
     policy = AutoscalePolicy.parse(autoscale) if autoscale is not None else None
+    share = _canary(canary)
     if control.dataset(name) in client.list_datasets():
         raise ValueError(f"an endpoint named {name!r} already runs on this cluster; close it"
                          " first (mlc.endpoints()) or pick another name.")
@@ -355,6 +376,7 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         pair = self_signed(hosts)
         ca_pem = pair.cert_pem
     blob = ModelBlob.of(model)
+    follow, source = _follow(model, share)
     ensure_controller(client)
     endpoint_id = uuid.uuid4().hex[:8]
     token = new_token()
@@ -372,13 +394,14 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         "keyfile": keyfile, "device": device, "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms, "max_queue": max_queue, "slo_ms": slo_ms,
         "autoscale": policy.as_dict() if policy else None, "created": time.time(),
+        "follow": follow,
     }
     control.publish(client, state)
     endpoint = Endpoint(client, state)
     try:
         with endpoint._editing() as current:
             first = policy.min if policy else replicas
-            control.add_version(client, current, blob, _source(model), 1.0, first)
+            control.add_version(client, current, blob, source, 1.0, first)
     except BaseException:
         endpoint.close()
         raise

@@ -48,6 +48,7 @@ class EndpointController(SchedulerPlugin):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._scalers: dict[str, Autoscaler] = {}
+        self._asked: dict[str, float] = {}  # endpoint: when its followed alias was last read
 
     def __getstate__(self) -> dict[str, Any]:  # travels to the scheduler without its thread
         return {"interval": self.interval}
@@ -87,7 +88,7 @@ class EndpointController(SchedulerPlugin):
                     if self._stop.is_set():
                         return
                     try:
-                        tend(client, name, self._scalers)
+                        tend(client, name, self._scalers, self._asked)
                     except LookupError:
                         self._scalers.pop(name, None)  # closed meanwhile
                     except Exception:
@@ -97,8 +98,11 @@ class EndpointController(SchedulerPlugin):
             client.close()
 
 
-def tend(client: Any, name: str, scalers: dict[str, Autoscaler]) -> list[str]:
-    """One look at endpoint ``name``: revive, replace, scale as needed; what it did."""
+def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
+         asked: dict[str, float] | None = None) -> list[str]:
+    """One look at endpoint ``name``: revive, replace, scale, follow its alias as needed;
+    what it did. ``asked``: when each endpoint's alias was last read (every
+    ``follow.INTERVAL_S``)."""
     state = control.read(client, name)
     alive = set(control.workers(client))
     if not alive:
@@ -106,7 +110,8 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler]) -> list[str]:
     router_gone = state["router"]["worker"] not in alive
     dead = [r for r in control.all_replicas(state) if r["worker"] not in alive]
     wanted = None if router_gone else _autoscale(client, state, scalers)
-    if not (router_gone or dead or wanted is not None):
+    moved = None if router_gone else _alias_moved(client, state, asked)
+    if not (router_gone or dead or wanted is not None or moved is not None):
         return []
     done: list[str] = []
     with control.editing(client, name, state["id"]) as state:
@@ -125,9 +130,44 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler]) -> list[str]:
             if wanted != len(main["replicas"]):
                 _attempt(done, f"version {main['version']} scaled to {wanted}",
                          control.set_replicas, client, state, main, wanted)
+        if moved is not None and state.get("follow"):
+            _attempt(done, f"registered version {moved[0]} rolled out", _roll_out, client,
+                     state, *moved)
     if done:
         log.info("endpoint %s: %s", name, "; ".join(done))
     return done
+
+
+def _alias_moved(client: Any, state: dict[str, Any], asked: dict[str, float] | None
+                 ) -> tuple[int, Any] | None:
+    """``(version, blob)`` when the followed alias points at another version now."""
+    from . import follow
+
+    spec = state.get("follow")
+    if not spec or asked is None:
+        return None
+    now = time.monotonic()
+    if now - asked.get(state["name"], float("-inf")) < follow.INTERVAL_S:
+        return None
+    asked[state["name"]] = now
+    try:  # on a worker: it has MLflow and the model's libraries
+        result: tuple[int, Any] | None = client.submit(
+            follow.moved, spec["uri"], spec["tracking_uri"], spec["version"],
+            pure=False).result(timeout=120)
+    except Exception as e:
+        log.warning("endpoint %s: could not read %s: %s", state["name"], spec["uri"], e)
+        return None
+    return result
+
+
+def _roll_out(client: Any, state: dict[str, Any], version: int, blob: Any) -> None:
+    spec = state["follow"]
+    name = spec["uri"].split("@")[0]
+    alias = spec["uri"].rsplit("@", 1)[1]
+    count = max(len(control.primary(state)["replicas"]), 1)
+    control.add_version(client, state, blob, f"{name}/{version} (@{alias})", spec["canary"],
+                        count)
+    spec["version"] = version
 
 
 def _attempt(done: list[str], what: str, step: Any, *args: Any) -> None:

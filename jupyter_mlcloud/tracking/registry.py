@@ -63,6 +63,19 @@ def check_uri(uri: str, uri_store: str | None = None) -> str:
     return uri
 
 
+def alias_of(uri: Any) -> tuple[str, str] | None:
+    """``(name, alias)`` of a ``models:/NAME@ALIAS`` URI; None for anything else."""
+    match = _MODELS_URI.match(uri) if isinstance(uri, str) else None
+    if match is None or match["alias"] is None:
+        return None
+    return match["name"], match["alias"]
+
+
+def alias_version(name: str, alias: str, uri_store: str | None = None) -> int:
+    """The version number ``name@alias`` points at now."""
+    return int(store.client(uri_store).get_model_version_by_alias(name, alias).version)
+
+
 def load(uri: str) -> Any:
     """The ``torch.nn.Module`` a model URI names, on the CPU, in eval mode."""
     check_uri(uri)

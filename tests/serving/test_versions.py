@@ -172,3 +172,18 @@ def test_bad_version_arguments_are_refused_in_one_sentence(endpoint: Endpoint) -
     with pytest.raises(ValueError, match="replicas must be an integer >= 1, got 0."):
         endpoint.update(linear(1.0), canary=0.2, replicas=0)
     assert len(endpoint.versions) == 1  # nothing was started
+
+
+def test_an_endpoint_serving_an_alias_rolls_out_where_the_alias_moves(cluster: Any) -> None:
+    mlc.register(linear(1.0), "follower", alias="prod")
+    ep = mlc.serve("models:/follower@prod", name="follower", cluster=cluster, canary=0.5)
+    try:
+        assert ep.versions == [{"version": 1, "weight": 1.0, "replicas": 1}]
+        mlc.register(linear(5.0), "follower", alias="prod")  # version 2 of the registry
+        wait_for(lambda: len(ep.versions) == 2, 90, "the moved alias to be rolled out")
+        assert ep.versions == [{"version": 1, "weight": 0.5, "replicas": 1},
+                               {"version": 2, "weight": 0.5, "replicas": 1}]
+        np.testing.assert_array_equal(ep.predict(X, version=2), expected(linear(5.0), X))
+        np.testing.assert_array_equal(ep.predict(X, version=1), expected(linear(1.0), X))
+    finally:
+        ep.close()
