@@ -16,6 +16,7 @@ import os
 import shutil
 import ssl
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -312,6 +313,34 @@ class Endpoint:
             self._desc = state
 
 
+_growing: dict[str, Any] = {}  # client id: the cluster handle scaled on the controller's asks
+
+
+def _grow_on_request(handle: Any) -> None:
+    """Scale ``handle``'s cluster up when the endpoint controller asks for workers (once per
+    client; only up: workers an endpoint no longer uses are the cluster's to retire)."""
+    from .controller import SCALE_TOPIC
+
+    if handle.client.id in _growing:
+        return
+    _growing[handle.client.id] = handle
+
+    def on_request(event: tuple[float, Any]) -> None:
+        wanted = int(event[1]["workers"])
+
+        def grow() -> None:
+            try:
+                have = len(control.workers(handle.client))
+                if wanted > have:
+                    handle.scale(wanted)
+            except Exception:  # a closed cluster: nothing to grow
+                pass
+
+        threading.Thread(target=grow, name="mlcloud-endpoint-grow", daemon=True).start()
+
+    handle.client.subscribe_topic(SCALE_TOPIC, on_request)
+
+
 def _follow(model: Any, canary: float) -> tuple[dict[str, Any] | None, str]:
     """What the controller needs to follow a ``models:/NAME@ALIAS`` model (None for any
     other model), and the served version's name in listings."""
@@ -353,6 +382,8 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     from .controller import ensure_controller
 
     client = clusters.resolve_client(cluster)
+    handle = cluster if isinstance(cluster, clusters.ClusterHandle) else (
+        clusters.get(cluster) if cluster is None or isinstance(cluster, str) else None)
     launch._check(name, "1", device, 16 * 2**20)
     _replica_count(replicas)
     BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)  # checks them
@@ -378,6 +409,8 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     blob = ModelBlob.of(model)
     follow, source = _follow(model, share)
     ensure_controller(client)
+    if policy is not None and handle is not None and handle.cluster is not None:
+        _grow_on_request(handle)
     endpoint_id = uuid.uuid4().hex[:8]
     token = new_token()
     spec = router_side.RouterSpec(

@@ -6,7 +6,10 @@ kernel attached. Every ``interval`` seconds, for each endpoint, it:
 - starts the router again when its worker died, on a worker of the same host and on the same
   port, so the URL does not change (a nanny restarts a killed worker on the same host);
 - takes replicas whose worker died out of the router and starts as many again elsewhere;
-- applies the endpoint's autoscale policy (see :mod:`.autoscale`).
+- applies the endpoint's autoscale policy (see :mod:`.autoscale`): one replica a worker; for
+  replicas the cluster has no worker for, it asks for workers on :data:`SCALE_TOPIC`, which
+  the process holding the cluster object answers with ``cluster.scale``;
+- rolls out the version a followed ``models:/NAME@ALIAS`` points at (see :mod:`.follow`).
 
 It changes an endpoint only inside :func:`.control.editing`, like any kernel does. The
 scheduler has no client of its own, so the controller makes one, in a thread, to its own
@@ -15,6 +18,7 @@ scheduler.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 
 NAME = "mlcloud-endpoint-controller"
 INTERVAL_S = 0.5
+#: Where the controller asks for workers; the process holding the cluster object listens
+#: (see ``api.serve``) and scales the cluster up.
+SCALE_TOPIC = "mlcloud-endpoint-scale"
 
 
 def ensure_controller(client: Any) -> None:
@@ -49,6 +56,7 @@ class EndpointController(SchedulerPlugin):
         self._thread: threading.Thread | None = None
         self._scalers: dict[str, Autoscaler] = {}
         self._asked: dict[str, float] = {}  # endpoint: when its followed alias was last read
+        self._client: Any = None
 
     def __getstate__(self) -> dict[str, Any]:  # travels to the scheduler without its thread
         return {"interval": self.interval}
@@ -63,14 +71,19 @@ class EndpointController(SchedulerPlugin):
         self._thread.start()
 
     async def close(self) -> None:
+        # Called while the scheduler still runs: its client closes now, instead of trying
+        # to reconnect to a scheduler that is going away.
         self._stop.set()
+        client = self._client
+        if client is not None:
+            await asyncio.get_running_loop().run_in_executor(None, client.close, 10)
 
     def _run(self, address: str, security: Any) -> None:
         from distributed import Client
 
         try:
-            client = Client(address, security=security, set_as_default=False, timeout=30,
-                            name=NAME)
+            client = self._client = Client(address, security=security, set_as_default=False,
+                                           timeout=30, name=NAME)
         except Exception:
             log.exception("the endpoint controller could not connect to its scheduler")
             return
@@ -127,6 +140,7 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
                          " replaced", _replace, client, state, version, lost)
         if wanted is not None and state.get("autoscale"):
             main = control.primary(state)
+            wanted = _fit(client, state, main, wanted, alive)
             if wanted != len(main["replicas"]):
                 _attempt(done, f"version {main['version']} scaled to {wanted}",
                          control.set_replicas, client, state, main, wanted)
@@ -136,6 +150,22 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
     if done:
         log.info("endpoint %s: %s", name, "; ".join(done))
     return done
+
+
+def _fit(client: Any, state: dict[str, Any], main: dict[str, Any], wanted: int,
+         alive: set[str]) -> int:
+    """``wanted`` replicas, or as many as there are workers for (one replica a worker when
+    autoscaling); for the rest, ask for workers on :data:`SCALE_TOPIC`."""
+    current = len(main["replicas"])
+    if wanted <= current:
+        return wanted
+    busy = {r["worker"] for r in control.all_replicas(state)}
+    free = len(alive - busy)
+    if wanted - current <= free:
+        return wanted
+    needed = len(alive) + (wanted - current - free)
+    client.log_event(SCALE_TOPIC, {"endpoint": state["name"], "workers": needed})
+    return current + free
 
 
 def _alias_moved(client: Any, state: dict[str, Any], asked: dict[str, float] | None

@@ -123,6 +123,8 @@ class Slow(torch.nn.Module):
 
 
 def test_autoscale_follows_the_load_up_and_back_down_losing_nothing(cluster: Any) -> None:
+    cluster.scale(1)  # the second replica needs a worker the cluster does not have yet
+    wait_for(lambda: len(cluster.client.scheduler_info()["workers"]) == 1, 60, "one worker")
     ep = mlc.serve(Slow(), name="elastic", cluster=cluster, autoscale="1:2",
                    max_batch_size=1)
     try:
@@ -132,16 +134,20 @@ def test_autoscale_follows_the_load_up_and_back_down_losing_nothing(cluster: Any
         for load in loads:
             load.__enter__()
         try:
-            wait_for(lambda: len(ep.replicas) == 2, 60, "a second replica under load")
+            # The controller asks for a worker, this kernel's cluster object adds it, and
+            # the second replica starts there.
+            wait_for(lambda: len(set(ep.replicas)) == 2, 90, "a second replica under load")
         finally:
             for load in loads:
                 load.__exit__()
+        assert len(cluster.client.scheduler_info()["workers"]) == 2
         wait_for(lambda: len(ep.replicas) == 1, 60, "scaling back down when idle")
         assert [f for load in loads for f in load.failures] == []
         ep.scale(2)  # a manual scale turns autoscaling off
         assert ep.autoscale is None and len(ep.replicas) == 2
     finally:
         ep.close()
+        cluster.scale(2)
 
 
 def test_set_autoscale_refuses_bad_bounds_in_one_sentence(cluster: Any) -> None:
