@@ -63,3 +63,22 @@ def test_an_unreachable_server_warns_once_and_loses_nothing(tmp_path: Path) -> N
         history = client.get_metric_history(recorder.run_id, "loss")
         assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [
             (0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+def test_the_recording_thread_runs_only_on_cores_nothing_else_wants() -> None:
+    import os
+    import threading
+
+    from jupyter_mlcloud.tracking.recorder import _yield_to_others
+
+    seen: list[int] = []
+
+    def record() -> None:
+        _yield_to_others()
+        seen.append(os.sched_getscheduler(0))
+
+    thread = threading.Thread(target=record)
+    thread.start()
+    thread.join(10)
+    assert seen == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the calling thread keeps its policy
