@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .handlers import FEEDS_KEY, LISTS_KEY, route_table
+from .handlers import ENDPOINTS_KEY, FEEDS_KEY, LISTS_KEY, route_table
 
 
 def install(web_app: Any) -> None:
     """Add the routes, and the live state they share, to a tornado application."""
+    from ..serving.board import Board
     from . import feeds
 
     live = feeds.Feeds()
     web_app.settings[FEEDS_KEY] = live
     web_app.settings[LISTS_KEY] = feeds.ListWatcher(live)
+    web_app.settings[ENDPOINTS_KEY] = Board()
     web_app.add_handlers(".*$", route_table(web_app.settings["base_url"]))
 
 

@@ -16,6 +16,8 @@ from .. import panels
 from ..cluster import api as clusters
 from ..cluster import discovery
 from ..cluster import info as cluster_info
+from ..panels import endpoint as endpoint_panel
+from ..serving import board
 from ..telemetry import fold
 from . import feeds
 
@@ -24,6 +26,7 @@ START_OPTIONS = ("name", "workers", "threads_per_worker", "memory_limit", "gpu",
 # Where the server's live state lives in the tornado settings (see ``server.install``).
 FEEDS_KEY = "mlcloud_feeds"
 LISTS_KEY = "mlcloud_lists"
+ENDPOINTS_KEY = "mlcloud_endpoints"
 
 
 def _refuse(handler: Any, status: int, message: str) -> None:
@@ -134,9 +137,10 @@ class ClusterResourcesHandler(_Handler):
 
 
 class PanelHandler(JupyterHandler):
-    """``GET /mlcloud/panels/loss/<run>[,<run>...]`` (runs overlaid) and
-    ``/mlcloud/panels/resources/<cluster>``: the Bokeh panels as pages, for sidebar tabs (a
-    page handler: API handlers forbid scripts). Unknown targets get a page that says so."""
+    """``GET /mlcloud/panels/loss/<run>[,<run>...]`` (runs overlaid),
+    ``/mlcloud/panels/resources/<cluster>`` and ``/mlcloud/panels/endpoint/<cluster>:<name>``:
+    the Bokeh panels as pages, for sidebar tabs (a page handler: API handlers forbid scripts).
+    Unknown targets get a page that says so."""
 
     def message(self, status: int, text: str) -> None:
         self.set_status(status)
@@ -155,6 +159,16 @@ class PanelHandler(JupyterHandler):
             if len(gone) == len(run_ids):
                 return self.message(404, " ".join(gone))
             page = panels.loss_page(run_ids, metrics, root)
+        elif kind == "endpoint":
+            try:
+                cluster, name = board.parse_target(target)
+                entry, versions = await _board(self).panel(cluster, name)
+            except ValueError as e:
+                return self.message(400, str(e))
+            except board.EndpointUnknown as e:
+                return self.message(404, str(e))
+            page = endpoint_panel.endpoint_page(cluster, name, versions, root,
+                                                details=board.details(entry))
         else:
             if discovery.get(target) is None:
                 return self.message(404, f"no cluster named {target!r}.")
@@ -261,6 +275,72 @@ class EventsHandler(JupyterHandler, tornado.websocket.WebSocketHandler):
         _lists(self).unsubscribe(self.send_lists)
 
 
+class _EndpointHandler(_Handler):
+    """Answers what :class:`~jupyter_mlcloud.serving.board.Board` gives, or its failure: an
+    unknown cluster or endpoint is a 404, a value the API refuses a 400, a scheduler that does
+    not answer (or an endpoint held by another change too long) a 503, each with one sentence.
+    """
+
+    async def answer(self, pending: Any) -> None:
+        try:
+            found = await pending
+        except board.EndpointUnknown as e:
+            return self.refuse(404, str(e))
+        except ValueError as e:
+            return self.refuse(400, str(e))
+        except (board.SchedulerSilent, TimeoutError) as e:
+            return self.refuse(503, str(e))
+        self.finish(json.dumps(found))
+
+
+class EndpointsHandler(_EndpointHandler):
+    """``GET /mlcloud/endpoints``: every endpoint on every discovered cluster: its URL,
+    versions with weights, replicas and their workers, autoscale bounds and live figures;
+    those of a scheduler that does not answer as last seen, marked unreachable."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        await self.answer(_board(self).list_endpoints())
+
+
+class EndpointScaleHandler(_EndpointHandler):
+    """``POST /mlcloud/endpoints/<cluster>/<name>/scale`` with ``{"replicas": N}``: run N
+    replicas of the endpoint's main version; answers the endpoint as listed."""
+
+    @tornado.web.authenticated
+    async def post(self, cluster: str, name: str) -> None:
+        change = self.body()
+        if set(change) != {"replicas"}:
+            return self.refuse(400, 'send {"replicas": N}.')
+        await self.answer(_board(self).scale(cluster, name, change["replicas"]))
+
+
+class EndpointActionHandler(_EndpointHandler):
+    """``POST /mlcloud/endpoints/<cluster>/<name>/promote`` (all traffic to the newest version)
+    and ``.../rollback`` (back to the previous one); answers the endpoint as listed."""
+
+    def initialize(self, action: str) -> None:
+        self.action = action
+
+    @tornado.web.authenticated
+    async def post(self, cluster: str, name: str) -> None:
+        await self.answer(getattr(_board(self), self.action)(cluster, name))
+
+
+class EndpointStatsHandler(_EndpointHandler):
+    """``GET /mlcloud/endpoints/<cluster>/<name>/stats``: the endpoint's requests per second,
+    p50/p99 latency, requests and errors over time, in total and per version, as columns (the
+    endpoint panel's data)."""
+
+    @tornado.web.authenticated
+    async def get(self, cluster: str, name: str) -> None:
+        await self.answer(_board(self).stats(cluster, name))
+
+
+def _board(handler: Any) -> board.Board:
+    return handler.settings[ENDPOINTS_KEY]  # type: ignore[no-any-return]
+
+
 def _feeds(handler: Any) -> feeds.Feeds:
     return handler.settings[FEEDS_KEY]  # type: ignore[no-any-return]
 
@@ -275,8 +355,10 @@ def route_table(base_url: str) -> list[tuple[Any, ...]]:
 
     root = url_path_join(base_url, "mlcloud")
     name = r"([A-Za-z0-9][A-Za-z0-9_.-]{0,63})"
-    target = r"([A-Za-z0-9][A-Za-z0-9_.,%-]{0,600})"  # a cluster, or run ids joined by commas
+    # a cluster, run ids joined by commas, or CLUSTER:ENDPOINT
+    target = r"([A-Za-z0-9][A-Za-z0-9_.,:%-]{0,600})"
     part = r"([^/]{1,256})"  # a model or alias name (percent-decoded by tornado)
+    endpoint = url_path_join(root, "endpoints", name, r"([A-Za-z0-9][A-Za-z0-9_.-]{0,127})")
     return [
         (url_path_join(root, "clusters"), ClustersHandler),
         (url_path_join(root, "clusters", name), ClusterHandler),
@@ -286,7 +368,12 @@ def route_table(base_url: str) -> list[tuple[Any, ...]]:
         (url_path_join(root, "models", part, "aliases", part), ModelAliasHandler),
         (url_path_join(root, "events"), EventsHandler),
         (url_path_join(root, "runs", r"([0-9a-f]{1,32})", "metrics"), RunMetricsHandler),
-        (url_path_join(root, "panels", r"(loss|resources)", target), PanelHandler),
+        (url_path_join(root, "endpoints"), EndpointsHandler),
+        (url_path_join(endpoint, "scale"), EndpointScaleHandler),
+        (url_path_join(endpoint, "promote"), EndpointActionHandler, {"action": "promote"}),
+        (url_path_join(endpoint, "rollback"), EndpointActionHandler, {"action": "rollback"}),
+        (url_path_join(endpoint, "stats"), EndpointStatsHandler),
+        (url_path_join(root, "panels", r"(loss|resources|endpoint)", target), PanelHandler),
         (url_path_join(root, "bokeh", "static", r"(.*)"), BokehStaticHandler,
          {"path": str(bokehjs_path())}),
     ]
