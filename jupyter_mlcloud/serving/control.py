@@ -107,8 +107,10 @@ def _drop_model(client: Any, name: str, version: int) -> None:
 def editing(client: Any, name: str, endpoint_id: str | None = None
             ) -> Iterator[dict[str, Any]]:
     """Hold the endpoint's lock and yield its newest state; what the block leaves in it is
-    published when the block ends without an error. LookupError if the endpoint is gone (or,
-    with ``endpoint_id``, replaced by another of the same name)."""
+    published when the block ends, by an error too (every step records a replica once it
+    runs and forgets it once it stopped, so the state never loses a running process).
+    LookupError if the endpoint is gone (or, with ``endpoint_id``, replaced by another of the
+    same name)."""
     from distributed import Lock
 
     lock = Lock(f"mlcloud-endpoint-lock-{name}", scheduler_rpc=client.scheduler,
@@ -119,11 +121,13 @@ def editing(client: Any, name: str, endpoint_id: str | None = None
         state = read(client, name)
         if endpoint_id is not None and state["id"] != endpoint_id:
             raise LookupError(f"endpoint {name!r} was replaced by another.")
-        yield state
-        if state.get("closed"):
-            unpublish(client, name)
-        else:
-            publish(client, state)
+        try:
+            yield state
+        finally:
+            if state.get("closed"):
+                unpublish(client, name)
+            else:
+                publish(client, state)
     finally:
         lock.release()
 
@@ -234,12 +238,25 @@ def route(client: Any, state: dict[str, Any]) -> None:
 
 def retire(client: Any, state: dict[str, Any], versions: list[dict[str, Any]]) -> None:
     """Take ``versions`` out of traffic (weight 0, no replicas), drain and stop their replicas."""
-    leaving = [r for v in versions for r in v["replicas"]]
+    before = [(v, v["weight"], v["replicas"]) for v in versions]
     for v in versions:
         v["weight"], v["replicas"] = 0.0, []
-    route(client, state)
-    for replica in leaving:
-        stop_replica(client, replica)
+    _route_or_restore(client, state, before)
+    for _, _, replicas in before:
+        for replica in replicas:
+            stop_replica(client, replica)
+
+
+def _route_or_restore(client: Any, state: dict[str, Any],
+                      before: list[tuple[dict[str, Any], float, list[dict[str, Any]]]]) -> None:
+    """:func:`route`; if the router cannot be told, the versions get their weights and
+    replicas back (they still run, and still get traffic)."""
+    try:
+        route(client, state)
+    except BaseException:
+        for v, weight, replicas in before:
+            v["weight"], v["replicas"] = weight, replicas
+        raise
 
 
 def normalize(state: dict[str, Any]) -> None:
@@ -274,7 +291,7 @@ def set_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], n:
     elif n < len(current):
         leaving = current[n:]
         version["replicas"] = current[:n]
-        route(client, state)
+        _route_or_restore(client, state, [(version, version["weight"], current)])
         for replica in leaving:
             stop_replica(client, replica)
 
@@ -329,7 +346,6 @@ def rollback(client: Any, state: dict[str, Any]) -> dict[str, Any]:
     if not versions:
         raise ValueError(f"endpoint {state['name']!r} has no live version to roll back.")
     newest = versions[-1]
-    newest["rolled_back"] = True  # never the version a later rollback goes back to
     rest = versions[:-1]
     if not rest:
         earlier = [v for v in state["versions"]
@@ -345,6 +361,7 @@ def rollback(client: Any, state: dict[str, Any]) -> dict[str, Any]:
     newest["weight"] = 0.0
     normalize(state)
     retire(client, state, [newest])
+    newest["rolled_back"] = True  # never the version a later rollback goes back to
     normalize(state)
     return rest[-1]
 
