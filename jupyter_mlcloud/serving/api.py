@@ -199,8 +199,8 @@ class Endpoint:
         self._need_open("stats")
         self._refresh_quietly()
         router = self._desc["router"]
-        figures = dict(control.submit(self._client, router_side.stats, router["id"],
-                                      worker=router["worker"], timeout=30))
+        figures = dict(launch.call(self._client, router_side.stats, router["id"],
+                                   worker=router["worker"]))
         figures.pop("busy_s", None)
         counts = {str(v["version"]): v["replicas"] for v in control.summary(self._desc)}
         versions = {}
@@ -417,8 +417,8 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         f"{name}-router-{endpoint_id}", name, token, ca_pem, check_hostname=pair is None,
         host=host, tls=pair, certfile=certfile if pair is None else None,
         keyfile=keyfile if pair is None else None)
-    info: router_side.RouterInfo = control.submit(client, router_side.start_router, spec,
-                                                  worker=workers[0])
+    info: router_side.RouterInfo = launch.call(client, router_side.start_router, spec,
+                                               worker=workers[0])
     state: dict[str, Any] = {
         "id": endpoint_id, "name": name, "token": token, "ca_pem": ca_pem,
         "router": {"id": info.id, "worker": info.worker, "url": info.url, "port": info.port,

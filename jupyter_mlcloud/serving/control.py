@@ -43,13 +43,6 @@ def dataset(name: str) -> str:
     return PREFIX + name
 
 
-def submit(client: Any, fn: Any, *args: Any, worker: str, timeout: float = 120.0) -> Any:
-    """``fn(*args)`` as a task on ``worker`` (not ``client.run``: waits must not block the
-    worker's event loop), its result."""
-    return client.submit(fn, *args, workers=[worker], allow_other_workers=False,
-                         pure=False).result(timeout=timeout)
-
-
 def workers(client: Any) -> list[str]:
     """The scheduler's workers now, sorted."""
     return sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
@@ -219,8 +212,8 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
 def stop_replica(client: Any, replica: dict[str, Any]) -> bool:
     """Stop one replica on its worker; False if it (or its worker) was gone already."""
     try:
-        return bool(submit(client, worker_side.stop_replica, replica["id"],
-                           worker=replica["worker"], timeout=60))
+        return bool(launch.call(client, worker_side.stop_replica, replica["id"],
+                                worker=replica["worker"]))
     except Exception:
         return False
 
@@ -232,8 +225,8 @@ def route(client: Any, state: dict[str, Any]) -> None:
     backends = [router_side.Backend(r["id"], r["url"], str(v["version"]))
                 for v in state["versions"] for r in v["replicas"]]
     weights = {str(v["version"]): v["weight"] for v in live(state)}
-    submit(client, router_side.set_backends, router["id"], backends, weights,
-           worker=router["worker"])
+    launch.call(client, router_side.set_backends, router["id"], backends, weights,
+                worker=router["worker"])
 
 
 def retire(client: Any, state: dict[str, Any], versions: list[dict[str, Any]]) -> None:
@@ -371,8 +364,7 @@ def close(client: Any, state: dict[str, Any]) -> None:
     :func:`editing`)."""
     router = state["router"]
     try:
-        submit(client, router_side.stop_router, router["id"], worker=router["worker"],
-               timeout=60)
+        launch.call(client, router_side.stop_router, router["id"], worker=router["worker"])
     except Exception:
         pass  # its worker is gone: so is the router
     finally:

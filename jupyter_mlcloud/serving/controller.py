@@ -27,7 +27,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from . import control
+from . import control, launch
 from . import router as router_side
 from .autoscale import AutoscalePolicy, Autoscaler
 
@@ -228,7 +228,7 @@ def _revive_router(client: Any, state: dict[str, Any], alive: list[str]) -> None
     spec = old["spec"]
     if same_host:
         spec = dataclasses.replace(spec, port=old["port"])
-    info: router_side.RouterInfo = control.submit(
+    info: router_side.RouterInfo = launch.call(
         client, router_side.start_router, spec, worker=(same_host or alive)[0])
     state["router"] = {**old, "worker": info.worker, "url": info.url, "port": info.port}
     control.route(client, state)
@@ -246,8 +246,8 @@ def _autoscale(client: Any, state: dict[str, Any], scalers: dict[str, Autoscaler
         scaler = scalers[state["name"]] = Autoscaler(policy)
     router = state["router"]
     try:
-        figures = control.submit(client, router_side.stats, router["id"],
-                                 worker=router["worker"], timeout=10)
+        figures = launch.call(client, router_side.stats, router["id"],
+                              worker=router["worker"])
     except Exception:
         return None  # closing, or its worker just went: the next tick sees which
     return scaler.observe(time.monotonic(), figures["busy_s"],

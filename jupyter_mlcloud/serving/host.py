@@ -1,14 +1,16 @@
 """On a worker: the replicas this worker process serves, each a uvicorn server in a thread
 of its own, with its own event loop, batcher thread and listening socket.
 
-:func:`start_replica` and :func:`stop_replica` are what the kernel submits to a worker (see
-``launch``); :func:`replicas` lists what a worker runs. The socket is bound here before
+:func:`start_replica` and :func:`stop_replica` are what the kernel runs on a worker (see
+``launch``, which calls them through :func:`in_thread`); :func:`replicas` lists what a worker
+runs. The socket is bound here before
 uvicorn starts (port 0: the OS picks a free one), so there is no window in which another
 process can take the port between choosing and binding it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -76,13 +78,19 @@ _running: dict[str, _Running] = {}
 _lock = threading.Lock()
 
 
+_calling = threading.local()  # .worker: the worker that handed this thread its call
+
+
 def _worker_host() -> tuple[str, str]:
     """This worker's contact address and its host part."""
-    from distributed import get_worker
     from distributed.comm import get_address_host
 
-    address = get_worker().address
-    return address, get_address_host(address)
+    worker = getattr(_calling, "worker", None)
+    if worker is None:  # a task: Dask knows its worker
+        from distributed import get_worker
+
+        worker = get_worker()
+    return worker.address, get_address_host(worker.address)
 
 
 def url_host(host: str) -> str:
@@ -221,6 +229,22 @@ def stop_replica(replica_id: str, timeout: float = 30.0) -> bool:
         log.warning("replica %s did not stop within %g s", replica_id, timeout)
         return False
     return True
+
+
+async def in_thread(fn: Any, *args: Any, dask_worker: Any = None) -> Any:
+    """On a worker, from ``client.run`` (which passes ``dask_worker``): ``fn(*args)`` in a
+    thread beside the worker's event loop. Not a task: the worker's task slots may be held by
+    training for hours, and an endpoint must still be started, scaled and healed meanwhile;
+    not on the event loop either, since starting or draining waits for seconds."""
+
+    def call() -> Any:
+        _calling.worker = dask_worker
+        try:
+            return fn(*args)
+        finally:
+            _calling.worker = None
+
+    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def stop_all(timeout: float = 30.0) -> list[str]:

@@ -62,6 +62,12 @@ def _check(name: str, version: str, device: str, max_body_bytes: int) -> None:
         raise ValueError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}.")
 
 
+def call(client: Any, fn: Any, *args: Any, worker: str) -> Any:
+    """``fn(*args)`` on ``worker``, in a thread of its own there (see
+    :func:`.host.in_thread`), its result; raises what it raised."""
+    return client.run(worker_side.in_thread, fn, *args, workers=[worker])[worker]
+
+
 def _pick_worker(client: Any) -> str:
     """The worker serving the fewest replicas (the first by address on a tie)."""
     counts = client.run(lambda: len(worker_side.replicas()))
@@ -77,9 +83,10 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
                   tls: KeyPair | None = None, device: str = "auto",
                   features: int | None = None, max_batch_size: int = 32,
                   max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
-                  max_body_bytes: int = 16 * 2**20, timeout: float = 120.0) -> Replica:
-    """Serve ``model`` as ``name`` (at ``version``) from one Dask worker of ``client``;
-    ``model`` may also be a future of a :class:`ModelBlob` already on the cluster.
+                  max_body_bytes: int = 16 * 2**20) -> Replica:
+    """Serve ``model`` (anything :class:`ModelBlob` takes) as ``name`` (at ``version``) from
+    one Dask worker of ``client``; returns once it answers (the server's start is bounded on
+    the worker).
 
     ``worker``: the worker's address (default: the one serving the fewest replicas).
     ``host``: the address to bind (default: the worker's own, 127.0.0.1 on a local
@@ -92,10 +99,7 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
     version = str(version)
     _check(name, version, device, max_body_bytes)
     options = BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)
-    from distributed import Future
-
-    # A future of a ModelBlob already on the cluster (an endpoint's) is used as it is.
-    blob: Any = model if isinstance(model, Future) else ModelBlob.of(model)
+    blob = ModelBlob.of(model)
     if worker is None:
         worker = _pick_worker(client)
     elif worker not in client.scheduler_info().get("workers", {}):
@@ -117,16 +121,13 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
         certfile=certfile if pair is None else None, keyfile=keyfile if pair is None else None,
         device=device, features=features, batching=options, max_body_bytes=max_body_bytes)
     try:
-        blob_future = (blob if isinstance(blob, Future)
-                       else client.scatter(blob, workers=[worker], hash=False))
-        future = client.submit(worker_side.start_replica, spec, blob_future, workers=[worker],
-                               allow_other_workers=False, pure=False, key=f"start-{replica_id}")
-        info: worker_side.ReplicaInfo = future.result(timeout=timeout)
+        info: worker_side.ReplicaInfo = call(client, worker_side.start_replica, spec, blob,
+                                             worker=worker)
     except BaseException:
         files.remove()
-        # A start that timed out may still finish on the worker: stop it there too.
+        # An interrupted start may still finish on the worker: stop it there too.
         try:
-            client.run(worker_side.stop_replica, replica_id, workers=[worker])
+            call(client, worker_side.stop_replica, replica_id, worker=worker)
         except Exception:
             pass
         raise
@@ -139,11 +140,8 @@ def stop_replica(client: Any, replica: Replica, timeout: float = 30.0) -> bool:
     """Stop ``replica`` on its worker (its port is free afterwards) and remove the kernel's
     copy of its certificate. False if the worker no longer ran it."""
     try:
-        # A task, not client.run: joining the server's thread must not block the worker's
-        # event loop (its heartbeats).
-        stopped = bool(client.submit(worker_side.stop_replica, replica.id, timeout,
-                                     workers=[replica.worker], allow_other_workers=False,
-                                     pure=False).result(timeout=timeout + 30))
+        stopped = bool(call(client, worker_side.stop_replica, replica.id, timeout,
+                            worker=replica.worker))
     finally:
         replica.tls.remove()
     return stopped

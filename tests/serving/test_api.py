@@ -110,6 +110,31 @@ def test_scaling_down_and_up_under_load_loses_no_request(cluster: Any, endpoint:
     assert sorted(endpoint.replicas) == sorted(cluster.client.scheduler_info()["workers"])
 
 
+def test_the_endpoint_is_managed_while_training_holds_every_task_slot(
+        cluster: Any, endpoint: Endpoint, model: torch.nn.Module) -> None:
+    def hold(gate_name: str) -> None:  # a long task in each worker's only task slot
+        from distributed import Event
+
+        Event(gate_name).wait(120)
+
+    from distributed import Event
+
+    release = Event("endpoint-tests-hold", client=cluster.client)
+    workers = sorted(cluster.client.scheduler_info()["workers"])
+    holds = [cluster.client.submit(hold, "endpoint-tests-hold", workers=[w], pure=False)
+             for w in workers]
+    try:
+        wait_for(lambda: all(f.status == "pending" for f in holds) and all(
+            n for n in cluster.client.processing().values()), 30, "both slots to be taken")
+        endpoint.scale(1)
+        endpoint.scale(2)
+        assert endpoint.stats()["errors"] == 0
+        np.testing.assert_array_equal(endpoint.predict(X), expected(model, X))
+    finally:
+        release.set()
+        cluster.client.gather(holds)
+
+
 def _leftovers() -> list[str]:
     return [r.id for r in worker_side.replicas()] + [r.id for r in router_side.routers()]
 
