@@ -24,6 +24,9 @@ from .cluster.api import (
     up,
 )
 from .cluster.hardware import gpu_count
+
+# Eager, like ``train`` below: ``export`` is also a subpackage. It loads no torch or onnx.
+from .export import ExportError, ExportResult, export
 from .scoring.api import score
 from .tracking.registry import register
 from .tracking.registry import table as models
@@ -37,6 +40,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ClusterHandle",
     "Endpoint",
+    "ExportError",
+    "ExportResult",
     "Run",
     "TrainContext",
     "TrainingError",
@@ -45,6 +50,7 @@ __all__ = [
     "current",
     "down",
     "endpoints",
+    "export",
     "get",
     "gpu_count",
     "list_clusters",

@@ -6,12 +6,15 @@
         [--replicas 2 | --autoscale 1:4] [--max-batch-size 32] [--ca-out digits-ca.pem]
     jupyter-mlcloud endpoints --scheduler tcp://host:8786 [--json]
     jupyter-mlcloud unserve digits --scheduler tcp://host:8786
+    jupyter-mlcloud export model.pt digits.onnx [--example rows.npy | --features 64] \\
+        [--no-check] [--quantize int8]
 
 `serve` prints the endpoint's URL and token (JSON) and writes the PEM that verifies it; the
-endpoint lives on the cluster and keeps running after the command exits.
+endpoint lives on the cluster and keeps running after the command exits. `export` needs no
+cluster; it prints the result (path, size, opset, parity, latency) as JSON.
 
 Exit codes say what failed: 0 done, 2 bad arguments or input, 3 no cluster to run on,
-4 scoring or serving failed.
+4 scoring, serving or exporting failed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .flags import add_score_options, add_serve_options, serve_keywords
+from .flags import (
+    add_export_options,
+    add_score_options,
+    add_serve_options,
+    export_keywords,
+    serve_keywords,
+)
 
 EXIT_OK, EXIT_USAGE, EXIT_CLUSTER, EXIT_FAILED = 0, 2, 3, 4
 
@@ -58,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unserve", help="stop an endpoint: its router and every replica")
     p.add_argument("endpoint", metavar="NAME", help="the endpoint's name")
     _scheduler_options(p)
+
+    p = sub.add_parser("export", help="export a saved model to ONNX (.onnx) or torch.export"
+                                      " (.pt2), checked against the eager model")
+    p.add_argument("model", metavar="MODEL",
+                   help="torch.save-d model, torch.export .pt2, or models:/NAME@ALIAS")
+    p.add_argument("path", metavar="PATH", help="where to write it: a .onnx or .pt2 file")
+    add_export_options(p)
     return parser
 
 
@@ -177,9 +193,24 @@ def unserve_command(args: argparse.Namespace) -> int:
     return _on_cluster(args, run)
 
 
+def export_command(args: argparse.Namespace) -> int:
+    from .export import export
+
+    try:
+        result = export(args.model, args.path, **export_keywords(args))
+    except ValueError as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        print(f"jupyter-mlcloud export failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result.to_dict()))
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": score_command, "serve": serve_command, "endpoints": endpoints_command,
-    "unserve": unserve_command}
+    "unserve": unserve_command, "export": export_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,3 +88,32 @@ def add_serve_options(p: argparse.ArgumentParser, integer: Callable[[str], int] 
 def serve_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of `mlc.serve` that the parsed ``args`` hold."""
     return {_dest(flags): getattr(args, _dest(flags)) for flags, _ in serve_options()}
+
+
+def export_options(integer: Callable[[str], int] = int) -> list[OptionSpec]:
+    """The options `mlc.export` takes (all but the model and the path), as flags; the
+    destinations are the API's keyword names (see :func:`export_keywords`)."""
+    return [
+        (("--example",), {"help": "an example input of a few rows: a .npy file (or, in a"
+                                  " notebook, a name); dimension 0 is the batch"}),
+        (("--features",), {"type": integer,
+                           "help": "instead of --example: random rows of this many features"
+                                   " (default: the width of the model's first Linear layer)"}),
+        (("--no-check",), {"dest": "check", "action": "store_false",
+                           "help": "write the model without running it against the eager one"}),
+        (("--quantize",), {"metavar": "int8",
+                           "help": "int8: dynamically quantized ONNX weights (the change on"
+                                   " the example is reported)"}),
+    ]
+
+
+def add_export_options(p: argparse.ArgumentParser, integer: Callable[[str], int] = int) -> None:
+    """Add the options `mlc.export` takes to ``p`` (a magic's or the CLI's parser)."""
+    for flags, kwargs in export_options(integer):
+        p.add_argument(*flags, **kwargs)
+
+
+def export_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `mlc.export` that the parsed ``args`` hold."""
+    names = [kwargs.get("dest") or _dest(flags) for flags, kwargs in export_options()]
+    return {name: getattr(args, name) for name in names}

@@ -21,10 +21,17 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from IPython.display import display
 
 from .cluster import api as clusters
-from .flags import OptionSpec, add_serve_options, score_options, serve_keywords
+from .flags import (
+    OptionSpec,
+    add_export_options,
+    add_serve_options,
+    export_keywords,
+    score_options,
+    serve_keywords,
+)
 
 SUBCOMMANDS = ("up", "status", "scale", "adapt", "down", "connect", "models", "serve",
-               "endpoints", "unserve")
+               "endpoints", "unserve", "export")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -152,6 +159,13 @@ def _subcommand_parsers() -> dict[str, _Parser]:
     p = sub("unserve", "Stop an endpoint: its router and every replica.")
     p.add_argument("endpoint", metavar="NAME", help="the endpoint's name")
     p.add_argument("--cluster", help="cluster name (default: the current one)")
+
+    p = sub("export", "Export a model to ONNX (.onnx, runs in onnxruntime) or torch.export"
+                      " (.pt2), checked against the eager model; the ExportResult is the result.")
+    p.add_argument("model", metavar="MODEL",
+                   help="a notebook name, a path to a saved model, or models:/NAME@ALIAS")
+    p.add_argument("path", metavar="PATH", help="where to write it: a .onnx or .pt2 file")
+    add_export_options(p, integer=_int)
     assert tuple(parsers) == SUBCOMMANDS
     return parsers
 
@@ -232,7 +246,7 @@ class MLCloudMagics(Magics):
     @argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
               help="the subcommand's arguments and options, listed below")
     def mlcloud(self, line: str) -> Any:
-        """Start and manage Dask clusters and endpoints: `%mlcloud SUBCOMMAND [ARGS]`.
+        """Manage Dask clusters and endpoints, export models: `%mlcloud SUBCOMMAND [ARGS]`.
 
         Each subcommand's arguments and options are listed below;
         `%mlcloud SUBCOMMAND --help` prints one subcommand's alone.
@@ -469,17 +483,21 @@ class MLCloudMagics(Magics):
 
         return table()
 
+    def _model(self, token: str, prog: str) -> Any:
+        """MODEL of a subcommand: a notebook name's value, else a path or models:/ URI."""
+        model = self._lookup(token)
+        if model is token and token.isidentifier() and not os.path.exists(token):
+            raise UsageError(f"{prog}: MODEL {token!r} is neither a name in the notebook nor a"
+                             " saved model file; pass a model's name, a path or"
+                             " models:/NAME@ALIAS.")
+        return model
+
     def _serve(self, args: argparse.Namespace) -> Any:
         from .serving.api import serve
         from .serving.catalog import versions_text
 
         assert self.shell is not None
-        model = self._lookup(args.model)
-        if (model is args.model and args.model.isidentifier()
-                and not os.path.exists(args.model)):
-            raise UsageError(f"%mlcloud serve: MODEL {args.model!r} is neither a name in the"
-                             " notebook nor a saved model file; pass a model's name, a path"
-                             " or models:/NAME@ALIAS.")
+        model = self._model(args.model, "%mlcloud serve")
         endpoint = serve(model, cluster=args.cluster, **serve_keywords(args))
         bounds = endpoint.autoscale
         scaling = f", autoscaling {bounds[0]}:{bounds[1]}" if bounds else ""
@@ -504,6 +522,14 @@ class MLCloudMagics(Magics):
 
         find(args.endpoint, args.cluster).close()
         print(f"Stopped endpoint {args.endpoint!r}: its router and replicas are gone.")
+
+    def _export(self, args: argparse.Namespace) -> Any:
+        from .export import export
+
+        keywords = export_keywords(args)
+        if args.example is not None:
+            keywords["example"] = self._lookup(args.example)
+        return export(self._model(args.model, "%mlcloud export"), args.path, **keywords)
 
 
 def register(ipython: Any) -> None:

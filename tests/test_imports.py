@@ -14,7 +14,8 @@ import json, sys, time
 start = time.perf_counter()
 {code}
 print(json.dumps({{"seconds": time.perf_counter() - start,
-                   "heavy": sorted(m for m in ("torch", "pandas", "mlflow") if m in sys.modules)}}))
+                   "heavy": sorted(m for m in ("torch", "pandas", "mlflow", "onnx", "onnxruntime")
+                                   if m in sys.modules)}}))
 """
 
 
@@ -29,12 +30,14 @@ def _probe(code: str) -> dict:
     "import jupyter_mlcloud.server",
     "import jupyter_mlcloud.magics, jupyter_mlcloud.widgets",
     "import jupyter_mlcloud as mlc; mlc.train, mlc.Run, mlc.TrainingError",
+    "import jupyter_mlcloud as mlc; mlc.export, mlc.ExportResult, mlc.ExportError",
 ])
 def test_imports_load_no_torch(code: str) -> None:
     found = _probe(code)
     print(f"{code}: {found['seconds']:.3f} s")
     assert "torch" not in found["heavy"], f"{code!r} loaded torch"
     assert "mlflow" not in found["heavy"]
+    assert not {"onnx", "onnxruntime"} & set(found["heavy"]), f"{code!r} loaded onnx"
 
 
 def test_the_server_extension_loads_without_pandas() -> None:
@@ -76,8 +79,9 @@ else:
 
 def test_api_names_stay_functions_after_their_subpackages_are_imported() -> None:
     code = """
-import jupyter_mlcloud.train.launch, jupyter_mlcloud.scoring.api
+import jupyter_mlcloud.train.launch, jupyter_mlcloud.scoring.api, jupyter_mlcloud.export.onnx
 import jupyter_mlcloud as mlc
 assert callable(mlc.train) and callable(mlc.score), (mlc.train, mlc.score)
+assert callable(mlc.export), mlc.export
 """
     _probe(code)
