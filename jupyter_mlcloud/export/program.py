@@ -24,13 +24,11 @@ EXAMPLE_ROWS = 8
 
 @dataclass
 class Traced:
-    """An exported program and what it was made from."""
+    """An exported program and the names its inputs and outputs get."""
 
-    module: Any  # the eager torch.nn.Module, the reference for every check
     program: Any  # torch.export.ExportedProgram; dimension 0 of every input is "batch"
-    example: tuple[np.ndarray, ...]  # one array per input, as the exported model takes it
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
+    input_names: tuple[str, ...]  # the exported model's, in call order
+    output_names: tuple[str, ...]  # as :func:`flatten` names the eager model's outputs
 
 
 @contextlib.contextmanager
@@ -284,4 +282,4 @@ def trace(module: Any, arrays: tuple[np.ndarray, ...], fmt: str) -> Traced:
         raise ExportError("the model returns no tensor; export needs a model whose output is"
                           " a tensor, or a tuple or dict of tensors.")
     inputs = ("input",) if len(args) == 1 else tuple(f"input_{i}" for i in range(len(args)))
-    return Traced(module, program, arrays, inputs, tuple(names))
+    return Traced(program, inputs, tuple(names))
