@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from ..cluster import api as clusters
+from ..monitoring.reference import Reference
 from ..scoring.model import ModelBlob
 from . import control, launch
 from . import router as router_side
 from .batching import BatchOptions
 from .protocol import DATATYPES, HEADER_LENGTH
 from .security import new_token, self_signed, tls_files
+from .watch import ALERT_TOPIC, MonitorOptions
 
 
 def _replica_count(n: Any, what: str = "replicas") -> int:
@@ -152,10 +154,11 @@ class Endpoint:
                 verify=ssl.create_default_context(cafile=self.ca_file))
         return self._http
 
-    def predict(self, x: Any, version: int | None = None) -> np.ndarray:
+    def predict(self, x: Any, version: int | None = None, return_id: bool = False) -> Any:
         """The model's outputs for rows ``x`` (numpy or a tensor), computed by the endpoint
         through its URL (Triton's binary tensors both ways), as a numpy array. ``version``:
-        ask that version (default: the one the traffic weights pick)."""
+        ask that version (default: the one the traffic weights pick). ``return_id``: also the
+        request's id, for labels sent later with :meth:`feedback`."""
         self._need_open("predict")
         if hasattr(x, "detach"):  # a tensor, without importing torch here
             x = x.detach().cpu().numpy()
@@ -186,9 +189,11 @@ class Endpoint:
         (out,) = doc["outputs"]
         dtype = DATATYPES[out["datatype"]]
         if "data" in out:
-            return np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
-        return np.frombuffer(body, dtype=dtype.newbyteorder("<"), offset=split).astype(
-            dtype).reshape(out["shape"])
+            result = np.asarray(out["data"], dtype=dtype).reshape(out["shape"])
+        else:
+            result = np.frombuffer(body, dtype=dtype.newbyteorder("<"), offset=split).astype(
+                dtype).reshape(out["shape"])
+        return (result, str(doc["id"])) if return_id else result
 
     def stats(self) -> dict[str, Any]:
         """What the router measured: ``requests``, ``errors``, ``rps`` (over the last 10 s),
@@ -208,8 +213,57 @@ class Endpoint:
             values.pop("busy_s", None)
             versions[int(number) if number.isdigit() else number] = {
                 **values, "replicas": counts.get(number, 0)}
+        from . import watch
+
+        for number, values in watch.version_quality(self._client, self._desc).items():
+            versions.setdefault(number, {"replicas": counts.get(str(number), 0)})
+            values.pop("kind", None)
+            versions[number].update(values)
         figures["versions"] = versions
         return figures
+
+    # ----------------------------------------------------------------- watching it
+
+    def drift(self, version: int | None = None) -> Any:
+        """How far the recent traffic of ``version`` (default: the main one) is from the
+        reference: a DataFrame indexed by feature (inputs, then ``output_J``) with ``psi``,
+        ``ks_stat``, ``p_value``, ``p_adjusted``, ``effect``, ``drifted`` and the sample
+        sizes (see :mod:`..monitoring.drift`)."""
+        from . import watch
+
+        self._need_open("drift")
+        self._refresh_quietly()
+        return watch.drift(self._client, self._desc, version)
+
+    def feedback(self, request_ids: Any, labels: Any) -> int:
+        """Labels that arrived later, one per request id (a value, or one per row of a
+        request of several rows); they become each version's quality in :meth:`stats`
+        (``accuracy`` for classification, ``rmse`` and ``mae`` for regression). Returns how
+        many requests were joined (the replicas remember the last ones they answered)."""
+        from . import watch
+
+        self._need_open("feedback")
+        self._refresh_quietly()
+        ids = [str(i) for i in ([request_ids] if isinstance(request_ids, str) else request_ids)]
+        values = list(np.asarray(labels, dtype=object)) if not isinstance(labels, list) \
+            else labels
+        return watch.feedback(self._client, self._desc, ids, values)
+
+    @property
+    def alerts(self) -> list[dict[str, Any]]:
+        """The endpoint's recent alerts (drift that started, quality past its threshold),
+        oldest first: ``kind``, ``version``, ``features``, ``message``, ``time``."""
+        self._refresh_quietly()
+        return list(self._desc.get("alerts") or [])
+
+    def on_alert(self, callback: Any) -> None:
+        """Call ``callback(alert)`` (a dict as in :attr:`alerts`) on each new alert of this
+        endpoint, from a thread of this process, while it runs: retrain, register and
+        :meth:`update` with a canary, for instance."""
+        if not callable(callback):
+            raise ValueError(f"on_alert needs a function taking the alert, got"
+                             f" {type(callback).__name__}.")
+        _listen(self._client).setdefault(self.name, []).append(callback)
 
     # ----------------------------------------------------------------- managing it
 
@@ -313,6 +367,26 @@ class Endpoint:
             self._desc = state
 
 
+_alert_callbacks: dict[str, dict[str, list[Any]]] = {}  # client id: endpoint: callbacks
+
+
+def _listen(client: Any) -> dict[str, list[Any]]:
+    """This client's alert callbacks by endpoint, subscribed to the alert topic once."""
+    if client.id in _alert_callbacks:
+        return _alert_callbacks[client.id]
+    callbacks: dict[str, list[Any]] = {}
+    _alert_callbacks[client.id] = callbacks
+
+    def on_event(event: tuple[float, Any]) -> None:
+        alert = dict(event[1])
+        for callback in list(callbacks.get(alert.get("endpoint", ""), ())):
+            threading.Thread(target=callback, args=(alert,), daemon=True,
+                             name="mlcloud-endpoint-alert").start()
+
+    client.subscribe_topic(ALERT_TOPIC, on_event)
+    return callbacks
+
+
 _growing: dict[str, Any] = {}  # client id: the cluster handle scaled on the controller's asks
 
 
@@ -361,7 +435,8 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
           autoscale: str | tuple[int, int] | None = None, max_batch_size: int = 32,
           max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
           host: str | None = None, certfile: str | None = None, keyfile: str | None = None,
-          device: str = "auto", canary: float = 1.0) -> Endpoint:
+          device: str = "auto", canary: float = 1.0, reference: Any = None,
+          monitor: dict[str, Any] | None = None) -> Endpoint:
     """Serve ``model`` (anything :func:`mlc.score` takes, ``models:/name@alias`` included)
     as ``name`` from ``replicas`` replicas on ``cluster``'s workers, behind one router URL
     with TLS and a bearer token.
@@ -377,6 +452,11 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     A ``models:/NAME@ALIAS`` endpoint follows the alias: when it moves to another registered
     version, that version is rolled out as :meth:`Endpoint.update` would, taking ``canary``
     of the traffic (1.0: all of it, replacing the old one).
+
+    ``reference``: a sample of inputs (array, DataFrame, xarray object or dask collection) to
+    watch the traffic against: :meth:`Endpoint.drift`, alerts (:meth:`Endpoint.on_alert`).
+    ``monitor``: how (see :class:`.watch.MonitorOptions`: ``rows``, ``seconds``, ``alpha``,
+    ``min_effect``, ``min_accuracy``, ``max_rmse``, ``every_s``).
     """
     from .autoscale import AutoscalePolicy
     from .controller import ensure_controller
@@ -389,6 +469,11 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)  # checks them
     policy = AutoscalePolicy.parse(autoscale) if autoscale is not None else None
     share = _canary(canary)
+    watching = MonitorOptions.parse(monitor) if monitor is not None or reference is not None \
+        else None
+    if watching is not None and reference is None:
+        raise ValueError("monitor= needs a reference= sample to compare the traffic with.")
+    sample = Reference.of(reference) if reference is not None else None
     if control.dataset(name) in client.list_datasets():
         raise ValueError(f"an endpoint named {name!r} already runs on this cluster; close it"
                          " first (mlc.endpoints()) or pick another name.")
@@ -427,9 +512,11 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         "keyfile": keyfile, "device": device, "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms, "max_queue": max_queue, "slo_ms": slo_ms,
         "autoscale": policy.as_dict() if policy else None, "created": time.time(),
-        "follow": follow,
+        "follow": follow, "monitor": watching.as_dict() if watching else None, "alerts": [],
     }
     control.publish(client, state)
+    if sample is not None:
+        control.keep_reference(client, name, sample)
     endpoint = Endpoint(client, state)
     try:
         with endpoint._editing() as current:

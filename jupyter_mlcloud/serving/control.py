@@ -90,6 +90,22 @@ def keep_model(client: Any, name: str, version: int, blob: Any) -> None:
     client.publish_dataset(**{key: blob})
 
 
+def _reference_key(name: str) -> str:
+    return f"{MODEL_PREFIX}{name}-reference"  # under the model prefix: forgotten with them
+
+
+def keep_reference(client: Any, name: str, reference: Any) -> None:
+    """Keep ``reference`` (a :class:`~..monitoring.reference.Reference`) on the scheduler as
+    what endpoint ``name``'s inputs are compared with."""
+    client.publish_dataset(**{_reference_key(name): reference})
+
+
+def reference(client: Any, name: str) -> Any:
+    """Endpoint ``name``'s reference sample; None without one."""
+    key = _reference_key(name)
+    return client.get_dataset(key) if key in client.list_datasets() else None
+
+
 def _drop_model(client: Any, name: str, version: int) -> None:
     key = _model_key(name, version)
     if key in client.list_datasets():
@@ -183,6 +199,11 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
         raise ValueError(f"the model of version {version['version']} of endpoint"
                          f" {state['name']!r} is gone from the scheduler.")
     blob = client.get_dataset(key)
+    from ..monitoring.window import WindowOptions
+
+    monitor = state.get("monitor") or {}
+    sample = reference(client, state["name"]) if monitor else None
+    window = WindowOptions(**monitor["window"]) if monitor else WindowOptions()
     started = []
     for _ in range(n):
         alive = workers(client)
@@ -200,7 +221,7 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
                 certfile=state["certfile"], keyfile=state["keyfile"], ca_file=ca_file,
                 device=state["device"], max_batch_size=state["max_batch_size"],
                 max_wait_ms=state["max_wait_ms"], max_queue=state["max_queue"],
-                slo_ms=state["slo_ms"])
+                slo_ms=state["slo_ms"], reference=sample, window=window)
         replica.tls.remove()  # this client's copy: clients verify with the endpoint's PEM
         state["inputs"] = replica.inputs
         entry = {"id": replica.id, "worker": replica.worker, "url": replica.url}

@@ -9,7 +9,8 @@ kernel attached. Every ``interval`` seconds, for each endpoint, it:
 - applies the endpoint's autoscale policy (see :mod:`.autoscale`): one replica a worker; for
   replicas the cluster has no worker for, it asks for workers on :data:`SCALE_TOPIC`, which
   the process holding the cluster object answers with ``cluster.scale``;
-- rolls out the version a followed ``models:/NAME@ALIAS`` points at (see :mod:`.follow`).
+- rolls out the version a followed ``models:/NAME@ALIAS`` points at (see :mod:`.follow`);
+- checks a watched endpoint's drift and quality, and raises alerts (see :mod:`.watch`).
 
 It changes an endpoint only inside :func:`.control.editing`, like any kernel does. The
 scheduler has no client of its own, so the controller makes one, in a thread, to its own
@@ -27,7 +28,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from . import control, launch
+from . import control, launch, watch
 from . import router as router_side
 from .autoscale import AutoscalePolicy, Autoscaler
 
@@ -56,6 +57,7 @@ class EndpointController(SchedulerPlugin):
         self._thread: threading.Thread | None = None
         self._scalers: dict[str, Autoscaler] = {}
         self._asked: dict[str, float] = {}  # endpoint: when its followed alias was last read
+        self._watched: dict[str, dict[str, Any]] = {}  # endpoint: what its last check saw
         self._client: Any = None
 
     def __getstate__(self) -> dict[str, Any]:  # travels to the scheduler without its thread
@@ -95,13 +97,14 @@ class EndpointController(SchedulerPlugin):
                     if self._stop.is_set() or client.status != "running":
                         return
                     continue
-                for gone in set(self._scalers) - set(names):
-                    del self._scalers[gone]
+                for memory in (self._scalers, self._asked, self._watched):
+                    for gone in set(memory) - set(names):
+                        del memory[gone]
                 for name in names:
                     if self._stop.is_set():
                         return
                     try:
-                        tend(client, name, self._scalers, self._asked)
+                        tend(client, name, self._scalers, self._asked, self._watched)
                     except LookupError:
                         self._scalers.pop(name, None)  # closed meanwhile
                     except Exception:
@@ -112,10 +115,11 @@ class EndpointController(SchedulerPlugin):
 
 
 def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
-         asked: dict[str, float] | None = None) -> list[str]:
-    """One look at endpoint ``name``: revive, replace, scale, follow its alias as needed;
-    what it did. ``asked``: when each endpoint's alias was last read (every
-    ``follow.INTERVAL_S``)."""
+         asked: dict[str, float] | None = None,
+         watched: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """One look at endpoint ``name``: revive, replace, scale, follow its alias, check its
+    model as needed; what it did. ``asked``: when each endpoint's alias was last read (every
+    ``follow.INTERVAL_S``); ``watched``: what each endpoint's last check saw."""
     state = control.read(client, name)
     alive = set(control.workers(client))
     if not alive:
@@ -124,7 +128,8 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
     dead = [r for r in control.all_replicas(state) if r["worker"] not in alive]
     wanted = None if router_gone else _autoscale(client, state, scalers)
     moved = None if router_gone else _alias_moved(client, state, asked)
-    if not (router_gone or dead or wanted is not None or moved is not None):
+    alerts = [] if router_gone or dead else _check(client, state, watched)
+    if not (router_gone or dead or wanted is not None or moved is not None or alerts):
         return []
     done: list[str] = []
     with control.editing(client, name, state["id"]) as state:
@@ -144,6 +149,9 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
             if wanted != len(main["replicas"]):
                 _attempt(done, f"version {main['version']} scaled to {wanted}",
                          control.set_replicas, client, state, main, wanted)
+        if alerts:
+            state["alerts"] = [*state.get("alerts", []), *alerts][-watch.KEPT_ALERTS:]
+            done.append(f"{len(alerts)} alert(s)")
         if moved is not None and state.get("follow"):
             _attempt(done, f"registered version {moved[0]} rolled out", _roll_out, client,
                      state, *moved)
@@ -166,6 +174,23 @@ def _fit(client: Any, state: dict[str, Any], main: dict[str, Any], wanted: int,
     needed = len(alive) + (wanted - current - free)
     client.log_event(SCALE_TOPIC, {"endpoint": state["name"], "workers": needed})
     return current + free
+
+
+def _check(client: Any, state: dict[str, Any], watched: dict[str, dict[str, Any]] | None
+           ) -> list[dict[str, Any]]:
+    """New alerts of a watched endpoint, every ``every_s`` seconds."""
+    if not state.get("monitor") or watched is None:
+        return []
+    seen = watched.setdefault(state["name"], {"at": float("-inf")})
+    now = time.monotonic()
+    if now - seen["at"] < state["monitor"]["every_s"]:
+        return []
+    seen["at"] = now
+    try:
+        return watch.check(client, state, seen)
+    except Exception as e:
+        log.warning("endpoint %s: could not check its model: %s", state["name"], e)
+        return []
 
 
 def _alias_moved(client: Any, state: dict[str, Any], asked: dict[str, float] | None

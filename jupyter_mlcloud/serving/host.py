@@ -19,6 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ..monitoring.window import Predictions, Window, WindowOptions
 from ..scoring.model import ModelBlob
 from .batching import BatchOptions
 from .security import KeyPair, TLSFiles, write_private
@@ -48,6 +51,8 @@ class ReplicaSpec:
     features: int | None = None
     batching: BatchOptions = field(default_factory=BatchOptions)
     max_body_bytes: int = 16 * 2**20
+    reference: Any = None  # a monitoring.Reference: drift is measured against it
+    window: WindowOptions = field(default_factory=WindowOptions)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class _Running:
     info: ReplicaInfo
     served: Served
     model: Any
+    window: Window
+    predictions: Predictions
+    reference_outputs: Any  # the model's outputs on the reference's rows (None without one)
 
 
 _running: dict[str, _Running] = {}
@@ -205,8 +213,19 @@ def start_replica(spec: ReplicaSpec, blob: ModelBlob) -> ReplicaInfo:
                              lambda: batcher.queued)  # read at scrape time, once it exists
     batcher = Batcher(model, spec.batching, thread_name=f"mlcloud-replica-{spec.id}-compute",
                       on_batch=metrics.batch)
+    window, predictions = Window(spec.window), Predictions(spec.window)
+
+    def observe(request_id: str, rows: Any, outputs: Any) -> None:
+        window.add(rows, outputs)
+        predictions.add(request_id, outputs)
+
+    reference_outputs = None
+    if spec.reference is not None:  # what the outputs looked like on the reference inputs
+        rows = spec.reference.values.astype(model.input_dtype)
+        reference_outputs = np.concatenate([model(rows[i:i + 1024])
+                                            for i in range(0, len(rows), 1024)])
     app = build_app(model, batcher, metrics, name=spec.name, version=spec.version,
-                    token=spec.token, max_body_bytes=spec.max_body_bytes)
+                    token=spec.token, max_body_bytes=spec.max_body_bytes, observe=observe)
     served = serve_app(app, what="replica", thread_name=f"mlcloud-replica-{spec.id}",
                        host=spec.host, port=spec.port, tls=spec.tls, certfile=spec.certfile,
                        keyfile=spec.keyfile)
@@ -214,7 +233,8 @@ def start_replica(spec: ReplicaSpec, blob: ModelBlob) -> ReplicaInfo:
                        served.worker, os.getpid(), model.device, [model.input.as_json()],
                        [model.output.as_json()])
     with _lock:
-        _running[spec.id] = _Running(info, served, model.model)
+        _running[spec.id] = _Running(info, served, model.model, window, predictions,
+                                     reference_outputs)
     return info
 
 
@@ -258,6 +278,34 @@ def replicas() -> list[ReplicaInfo]:
     """On a worker: the replicas it serves now."""
     with _lock:
         return [r.info for r in _running.values()]
+
+
+def _find(replica_id: str) -> _Running:
+    with _lock:
+        running = _running.get(replica_id)
+    if running is None:
+        raise KeyError(f"replica {replica_id!r} does not run on this worker.")
+    return running
+
+
+def traffic(replica_id: str) -> dict[str, Any] | None:
+    """On a worker: replica ``replica_id``'s window of recent traffic (``times``, ``inputs``,
+    ``outputs``), its model's ``reference_outputs`` and its delayed-label ``quality`` parts;
+    None if it no longer runs here (stopped meanwhile)."""
+    with _lock:
+        running = _running.get(replica_id)
+    if running is None:
+        return None
+    times, inputs, outputs = running.window.snapshot()
+    return {"version": running.info.version, "times": times, "inputs": inputs,
+            "outputs": outputs, "reference_outputs": running.reference_outputs,
+            "quality": running.predictions.parts()}
+
+
+def feedback(replica_id: str, request_ids: list[str], labels: list[Any]) -> int:
+    """On a worker: join ``labels`` to the requests replica ``replica_id`` answered; how many
+    it had answered."""
+    return _find(replica_id).predictions.feedback(request_ids, labels)
 
 
 def loaded_model(replica_id: str) -> Any:

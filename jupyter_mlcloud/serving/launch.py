@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..monitoring.window import WindowOptions
 from ..scoring.model import DEVICES, ModelBlob
 from . import host as worker_side
 from .batching import BatchOptions
@@ -83,7 +84,8 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
                   tls: KeyPair | None = None, device: str = "auto",
                   features: int | None = None, max_batch_size: int = 32,
                   max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
-                  max_body_bytes: int = 16 * 2**20) -> Replica:
+                  max_body_bytes: int = 16 * 2**20, reference: Any = None,
+                  window: WindowOptions | None = None) -> Replica:
     """Serve ``model`` (anything :class:`ModelBlob` takes) as ``name`` (at ``version``) from
     one Dask worker of ``client``; returns once it answers (the server's start is bounded on
     the worker).
@@ -95,6 +97,8 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
     a certificate generated for the host. ``token``: the bearer token (default: a random one).
     Batching: ``max_batch_size`` rows, ``max_wait_ms``, ``max_queue`` requests waiting,
     ``slo_ms`` (see :mod:`.batching`). ``device="auto"`` uses the worker's GPU if it has one.
+    Monitoring: the traffic ``window`` it keeps, and the ``reference`` sample it computes its
+    model's reference outputs on.
     """
     version = str(version)
     _check(name, version, device, max_body_bytes)
@@ -119,7 +123,8 @@ def start_replica(client: Any, model: Any, *, name: str, version: str | int = 1,
     spec = worker_side.ReplicaSpec(
         replica_id, name, version, token or new_token(), host=host, tls=pair,
         certfile=certfile if pair is None else None, keyfile=keyfile if pair is None else None,
-        device=device, features=features, batching=options, max_body_bytes=max_body_bytes)
+        device=device, features=features, batching=options, max_body_bytes=max_body_bytes,
+        reference=reference, window=window or WindowOptions())
     try:
         info: worker_side.ReplicaInfo = call(client, worker_side.start_replica, spec, blob,
                                              worker=worker)

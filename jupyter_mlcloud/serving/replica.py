@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -40,10 +41,18 @@ OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 #: (the router's per-version figures come from them).
 VERSION_HEADER = "x-mlcloud-model-version"
 BATCH_HEADER = "x-mlcloud-batch-size"
+#: Every answered infer names its request, for labels sent back later (``ep.feedback``): the
+#: request's own OIP ``id`` when it gave one, else a fresh one.
+REQUEST_ID_HEADER = "x-request-id"
 
 
-def _answer_headers(version: str, timings: Timings) -> dict[str, str]:
-    return {VERSION_HEADER: version, BATCH_HEADER: str(timings.batch_size)}
+def _answer_headers(version: str, timings: Timings, request_id: str) -> dict[str, str]:
+    return {VERSION_HEADER: version, BATCH_HEADER: str(timings.batch_size),
+            REQUEST_ID_HEADER: request_id}
+
+
+#: Told each answered infer: its request id, input rows and outputs (the monitor's window).
+Observer = Callable[[str, np.ndarray, np.ndarray], None]
 
 
 class Model(Protocol):
@@ -110,9 +119,11 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: str,
-              version: str, token: str, max_body_bytes: int) -> ASGIApp:
+              version: str, token: str, max_body_bytes: int,
+              observe: Observer | None = None) -> ASGIApp:
     """The replica's ASGI app serving ``model`` as ``name`` at ``version`` through
-    ``batcher``, counting in ``metrics``; the batcher starts and closes with the app."""
+    ``batcher``, counting in ``metrics`` and telling ``observe`` each answered request; the
+    batcher starts and closes with the app."""
     state = {"ready": False}
 
     def check_model(request: Request) -> None:
@@ -219,10 +230,15 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
             raise Problem(400, f"the request gives input(s) {given}; the model takes one"
                           f" input, {model.input.name!r}.")
         datatype, array = decoded.inputs[model.input.name]
-        outputs, timings = await run(rows_of(array, datatype))
-        payload, headers = protocol.encode_infer(name, version, decoded.id,
+        rows = rows_of(array, datatype)
+        outputs, timings = await run(rows)
+        request_id = decoded.id or uuid.uuid4().hex
+        payload, headers = protocol.encode_infer(name, version, request_id,
                                                  [(model.output.name, outputs)], decoded)
-        response = Response(payload, headers={**headers, **_answer_headers(version, timings)})
+        response = Response(payload, headers={**headers,
+                                              **_answer_headers(version, timings, request_id)})
+        if observe is not None:
+            observe(request_id, rows, outputs)
         metrics.answered(200, timings, time.perf_counter() - started)
         return response
 
@@ -242,10 +258,14 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
         except (ValueError, TypeError, OverflowError):
             raise Problem(400, f"'instances' must be rows of numbers; the model expects"
                           f" {list(model.input.shape)}.") from None
-        outputs, timings = await run(rows_of(array, None))
+        rows = rows_of(array, None)
+        outputs, timings = await run(rows)
+        request_id = uuid.uuid4().hex
         response = JSONResponse({"predictions": outputs.tolist(), "model_name": name,
-                                 "model_version": version},
-                                headers=_answer_headers(version, timings))
+                                 "model_version": version, "id": request_id},
+                                headers=_answer_headers(version, timings, request_id))
+        if observe is not None:
+            observe(request_id, rows, outputs)
         metrics.answered(200, timings, time.perf_counter() - started)
         return response
 

@@ -1,0 +1,58 @@
+"""A replica's traffic window and its delayed labels."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from jupyter_mlcloud.monitoring.window import Predictions, Window, WindowOptions, quality
+
+
+def test_the_window_slides_by_count_and_by_time() -> None:
+    window = Window(WindowOptions(rows=10, seconds=0.5))
+    for i in range(8):
+        window.add(np.full((2, 3), i), np.full((2, 1), -i))
+    times, inputs, outputs = window.snapshot()
+    assert inputs.shape == (10, 3) and outputs.shape == (10, 1) and times.shape == (10,)
+    assert inputs[:, 0].tolist() == [3, 3, 4, 4, 5, 5, 6, 6, 7, 7]  # the newest rows
+    deadline = time.monotonic() + 5
+    while len(window.snapshot()[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert window.snapshot()[1].shape[0] == 0  # older than 0.5 s: gone
+
+
+def test_labels_join_their_requests_into_accuracy() -> None:
+    predictions = Predictions(WindowOptions())
+    scores = np.eye(3)  # request i predicts class i
+    for i in range(3):
+        predictions.add(f"r{i}", scores[i:i + 1])
+    assert predictions.feedback(["r0", "r1", "r2", "unknown"], [0, 1, 0, 2]) == 3
+    figures = quality([predictions.parts()])
+    assert figures["kind"] == "classification" and figures["labelled"] == 3
+    assert figures["accuracy"] == pytest.approx(2 / 3)
+    assert predictions.feedback(["r0"], [0]) == 0  # each request is joined once
+
+
+def test_regression_labels_give_rmse_and_mae_summed_over_replicas() -> None:
+    first, second = Predictions(WindowOptions()), Predictions(WindowOptions())
+    first.add("a", np.array([[1.0], [2.0]]))
+    second.add("b", np.array([[5.0]]))
+    first.feedback(["a"], [[1.0, 4.0]])  # errors 0 and -2
+    second.feedback(["b"], [4.0])  # error 1
+    figures = quality([first.parts(), second.parts()])
+    assert figures["kind"] == "regression" and figures["labelled"] == 3
+    assert figures["rmse"] == pytest.approx(np.sqrt(5 / 3))
+    assert figures["mae"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"a label must give one value per row: the request"
+                                         r" had 1 row\(s\), its label 2 value\(s\)\."):
+        second.add("c", np.array([[5.0]]))
+        second.feedback(["c"], [[1.0, 2.0]])
+
+
+def test_bad_window_options_are_refused_in_one_sentence() -> None:
+    with pytest.raises(ValueError, match="monitor rows must be an integer >= 1, got 0."):
+        WindowOptions(rows=0)
+    with pytest.raises(ValueError, match="monitor seconds must be a number > 0, got -1."):
+        WindowOptions(seconds=-1)

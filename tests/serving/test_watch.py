@@ -1,0 +1,107 @@
+"""Watching a served model on real workers over real HTTPS: drift of the traffic against the
+reference, an alert when a feature moves (an event the kernel's callback gets), and quality
+from labels sent back later."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import jupyter_mlcloud as mlc
+from jupyter_mlcloud.serving.api import Endpoint
+from tests.conftest import ModuleCluster, wait_for
+
+CLUSTER = {"name": "watch-tests", "workers": 2}
+RNG = np.random.default_rng(11)
+REFERENCE = RNG.normal(size=(3000, 4)).astype(np.float32)
+
+
+def classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+@pytest.fixture(scope="module")
+def endpoint(module_cluster: ModuleCluster) -> Iterator[Endpoint]:
+    ep = mlc.serve(classifier(), name="watched", cluster=module_cluster.whole(), replicas=2,
+                   reference=REFERENCE, monitor={"rows": 400, "every_s": 0.5})
+    yield ep
+    ep.close()
+
+
+def send(ep: Endpoint, rows: np.ndarray, per_request: int = 2) -> list[str]:
+    ids = []
+    for start in range(0, len(rows), per_request):
+        _, request_id = ep.predict(rows[start:start + per_request], return_id=True)
+        ids.append(request_id)
+    return ids
+
+
+def test_traffic_like_the_reference_does_not_drift_then_a_moved_feature_alerts(
+        endpoint: Endpoint) -> None:
+    alerts: list[dict[str, Any]] = []
+    arrived = threading.Event()
+
+    def on_alert(alert: dict[str, Any]) -> None:
+        alerts.append(alert)
+        arrived.set()
+
+    endpoint.on_alert(on_alert)
+    send(endpoint, RNG.normal(size=(400, 4)).astype(np.float32))
+    frame = endpoint.drift()
+    assert list(frame.index) == ["input_0", "input_1", "input_2", "input_3", "output_0",
+                                 "output_1", "output_2"]
+    assert {"psi", "ks_stat", "p_adjusted", "effect", "drifted"} <= set(frame.columns)
+    assert not frame["drifted"].any() and (frame["n_current"] == 400).all()
+
+    moved = RNG.normal(size=(400, 4)).astype(np.float32)
+    moved[:, 2] += 2.0
+    send(endpoint, moved)
+    frame = endpoint.drift()
+    assert frame.loc["input_2", "drifted"] and frame.loc["input_2", "effect"] > 1.5
+    assert not frame.loc[["input_0", "input_1", "input_3"], "drifted"].any()
+
+    assert arrived.wait(60), "no alert reached the callback"
+    (alert,) = [a for a in alerts if a["kind"] == "drift"]
+    assert alert["endpoint"] == "watched" and "input_2" in alert["features"]
+    assert "input_2 (psi" in alert["message"] and alert["version"] == 1
+    wait_for(lambda: any(a["kind"] == "drift" for a in endpoint.alerts), 30,
+             "the alert in the endpoint's state")
+
+
+def test_labels_sent_back_later_become_the_versions_accuracy(endpoint: Endpoint) -> None:
+    rows = RNG.normal(size=(60, 4)).astype(np.float32)
+    ids = send(endpoint, rows, per_request=1)
+    with torch.no_grad():
+        predicted = classifier()(torch.from_numpy(rows)).argmax(1).numpy()
+    labels = predicted.copy()
+    labels[:15] = (labels[:15] + 1) % 3  # a quarter wrong
+    assert endpoint.feedback(ids, labels.tolist()) == 60
+    figures = endpoint.stats()["versions"][1]
+    assert figures["labelled"] == 60 and figures["accuracy"] == pytest.approx(0.75)
+    assert endpoint.feedback(ids[:5], labels[:5].tolist()) == 0  # joined once only
+
+
+def test_monitoring_options_are_checked_in_one_sentence(cluster: Any) -> None:
+    with pytest.raises(ValueError, match="monitor= needs a reference= sample"):
+        mlc.serve(classifier(), name="unwatched", cluster=cluster, monitor={"rows": 10})
+    with pytest.raises(ValueError, match=r"unknown monitor option\(s\) window; allowed:"):
+        mlc.serve(classifier(), name="unwatched", cluster=cluster, reference=REFERENCE,
+                  monitor={"window": 10})
+    assert mlc.endpoints(cluster) == [] or all(e.name != "unwatched"
+                                               for e in mlc.endpoints(cluster))
+
+
+def test_drift_without_a_reference_says_so(cluster: Any) -> None:
+    ep = mlc.serve(classifier(), name="blind", cluster=cluster)
+    try:
+        with pytest.raises(ValueError, match="endpoint 'blind' has no reference to measure"
+                                             " drift against; serve it with reference=..."):
+            ep.drift()
+    finally:
+        ep.close()
