@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..cluster import api as clusters
+from ..monitoring.reference import Reference
 from . import storage
 from .model import (
     DEVICES,
@@ -39,6 +40,7 @@ class ScoreReport:
     format: str
     summary: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None  # the MLflow run recording the job (track=True)
+    drift: Any = None  # with reference=: the inputs' and outputs' drift, one row a feature
 
     def open(self) -> Any:
         """The written scores, lazily: an xarray DataArray (zarr) or dask DataFrame (parquet)."""
@@ -140,6 +142,7 @@ def score(
     cluster: Any = None,
     progress: bool = True,
     track: bool = True,
+    reference: Any = None,
 ) -> Any:
     """Score ``data`` with ``model`` on the cluster's workers.
 
@@ -160,7 +163,10 @@ def score(
     DataFrames, ``.parquet``): the scores are written, resuming an interrupted earlier write of
     the same job, and a :class:`ScoreReport` is returned (``.summary``, ``.open()``). With
     ``track`` (default on) a written job is recorded in MLflow, its options as params and its
-    summary as metrics (``report.mlflow_run_id``).
+    summary as metrics (``report.mlflow_run_id``). With ``reference`` (a sample of the inputs
+    the model was made for: an array, DataFrame, xarray object or dask collection), the
+    report's ``drift`` compares a sample of ``data`` and its scores with it, one row per
+    input feature and output (see :func:`jupyter_mlcloud.monitoring.drift.compare`).
     """
     import dask.dataframe as dd
     import pandas as pd
@@ -173,6 +179,10 @@ def score(
         raise ValueError(f"track must be True or False, got {track!r}.")
     torch_dtype = resolve_dtype(dtype)
     out_format = storage.file_format(output) if output is not None else None
+    if reference is not None and output is None:
+        raise ValueError("reference= compares the job's inputs in its report: give output= too"
+                         " (a .zarr store or .parquet dataset).")
+    sample = Reference.of(reference) if reference is not None else None
     if isinstance(data, str):
         data = storage.open_input(data, features)
     if isinstance(data, pd.DataFrame):
@@ -215,8 +225,9 @@ def score(
             return scores
         fingerprint = _fingerprint(blob.digest, frame, batch_size, device, dtype)
         _prepare(output, fingerprint, overwrite, init=None)
-        return _recorded(track, params(), lambda: _write(
-            client, scores.to_delayed(), output, "parquet", fingerprint, progress))
+        return _with_drift(_recorded(track, params(), lambda: _write(
+            client, scores.to_delayed(), output, "parquet", fingerprint, progress)),
+            sample, frame, local_model, torch_dtype)
 
     array, template = _matrix(data, sample_dim, features)
     width, out_dtype = output_shape(local_model, int(array.shape[1]), torch_dtype)
@@ -235,9 +246,42 @@ def score(
     # The store's layout (metadata, coordinates) first; the blocks fill it in.
     _prepare(output, fingerprint, overwrite,
              init=lambda: result.to_dataset().to_zarr(output, compute=False, mode="w"))
-    return _recorded(track, params(), lambda: _write(
+    return _with_drift(_recorded(track, params(), lambda: _write(
         client, scores.to_delayed().ravel(), output, "zarr", fingerprint, progress,
-        starts=np.cumsum((0,) + array.chunks[0][:-1])))
+        starts=np.cumsum((0,) + array.chunks[0][:-1]))), sample, array, local_model,
+        torch_dtype)
+
+
+def _with_drift(report: ScoreReport, reference: Reference | None, data: Any, model: Any,
+                torch_dtype: Any) -> ScoreReport:
+    """``report`` with the drift of a sample of ``data`` (and ``model``'s outputs on it)
+    from ``reference`` (and the outputs on that), when there is one."""
+    if reference is None:
+        return report
+    from ..monitoring.drift import compare
+
+    current = Reference.of(data, max_rows=len(reference.values), seed=1)
+    if current.values.shape[1] != reference.values.shape[1]:
+        raise ValueError(f"the reference has {reference.values.shape[1]} feature(s) and the"
+                         f" data {current.values.shape[1]}; give a reference like the data.")
+    ref_out, cur_out = (_outputs(model, rows, torch_dtype)
+                        for rows in (reference.values, current.values))
+    names = [*reference.names, *[f"output_{j}" for j in range(ref_out.shape[1])]]
+    report.drift = compare(np.hstack([reference.values, ref_out]),
+                           np.hstack([current.values, cur_out]), names)
+    return report
+
+
+def _outputs(model: Any, rows: np.ndarray, torch_dtype: Any) -> np.ndarray:
+    """``model``'s outputs on ``rows``, here (a few thousand rows at most), as 2-D numbers."""
+    import torch
+
+    from .model import parameter_dtype
+
+    with torch.inference_mode():
+        batch = torch.from_numpy(rows).to(torch_dtype or parameter_dtype(model))
+        out = model(batch)
+    return np.asarray(out.float().numpy(), dtype=np.float64).reshape(len(rows), -1)
 
 
 def _recorded(track: bool, params: dict[str, Any], write: Any) -> ScoreReport:

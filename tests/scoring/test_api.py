@@ -267,3 +267,22 @@ def test_a_state_dict_file_is_refused_clearly(model: torch.nn.Module, tmp_path: 
     torch.save(model.state_dict(), path)
     with pytest.raises(ValueError, match="holds a state_dict, not a model"):
         mlc.score(str(path), ROWS)
+
+
+def test_a_written_job_reports_drift_from_its_reference(cluster: mlc.ClusterHandle,
+                                                        model: torch.nn.Module,
+                                                        tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    reference = pd.DataFrame(rng.normal(size=(2000, 5)), columns=FEATURES)
+    data = rng.normal(size=(1500, 5))
+    data[:, 3] += 1.0
+    frame = dd.from_pandas(pd.DataFrame(data, columns=FEATURES), npartitions=3)
+    report = mlc.score(model, frame, features=FEATURES, output=str(tmp_path / "d.parquet"),
+                       reference=reference, progress=False, track=False)
+    drift = report.drift
+    assert list(drift.index) == [*FEATURES, "output_0", "output_1"]
+    assert drift.loc[FEATURES[3], "drifted"] and drift.loc[FEATURES[3], "effect"] > 0.8
+    assert not drift.loc[[f for i, f in enumerate(FEATURES) if i != 3], "drifted"].any()
+    with pytest.raises(ValueError, match="reference= compares the job's inputs in its report:"
+                                         " give output= too"):
+        mlc.score(model, frame, features=FEATURES, reference=reference)
