@@ -1,4 +1,4 @@
-"""Latency medians: every runner on every batch, warmed up, taking turns."""
+"""Latency medians: every runner on every batch, in bursts that take turns."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ def test_medians_per_runner_and_batch() -> None:
         return run
 
     found = medians({"fast": runner("fast", 0.0001), "slow": runner("slow", 0.0005)},
-                    {1: 1, 4: 4}, budget_s=0.05, max_rounds=50)
+                    {1: 1, 4: 4}, budget_s=0.05, max_rounds=20, burst=2)
     assert set(found) == {"fast", "slow"} and set(found["fast"]) == {1, 4}
     assert found["slow"][4] > found["fast"][4] > found["fast"][1] > 0
-    # Warm-up first, then rounds in which the runners take turns.
-    assert calls[:4] == [("fast", 1), ("fast", 4), ("slow", 1), ("slow", 4)]
-    assert calls[4:8] == calls[:4]
-    assert 5 <= len(calls) // 4 - 1 <= 50
+    # Each runner and batch in turn, 1 untimed call and a burst of 2 timed ones.
+    expected = [(name, batch) for name in ("fast", "slow") for batch in (1, 4) for _ in range(3)]
+    assert calls[:12] == expected
+    rounds = len(calls) // 12
+    assert len(calls) == rounds * 12 and 3 <= rounds <= 20
