@@ -13,10 +13,13 @@ the same random rows at batch 1 and batch 64:
 
 Within a repeat every contender runs for ``--seconds`` at each batch size, in an order that
 rotates from repeat to repeat, so a busy moment of the machine falls on all of them alike.
-Per repeat: latency = the median time of one call, throughput = rows per second over the
-whole stretch. Printed: the median over repeats for each contender, and the ratio to eager
-torch (latency: onnxruntime / torch, lower is better; throughput: onnxruntime / torch,
-higher is better) as the median of the per-repeat ratios with their p25-p75 and min-max.
+Per repeat: latency = the median wall time of one call; throughput = rows over the CPU time
+of the calling thread for the whole stretch (both runtimes compute in that thread with one
+thread configured: on a quiet machine this is rows per second; on a shared one it leaves
+out the time the thread waited for a core, which wall-clock rates do not). Printed: the
+median over repeats for each contender, and the ratio to eager torch (latency: onnxruntime
+/ torch, lower is better; throughput: onnxruntime / torch, higher is better) as the median
+of the per-repeat ratios with their p25-p75 and min-max.
 """
 
 from __future__ import annotations
@@ -89,10 +92,10 @@ def eager(model: torch.nn.Module) -> Callable[[np.ndarray], Any]:
 
 def stretch(run: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float
             ) -> tuple[float, float]:
-    """Call ``run(x)`` for ``seconds``: (median seconds a call, rows per second)."""
+    """Call ``run(x)`` for ``seconds``: (median seconds a call, rows per CPU second)."""
     run(x)  # warm
     times = []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.thread_time()
     while True:
         t0 = time.perf_counter()
         run(x)
@@ -100,7 +103,7 @@ def stretch(run: Callable[[np.ndarray], Any], x: np.ndarray, seconds: float
         times.append(t1 - t0)
         if t1 - start >= seconds and len(times) >= 5:
             break
-    return statistics.median(times), len(times) * len(x) / (t1 - start)
+    return statistics.median(times), len(times) * len(x) / (time.thread_time() - cpu_start)
 
 
 def measure(contenders: dict[str, Callable[[np.ndarray], Any]], inputs: dict[int, np.ndarray],
@@ -159,7 +162,7 @@ def main() -> None:
         print(f"{'figure':<28}{'onnxruntime':>12}{'ort int8':>11}{'torch':>11}"
               f"   {'ratio ort/torch: median (p25-p75, min-max)':<46}{'int8/torch':>11}")
         for metric, unit, fmt in (("latency_ms", "latency (ms)", ".4f"),
-                                  ("rows_s", "throughput (rows/s)", ".0f")):
+                                  ("rows_s", "rows per CPU-second", ".0f")):
             for batch in BATCHES:
                 ort_ = found[("onnxruntime", metric, batch)]
                 q = found[("onnxruntime int8", metric, batch)]
