@@ -41,9 +41,12 @@ i. ``mlc.serve(...)`` call -> first 200 answer, on warm workers (target <= 3 s);
    ``ep.update(model, canary=0.1)`` under load -> the first answer by the new version
    (target <= 2 s), and its share of the answers from then on.
 
-``--quick`` runs fewer and shorter repeats (and 20,000 requests for g); a full run takes about
-10-15 minutes on 2 cores. Timings are of this machine, with whatever else runs on it: read the
-ratios, and the spreads.
+``--quick`` runs fewer and shorter repeats (3 of 2 s; 20,000 requests for g; one kill for e)
+and takes about 7 minutes on 2 cores; a full run (4 repeats of 2.5 s, 200,000 requests for g,
+two kills) about 15, most of it g. ``--only`` runs some items (in the order a b c d f i g e h:
+e restarts a worker, and h may make the cluster grow, since an autoscaled endpoint keeps one
+replica a worker and asks for more). Timings are of this machine, with whatever else runs on
+it: read the ratios, and the spreads.
 """
 
 from __future__ import annotations
@@ -805,7 +808,7 @@ def item_e(ctx: Context) -> None:
 def item_f(ctx: Context) -> None:
     ep = ctx.endpoint("bench-mlp")
     target = ctx.target(ep)
-    repeats = 1 if ctx.quick else 3
+    repeats = 1 if ctx.quick else 2
     shares: list[float] = []
     last_new: list[float] = []
     returned: list[float] = []
@@ -899,8 +902,9 @@ def item_h(ctx: Context) -> None:
 
     base, step, after = 5.0, 12.0, 16.0
     up_delay, down_delay = 1.0, 3.0
-    repeats = 1 if ctx.quick else 2
+    repeats = 1
     rows: list[list[str]] = []
+    changes: list[str] = []
     for rep in range(repeats):
         ep = mlc.serve(make_mlp(), name=f"bench-auto-{rep}", cluster=ctx.cluster,
                        autoscale="1:4")
@@ -921,14 +925,14 @@ def item_h(ctx: Context) -> None:
                     time.sleep(0.25)
                     continue
                 n = len(routed)
-                timeline.append((now - stepped, n))
                 if now >= stepped and serving is None and any(
                         i not in first and v["requests"] > 0 for i, v in routed.items()):
                     serving = now - stepped
-                if now < dropped:
-                    peak = max(peak, n)
-                elif down is None and n < peak:
-                    down = now - dropped
+                if now >= dropped and down is None and timeline and n < timeline[-1][1]:
+                    down = now - dropped  # the first step down after the load fell
+                if not timeline or timeline[-1][1] != n:
+                    timeline.append((now - stepped, n))
+                peak = max(peak, n)
                 if now >= dropped and n == 1:
                     home = now - dropped
                     break
@@ -938,6 +942,7 @@ def item_h(ctx: Context) -> None:
             ep.close()
         failed = sum(got["errors"].values())
         tag = f"run {rep + 1}: " if repeats > 1 else ""
+        changes.append(f"{tag}" + ", ".join(f"{t:+.1f} s: {n}" for t, n in timeline))
         rows += [
             [f"{tag}load x4 (concurrency 4 -> 16) -> a new replica answering (s)",
              fmt(serving) if serving is not None else "never", "<= 10",
@@ -956,6 +961,8 @@ def item_h(ctx: Context) -> None:
         f" concurrency 4 for {base:g} s, 16 for {step:g} s, 4 for {after:g} s; replicas read"
         " from the router every 0.25 s"),
         ["figure", "value", "target", "meets"], rows)
+    print("replicas routed over time (seconds from the step up: count):",
+          "; ".join(changes), flush=True)
 
 
 def _first_200(url: str, token: str, ca_file: str, body: str) -> None:
@@ -1056,7 +1063,7 @@ def main() -> None:
     parser.add_argument("--only", default=ITEMS, help="items to run, e.g. a,b,e (default all)")
     parser.add_argument("--quick", action="store_true",
                         help="fewer, shorter repeats; 20,000 requests for g")
-    parser.add_argument("--repeats", type=int, help="repeats per comparison (5; quick 3)")
+    parser.add_argument("--repeats", type=int, help="repeats per comparison (4; quick 3)")
     parser.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1082,8 +1089,8 @@ def main() -> None:
               flush=True)
         with mlc.up(workers=2, gpu=False, name="bench-serve") as cluster:
             cluster.client.wait_for_workers(2)
-            ctx = Context(cluster, args.quick, args.repeats or (3 if args.quick else 5),
-                          2.0 if args.quick else 3.0)
+            ctx = Context(cluster, args.quick, args.repeats or (3 if args.quick else 4),
+                          2.0 if args.quick else 2.5)
             try:
                 for item in RUN_ORDER:
                     if item in wanted:
