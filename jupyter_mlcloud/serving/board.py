@@ -99,6 +99,14 @@ def details(entry: dict[str, Any] | None) -> str:
     return " · ".join(parts)
 
 
+def _router_figures(router_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """On a worker: the figures of those of ``router_ids`` it runs."""
+    from . import router as router_side
+
+    here = {r.id for r in router_side.routers()}
+    return {i: router_side.stats(i) for i in router_ids if i in here}
+
+
 class _History:
     """One endpoint's sampled figures, oldest first."""
 
@@ -303,21 +311,23 @@ class Board:
 
     def _figures(self, client: Any, states: list[dict[str, Any]]
                  ) -> list[dict[str, Any] | None]:
-        """Each endpoint router's figures (see :func:`.router.stats`), asked all at once; None
-        for a router that did not answer within ``timeout``."""
-        from distributed import wait
+        """Each endpoint router's figures (see :func:`.router.stats`), asked of all their
+        workers at once, in a thread beside each worker's event loop (not as a task: training
+        may hold every task slot); None for a router that did not answer within ``timeout``."""
+        from . import host as worker_side
 
-        from . import router as router_side
-
-        futures = [client.submit(router_side.stats, s["router"]["id"],
-                                 workers=[s["router"]["worker"]], allow_other_workers=False,
-                                 pure=False) for s in states]
+        ids = [s["router"]["id"] for s in states]
         try:
-            wait(futures, timeout=self.timeout)
-        except Exception:
-            pass
-        # Unfinished ones are only let go (cancelling asks the scheduler, which may be silent).
-        return [dict(f.result()) if f.status == "finished" else None for f in futures]
+            answers = client.run(worker_side.in_thread, _router_figures, ids,
+                                 workers=sorted({s["router"]["worker"] for s in states}),
+                                 on_error="return", callback_timeout=self.timeout)
+        except Exception:  # not in time: no figures this time
+            return [None] * len(states)
+        found: dict[str, dict[str, Any]] = {}
+        for answer in answers.values():
+            if isinstance(answer, dict):  # else the error of a worker that went
+                found.update(answer)
+        return [dict(found[i]) if i in found else None for i in ids]
 
     def _sample(self, cluster: str, client: Any, states: list[dict[str, Any]]
                 ) -> list[dict[str, Any] | None]:

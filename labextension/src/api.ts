@@ -268,3 +268,82 @@ export function mlflowRunUrl(run: IMlflowRun): string {
 export function mlflowVersionUrl(name: string, version: number): string {
   return mlflowUrl(`/models/${encodeURIComponent(name)}/versions/${version}`);
 }
+
+/** Figures the router measured (null until it has them, or while it does not answer). */
+export interface IEndpointFigures {
+  requests: number | null;
+  errors: number | null;
+  /** Requests per second over the last seconds. */
+  rps: number | null;
+  /** Latency percentiles over the last minute, in milliseconds. */
+  p50_ms: number | null;
+  p99_ms: number | null;
+}
+
+/** One live version of an endpoint, with its share of the traffic. */
+export interface IEndpointVersion extends IEndpointFigures {
+  version: number;
+  /** Share of the traffic, 0 to 1. */
+  weight: number;
+  /** What the version serves (a model class, a path or a models:/ URI). */
+  source: string | null;
+  replicas: number;
+  workers: string[];
+}
+
+/** An endpoint as the server lists it (see jupyter_mlcloud.serving.board.describe). */
+export interface IEndpoint extends IEndpointFigures {
+  cluster: string;
+  name: string;
+  id: string;
+  url: string;
+  versions: IEndpointVersion[];
+  replicas: number;
+  workers: string[];
+  autoscale: { min: number; max: number } | null;
+  created: number | null;
+  /** False while its scheduler does not answer: the endpoint is shown as last seen. */
+  reachable: boolean;
+}
+
+/** What `GET /mlcloud/endpoints` answers. */
+export interface IEndpointList {
+  endpoints: IEndpoint[];
+  /** Clusters whose scheduler did not answer in time. */
+  unreachable: string[];
+}
+
+/** Every endpoint on every discovered cluster, with live figures. */
+export async function listEndpoints(): Promise<IEndpointList> {
+  const body = await requestAPI<Partial<IEndpointList>>('endpoints');
+  if (!body || !Array.isArray(body.endpoints)) {
+    throw new APIError('the server answered without an endpoint list');
+  }
+  return { endpoints: body.endpoints, unreachable: body.unreachable ?? [] };
+}
+
+function endpointPath(cluster: string, name: string, action: string): string {
+  return URLExt.join('endpoints', encodeURIComponent(cluster), encodeURIComponent(name), action);
+}
+
+/** Run `replicas` replicas of the endpoint's main version; resolves to the endpoint now. */
+export async function scaleEndpoint(
+  cluster: string,
+  name: string,
+  replicas: number
+): Promise<IEndpoint> {
+  return requestAPI<IEndpoint>(
+    endpointPath(cluster, name, 'scale'),
+    jsonRequest('POST', { replicas })
+  );
+}
+
+/** All traffic to the endpoint's newest version; resolves to the endpoint now. */
+export async function promoteEndpoint(cluster: string, name: string): Promise<IEndpoint> {
+  return requestAPI<IEndpoint>(endpointPath(cluster, name, 'promote'), jsonRequest('POST', {}));
+}
+
+/** Back to the endpoint's previous version; resolves to the endpoint now. */
+export async function rollbackEndpoint(cluster: string, name: string): Promise<IEndpoint> {
+  return requestAPI<IEndpoint>(endpointPath(cluster, name, 'rollback'), jsonRequest('POST', {}));
+}

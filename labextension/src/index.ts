@@ -3,7 +3,7 @@ import { ICommandPalette, IFrame, MainAreaWidget } from '@jupyterlab/apputils';
 import { PageConfig, URLExt } from '@jupyterlab/coreutils';
 
 import { cloudIcon } from './icon';
-import { MLCloudSidebar } from './sidebar';
+import { MLCloudSidebar, PanelKind } from './sidebar';
 
 /** The part of a notebook panel the "insert connect code" action touches. */
 interface INotebookLike {
@@ -54,7 +54,12 @@ const plugin: JupyterFrontEndPlugin<void> = {
   ) => {
     // Each panel is a page of the server extension, shown in a tab; one tab per panel.
     const tabs = new Map<string, MainAreaWidget<IFrame>>();
-    const openPanel = (kind: 'loss' | 'resources', target: string): void => {
+    const labels: { [kind in PanelKind]: string } = {
+      loss: 'Loss',
+      resources: 'Resources',
+      endpoint: 'Endpoint'
+    };
+    const openPanel = (kind: PanelKind, target: string): void => {
       const key = `${kind}:${target}`;
       let tab = tabs.get(key);
       if (!tab || tab.isDisposed) {
@@ -68,7 +73,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         );
         tab = new MainAreaWidget({ content: frame });
         tab.id = `mlcloud-panel-${kind}-${target}`;
-        tab.title.label = `${kind === 'loss' ? 'Loss' : 'Resources'}: ${target.split(',').join(', ')}`;
+        tab.title.label = `${labels[kind]}: ${target.split(',').join(', ')}`;
         tab.title.closable = true;
         tab.title.icon = cloudIcon;
         tab.addClass('jp-mlcloud-panel');

@@ -2,6 +2,9 @@ import { Widget } from '@lumino/widgets';
 
 import {
   ICluster,
+  IEndpoint,
+  IEndpointList,
+  IEndpointVersion,
   ILists,
   IModel,
   IModelVersion,
@@ -10,13 +13,17 @@ import {
   adaptCluster,
   errorText,
   listClusters,
+  listEndpoints,
   listModels,
   listRuns,
   mlflowRunUrl,
   mlflowUrl,
   mlflowVersionUrl,
   openEvents,
+  promoteEndpoint,
+  rollbackEndpoint,
   scaleCluster,
+  scaleEndpoint,
   setAlias,
   shutDownCluster,
   startCluster
@@ -32,12 +39,15 @@ export const MAX_OVERLAY = 16;
 export const MODELS_REFRESH_MS = 10000;
 /** Versions listed per model, newest first; the MLflow UI has the rest. */
 export const MAX_VERSIONS = 5;
+/** How often the endpoint list (and its live figures) is fetched while the panel is visible. */
+export const ENDPOINTS_REFRESH_MS = 3000;
 /** The alias the one-click button gives a version. */
 export const CHAMPION = 'champion';
 
 export const EMPTY_MESSAGE = 'No clusters yet. Start one in a notebook with %mlcloud up';
 export const NO_RUNS_MESSAGE = 'No runs yet. Train with %%distributed_train';
 export const NO_MODELS_MESSAGE = 'No registered models yet. Register one with mlc.register';
+export const NO_ENDPOINTS_MESSAGE = 'No endpoints yet. Serve a model with mlc.serve';
 
 const GIB = 2 ** 30;
 
@@ -120,9 +130,36 @@ function isWebAddress(address: string): boolean {
   }
 }
 
-/** The "ML Cloud" panel: clusters (with actions), a new-cluster form, training runs, models. */
+/** A figure with `digits` decimals and a unit ("-" when unknown). */
+function formatFigure(value: number | null | undefined, digits = 1, unit = ''): string {
+  if (value === null || value === undefined || !Number.isFinite(value)) {
+    return '-';
+  }
+  return `${value.toFixed(digits)}${unit}`;
+}
+
+/** "rps 12.0 · p50 3.1 ms · p99 7.9 ms · errors 0" of an endpoint or a version. */
+function formatEndpointFigures(figures: {
+  rps: number | null;
+  p50_ms: number | null;
+  p99_ms: number | null;
+  errors: number | null;
+}): string {
+  return [
+    `rps ${formatFigure(figures.rps)}`,
+    `p50 ${formatFigure(figures.p50_ms, 1, ' ms')}`,
+    `p99 ${formatFigure(figures.p99_ms, 1, ' ms')}`,
+    `errors ${count(figures.errors)}`
+  ].join(' · ');
+}
+
+function plural(n: number, word: string): string {
+  return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
 /** Opens a Bokeh panel (served by the Jupyter server) as a main-area tab. */
-export type PanelOpener = (kind: 'loss' | 'resources', target: string) => void;
+export type PanelKind = 'loss' | 'resources' | 'endpoint';
+export type PanelOpener = (kind: PanelKind, target: string) => void;
 
 /** Puts code that attaches to a cluster into the active notebook (throws if there is none). */
 export type ConnectInserter = (clusterName: string) => Promise<void>;
@@ -130,13 +167,25 @@ export type ConnectInserter = (clusterName: string) => Promise<void>;
 /** Shows a page of the MLflow UI (a URL under `<baseUrl>mlflow/`). */
 export type MLflowOpener = (url: string) => void;
 
+/** The "ML Cloud" panel: clusters (with actions), a new-cluster form, training runs, models,
+ * endpoints. */
 export class MLCloudSidebar extends Widget {
   private readonly clusters: HTMLElement;
   private readonly runs: HTMLElement;
   private readonly models: HTMLElement;
+  private readonly endpoints: HTMLElement;
   private readonly message: HTMLElement;
   private timer: number | undefined;
   private modelsTimer: number | undefined;
+  private endpointsTimer: number | undefined;
+  private endpointsPending: Promise<void> | null = null;
+  /** Bumped by every endpoint change: a list fetched before it is stale. */
+  private endpointsGeneration = 0;
+  /** The endpoints the list shows now, and what it showed (to redraw only on change). */
+  private listedEndpoints: IEndpointList = { endpoints: [], unreachable: [] };
+  private shownEndpoints = '';
+  /** Replica counts typed into endpoint scale boxes and not applied yet, by endpoint key. */
+  private readonly replicaDrafts = new Map<string, string>();
   /** The server's event socket; while it is open, the lists come from it, not from polling. */
   private socket: WebSocket | null = null;
   private reconnect: number | undefined;
@@ -174,7 +223,7 @@ export class MLCloudSidebar extends Widget {
     const header = element('div', 'jp-mlcloud-header');
     header.appendChild(element('span', 'jp-mlcloud-title', 'ML Cloud'));
     const refresh = button('jp-mlcloud-refresh jp-Button', 'Refresh', () => void this.refresh());
-    refresh.title = 'Refresh the cluster, run and model lists';
+    refresh.title = 'Refresh the cluster, run, model and endpoint lists';
     header.appendChild(refresh);
     this.node.appendChild(header);
     this.message = element('div', 'jp-mlcloud-message');
@@ -210,6 +259,10 @@ export class MLCloudSidebar extends Widget {
     this.node.appendChild(tracking);
     this.models = element('div', 'jp-mlcloud-models');
     this.node.appendChild(this.models);
+
+    this.node.appendChild(element('div', 'jp-mlcloud-section', 'Endpoints'));
+    this.endpoints = element('div', 'jp-mlcloud-endpoints');
+    this.node.appendChild(this.endpoints);
     this.node.dataset.updates = 'polling';
   }
 
@@ -235,7 +288,30 @@ export class MLCloudSidebar extends Widget {
         this.pending = null;
       });
     }
-    return Promise.all([this.pending, this.refreshModels()]).then(() => undefined);
+    return Promise.all([this.pending, this.refreshModels(), this.refreshEndpoints()]).then(
+      () => undefined
+    );
+  }
+
+  /** Fetch the endpoints and redraw them if they changed; one request at a time. */
+  refreshEndpoints(): Promise<void> {
+    if (!this.endpointsPending) {
+      const generation = this.endpointsGeneration;
+      this.endpointsPending = listEndpoints()
+        .then(
+          (value): PromiseSettledResult<IEndpointList> => ({ status: 'fulfilled', value }),
+          (reason): PromiseSettledResult<IEndpointList> => ({ status: 'rejected', reason })
+        )
+        .then(result => {
+          if (!this.isDisposed && generation === this.endpointsGeneration) {
+            this.renderEndpoints(result);
+          }
+        })
+        .finally(() => {
+          this.endpointsPending = null;
+        });
+    }
+    return this.endpointsPending;
   }
 
   /** Fetch the registered models and redraw them if they changed; one request at a time. */
@@ -282,6 +358,12 @@ export class MLCloudSidebar extends Widget {
         void this.refreshModels();
       }
     }, MODELS_REFRESH_MS);
+    // Endpoint figures (requests per second, latency) change all the time: poll them.
+    this.endpointsTimer = window.setInterval(() => {
+      if (this.isVisible) {
+        void this.refreshEndpoints();
+      }
+    }, ENDPOINTS_REFRESH_MS);
     this.openSocket();
     void this.refresh();
   }
@@ -359,6 +441,10 @@ export class MLCloudSidebar extends Widget {
     if (this.modelsTimer !== undefined) {
       window.clearInterval(this.modelsTimer);
       this.modelsTimer = undefined;
+    }
+    if (this.endpointsTimer !== undefined) {
+      window.clearInterval(this.endpointsTimer);
+      this.endpointsTimer = undefined;
     }
   }
 
@@ -578,6 +664,161 @@ export class MLCloudSidebar extends Widget {
     });
   }
 
+  private renderEndpoints(result: PromiseSettledResult<IEndpointList>): void {
+    const state =
+      result.status === 'fulfilled'
+        ? JSON.stringify(result.value)
+        : `error:${errorText(result.reason)}`;
+    if (state === this.shownEndpoints) {
+      return;
+    }
+    this.shownEndpoints = state;
+    if (result.status === 'rejected') {
+      this.endpoints.replaceChildren(
+        element(
+          'div',
+          'jp-mlcloud-endpoints-error',
+          `Cannot list endpoints: ${errorText(result.reason)}`
+        )
+      );
+      return;
+    }
+    this.listedEndpoints = result.value;
+    const { endpoints, unreachable } = result.value;
+    const keys = new Set(endpoints.map(endpointKey));
+    for (const key of [...this.replicaDrafts.keys()].filter(k => !keys.has(k))) {
+      this.replicaDrafts.delete(key);
+    }
+    const nodes: HTMLElement[] = endpoints.map(e => this.renderEndpoint(e));
+    if (endpoints.length === 0) {
+      nodes.push(element('div', 'jp-mlcloud-endpoints-empty', NO_ENDPOINTS_MESSAGE));
+    }
+    if (unreachable.length > 0) {
+      nodes.push(
+        element(
+          'div',
+          'jp-mlcloud-endpoints-unreachable',
+          `Scheduler not answering: ${unreachable.join(', ')} (endpoints as last seen)`
+        )
+      );
+    }
+    const active = document.activeElement;
+    const focused =
+      active instanceof HTMLInputElement && this.endpoints.contains(active)
+        ? active.dataset.draftKey
+        : undefined;
+    this.endpoints.replaceChildren(...nodes);
+    if (focused !== undefined) {
+      for (const box of Array.from(
+        this.endpoints.querySelectorAll<HTMLInputElement>('.jp-mlcloud-endpoint-replicas-to')
+      )) {
+        if (box.dataset.draftKey === focused) {
+          box.focus();
+        }
+      }
+    }
+  }
+
+  /** An endpoint's card: name, cluster, URL, figures, replicas, versions, actions. */
+  private renderEndpoint(endpoint: IEndpoint): HTMLElement {
+    const key = endpointKey(endpoint);
+    const card = element('div', 'jp-mlcloud-endpoint');
+    card.dataset.endpointName = endpoint.name;
+    card.dataset.clusterName = endpoint.cluster;
+    card.dataset.replicas = String(endpoint.replicas);
+    card.dataset.versions = endpoint.versions
+      .map(v => `${v.version}:${Number(v.weight.toFixed(4))}`)
+      .join(',');
+    if (!endpoint.reachable) {
+      card.classList.add('jp-mlcloud-endpoint-unreachable');
+    }
+
+    const title = element('div', 'jp-mlcloud-endpoint-title');
+    title.appendChild(element('span', 'jp-mlcloud-endpoint-name', endpoint.name));
+    title.appendChild(element('span', 'jp-mlcloud-endpoint-cluster', `on ${endpoint.cluster}`));
+    card.appendChild(title);
+    const url = element('code', 'jp-mlcloud-endpoint-url', endpoint.url);
+    url.title = 'The endpoint URL (Open Inference Protocol v2; bearer token and TLS)';
+    card.appendChild(url);
+    card.appendChild(
+      element(
+        'div',
+        'jp-mlcloud-endpoint-figures',
+        endpoint.reachable ? formatEndpointFigures(endpoint) : 'scheduler not answering'
+      )
+    );
+    const scale = [plural(endpoint.replicas, 'replica')];
+    const workers = new Set(endpoint.workers).size;
+    if (workers > 0) {
+      scale.push(`on ${plural(workers, 'worker')}`);
+    }
+    if (endpoint.autoscale) {
+      scale.push(`· autoscale ${endpoint.autoscale.min}:${endpoint.autoscale.max}`);
+    }
+    const replicas = element('div', 'jp-mlcloud-endpoint-replicas', scale.join(' '));
+    replicas.title = endpoint.workers.join('\n');
+    card.appendChild(replicas);
+    for (const version of endpoint.versions) {
+      card.appendChild(renderEndpointVersion(version, endpoint.reachable));
+    }
+
+    const actions = element('div', 'jp-mlcloud-actions');
+    const size = input('jp-mlcloud-endpoint-replicas-to', 'replicas', 'number');
+    size.min = '1';
+    size.dataset.draftKey = key;
+    size.value = this.replicaDrafts.get(key) ?? String(mainVersion(endpoint)?.replicas || 1);
+    size.title = 'Replicas of the main version (the one taking the most traffic)';
+    size.addEventListener('input', () => this.replicaDrafts.set(key, size.value));
+    actions.appendChild(size);
+    actions.appendChild(
+      button('jp-mlcloud-endpoint-scale', 'Scale', () => {
+        this.replicaDrafts.delete(key);
+        this.change(`Scaling ${endpoint.name}`, () =>
+          scaleEndpoint(endpoint.cluster, endpoint.name, Number(size.value))
+        );
+      })
+    );
+    if (endpoint.versions.length > 1) {
+      actions.appendChild(
+        button('jp-mlcloud-endpoint-promote', 'Promote', () =>
+          this.change(`Promoting the newest version of ${endpoint.name}`, () =>
+            promoteEndpoint(endpoint.cluster, endpoint.name)
+          )
+        )
+      );
+    }
+    actions.appendChild(
+      button('jp-mlcloud-endpoint-rollback', 'Roll back', () =>
+        this.change(`Rolling ${endpoint.name} back`, () =>
+          rollbackEndpoint(endpoint.cluster, endpoint.name)
+        )
+      )
+    );
+    actions.appendChild(
+      button('jp-mlcloud-open-endpoint', 'Panel', () =>
+        this.openPanel('endpoint', `${endpoint.cluster}:${endpoint.name}`)
+      )
+    );
+    card.appendChild(actions);
+    return card;
+  }
+
+  /** Change an endpoint, and show it as the server answers it. */
+  private change(what: string, action: () => Promise<IEndpoint>): void {
+    void this.act(what, async () => {
+      const changed = await action();
+      this.endpointsGeneration += 1; // a list fetched before this is stale
+      const { endpoints, unreachable } = this.listedEndpoints;
+      this.renderEndpoints({
+        status: 'fulfilled',
+        value: {
+          endpoints: endpoints.map(e => (endpointKey(e) === endpointKey(changed) ? changed : e)),
+          unreachable
+        }
+      });
+    });
+  }
+
   /** Run an action, show its outcome (the server's one sentence on failure), refresh. */
   private async act(what: string, action: () => Promise<unknown>): Promise<void> {
     this.message.className = 'jp-mlcloud-message';
@@ -738,6 +979,47 @@ export class MLCloudSidebar extends Widget {
     }
     return card;
   }
+}
+
+/** Endpoints are named per cluster. */
+function endpointKey(endpoint: IEndpoint): string {
+  return `${endpoint.cluster}\n${endpoint.name}`;
+}
+
+/** The version scaling acts on: the most traffic, the newest on a tie (as the server picks). */
+function mainVersion(endpoint: IEndpoint): IEndpointVersion | undefined {
+  let main: IEndpointVersion | undefined;
+  for (const version of endpoint.versions) {
+    if (
+      !main ||
+      version.weight > main.weight ||
+      (version.weight === main.weight && version.version > main.version)
+    ) {
+      main = version;
+    }
+  }
+  return main;
+}
+
+/** One version's row: number, share of the traffic, replicas, figures. */
+function renderEndpointVersion(version: IEndpointVersion, reachable: boolean): HTMLElement {
+  const row = element('div', 'jp-mlcloud-endpoint-version');
+  row.dataset.version = String(version.version);
+  row.dataset.weight = String(version.weight);
+  row.dataset.replicas = String(version.replicas);
+  if (version.source) {
+    row.title = `serves ${version.source}`;
+  }
+  row.appendChild(element('b', 'jp-mlcloud-endpoint-version-number', `v${version.version}`));
+  row.appendChild(
+    element('span', 'jp-mlcloud-endpoint-weight', ` ${Math.round(version.weight * 100)}%`)
+  );
+  const about = [plural(version.replicas, 'replica')];
+  if (reachable) {
+    about.push(formatEndpointFigures(version));
+  }
+  row.appendChild(element('span', 'jp-mlcloud-endpoint-version-detail', ` · ${about.join(' · ')}`));
+  return row;
 }
 
 /** One run's row: a tick for overlays, id, status, cluster, last step and metrics, and a link
