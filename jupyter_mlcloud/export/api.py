@@ -101,6 +101,7 @@ def export(model: Any, path: str | os.PathLike[str], *, example: Any = None,
     from . import pt2 as pt2_format
 
     writer = onnx_format if fmt == "onnx" else pt2_format
+    runtime = "onnxruntime" if fmt == "onnx" else "torch.export"
     with program.eager_module(model) as module:
         example_in = program.examples(example, features, module)
         traced = program.trace(module, example_in, fmt)
@@ -109,11 +110,10 @@ def export(model: Any, path: str | os.PathLike[str], *, example: Any = None,
         found: list[Parity] = []
         changes: list[QuantizationChange] = []
         fp32_size = None
+        timed: dict[str, Callable[[Any], Any]] = {}  # what the latency is measured of
         with _staged(target) as staged:
-            written = staged
-            if quantize:  # the float model beside the staged file, checked, then quantized
-                written = os.path.join(os.path.dirname(staged), "float", os.path.basename(staged))
-                os.mkdir(os.path.dirname(written))
+            # An int8 model is quantized from the float one, written (and checked) beside it.
+            written = _beside(staged, "float") if quantize else staged
             writer.write(traced, written)
             if check:
                 run = writer.runner(written, 1)
@@ -124,28 +124,32 @@ def export(model: Any, path: str | os.PathLike[str], *, example: Any = None,
                 found += parity.compare(program.eager(module, random_in), run(random_in), names,
                                         "random", rows)
                 parity.require(found, fmt)
+                timed[runtime] = run
             if quantize:
                 fp32_size = _size(written)
                 onnx_format.quantize_int8(written, staged)
                 quantized = onnx_format.runner(staged, 1)
                 changes = parity.change(eager_out, quantized(example_in), names)
-                shutil.rmtree(os.path.dirname(written))
+                if check:
+                    timed = {runtime: quantized, f"{runtime} fp32": run}
         latency: dict[str, dict[int, float]] = {}
         if check:
-            runners: dict[str, Callable[[Any], Any]] = {
-                "onnxruntime" if fmt == "onnx" else "torch.export":
-                    onnx_format.runner(target, 1) if quantize else run,
-                "torch": program.eager_runner(module)}
-            if quantize:
-                runners["onnxruntime fp32"] = run
+            timed["torch"] = program.eager_runner(module)
             with program.one_thread():
-                latency = medians(runners, {b: parity.random_like(example_in, b, seed=2)
-                                            for b in BATCHES})
+                latency = medians(timed, {b: parity.random_like(example_in, b, seed=2)
+                                          for b in BATCHES})
     return ExportResult(
         path=target, format=fmt, size=_size(target),
         opset=onnx_format.opset(target) if fmt == "onnx" else None,
         inputs=traced.input_names, outputs=names, parity=tuple(found), quantize=quantize,
         quantization=tuple(changes), fp32_size=fp32_size, latency_ms=latency)
+
+
+def _beside(staged: str, folder: str) -> str:
+    """A path named like ``staged`` in a new ``folder`` inside the staging folder (gone with
+    it: only the staging folder's own files are moved into place)."""
+    os.mkdir(os.path.join(os.path.dirname(staged), folder))
+    return os.path.join(os.path.dirname(staged), folder, os.path.basename(staged))
 
 
 __all__ = ["ExportError", "ExportResult", "export"]
