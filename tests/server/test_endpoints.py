@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -124,6 +126,21 @@ async def test_lists_the_endpoint_with_versions_replicas_and_live_figures(
     version = entry["versions"][0]
     assert version["requests"] == entry["requests"] and version["p99_ms"] == entry["p99_ms"]
     assert "token" not in json.dumps(entry) and served.token not in json.dumps(entry)
+
+
+def test_the_listing_needs_no_default_client(served: Endpoint) -> None:
+    # A Jupyter server holds no Dask client of its own (this test process does: its cluster's).
+    code = ("import asyncio, json\n"
+            "from jupyter_mlcloud.serving.board import Board\n"
+            "board = Board()\n"
+            "print(json.dumps(asyncio.run(board.list_endpoints())))\n"
+            "asyncio.run(board.close())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # the same runtime dir: it finds the cluster
+    assert done.returncode == 0, done.stderr[-2000:]
+    [entry] = json.loads(done.stdout.strip().splitlines()[-1])["endpoints"]
+    assert entry["name"] == NAME and entry["url"] == served.url
+    assert entry["requests"] is not None and entry["errors"] == 0  # the router answered
 
 
 async def test_a_silent_scheduler_is_answered_in_bounded_time(jp_fetch, served: Endpoint
