@@ -26,6 +26,7 @@ from .model import (
     ModelRef,
     check_device,
     output_shape,
+    outputs_of,
     resolve_dtype,
     score_block,
     ship,
@@ -264,24 +265,13 @@ def _with_drift(report: ScoreReport, reference: Reference | None, data: Any, mod
     if current.values.shape[1] != reference.values.shape[1]:
         raise ValueError(f"the reference has {reference.values.shape[1]} feature(s) and the"
                          f" data {current.values.shape[1]}; give a reference like the data.")
-    ref_out, cur_out = (_outputs(model, rows, torch_dtype)
+    ref_out, cur_out = (outputs_of(model, rows, torch_dtype)
                         for rows in (reference.values, current.values))
     names = [*reference.names, *[f"output_{j}" for j in range(ref_out.shape[1])]]
     report.drift = compare(np.hstack([reference.values, ref_out]),
                            np.hstack([current.values, cur_out]), names)
     return report
 
-
-def _outputs(model: Any, rows: np.ndarray, torch_dtype: Any) -> np.ndarray:
-    """``model``'s outputs on ``rows``, here (a few thousand rows at most), as 2-D numbers."""
-    import torch
-
-    from .model import parameter_dtype
-
-    with torch.inference_mode():
-        batch = torch.from_numpy(rows).to(torch_dtype or parameter_dtype(model))
-        out = model(batch)
-    return np.asarray(out.float().numpy(), dtype=np.float64).reshape(len(rows), -1)
 
 
 def _recorded(track: bool, params: dict[str, Any], write: Any) -> ScoreReport:

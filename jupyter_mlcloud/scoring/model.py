@@ -173,6 +173,17 @@ def load_counts() -> dict[str, int]:
         return dict(_load_counts)
 
 
+def outputs_of(model: Any, rows: np.ndarray, torch_dtype: Any = None) -> np.ndarray:
+    """``model``'s outputs on ``rows`` here (a few thousand rows at most), as 2-D float64."""
+    import torch
+
+    with torch.inference_mode():
+        batch = torch.from_numpy(np.ascontiguousarray(rows)).to(
+            torch_dtype or parameter_dtype(model))
+        out = model(batch)
+    return np.asarray(out.float().numpy(), dtype=np.float64).reshape(len(rows), -1)
+
+
 def parameter_dtype(model: Any) -> Any:
     """The dtype inputs are cast to by default: the first parameter's, else float32."""
     import torch

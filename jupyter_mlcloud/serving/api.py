@@ -455,6 +455,8 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
 
     ``reference``: a sample of inputs (array, DataFrame, xarray object or dask collection) to
     watch the traffic against: :meth:`Endpoint.drift`, alerts (:meth:`Endpoint.on_alert`).
+    A registered model's reference (``ctx.keep_reference``, ``mlc.register(reference=)``)
+    is used when none is given.
     ``monitor``: how (see :class:`.watch.MonitorOptions`: ``rows``, ``seconds``, ``alpha``,
     ``min_effect``, ``min_accuracy``, ``max_rmse``, ``every_s``).
     """
@@ -469,10 +471,9 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)  # checks them
     policy = AutoscalePolicy.parse(autoscale) if autoscale is not None else None
     share = _canary(canary)
-    watching = MonitorOptions.parse(monitor) if monitor is not None or reference is not None \
-        else None
-    if watching is not None and reference is None:
+    if reference is None and monitor is not None:
         raise ValueError("monitor= needs a reference= sample to compare the traffic with.")
+    watching = MonitorOptions.parse(monitor) if monitor is not None else None
     sample = Reference.of(reference) if reference is not None else None
     if control.dataset(name) in client.list_datasets():
         raise ValueError(f"an endpoint named {name!r} already runs on this cluster; close it"
@@ -492,6 +493,12 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         pair = self_signed(hosts)
         ca_pem = pair.cert_pem
     blob = ModelBlob.of(model)
+    if sample is None and isinstance(model, str) and model.startswith(("models:/", "runs:/")):
+        from ..tracking import registry
+
+        sample = registry.reference_of(model)  # logged with the version: watched by default
+    if sample is not None and watching is None:
+        watching = MonitorOptions()
     follow, source = _follow(model, share)
     ensure_controller(client)
     if policy is not None and handle is not None and handle.cluster is not None:

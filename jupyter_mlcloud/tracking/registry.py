@@ -20,6 +20,7 @@ from . import store
 mlflow = LazyModule("mlflow")
 mlflow_exceptions = LazyModule("mlflow.exceptions")
 mlflow_pytorch = LazyModule("mlflow.pytorch")
+mlflow_artifacts = LazyModule("mlflow.artifacts")
 
 URI_SCHEMES = ("models:/", "runs:/")
 REGISTER_TIMEOUT_S = 300.0  # how long a run's recording may take to finish before registering
@@ -76,6 +77,27 @@ def alias_version(name: str, alias: str, uri_store: str | None = None) -> int:
     return int(store.client(uri_store).get_model_version_by_alias(name, alias).version)
 
 
+def reference_of(uri: str) -> Any:
+    """The reference sample logged with model ``uri`` (a ``Reference``), or None."""
+    import tempfile
+
+    import numpy as np
+
+    from ..monitoring.reference import Reference
+    from .runs import REFERENCE_FILE
+
+    check_uri(uri)
+    store.tracking_uri()  # MLflow's artifact download reads the store in force
+    with tempfile.TemporaryDirectory(prefix="mlcloud-reference-") as folder:
+        try:
+            path = mlflow_artifacts.download_artifacts(
+                artifact_uri=f"{uri.rstrip('/')}/extra_files/{REFERENCE_FILE}", dst_path=folder)
+        except Exception:
+            return None  # logged without one
+        with np.load(path) as saved:
+            return Reference(saved["values"], tuple(str(n) for n in saved["names"]))
+
+
 def load(uri: str) -> Any:
     """The ``torch.nn.Module`` a model URI names, on the CPU, in eval mode."""
     check_uri(uri)
@@ -84,8 +106,13 @@ def load(uri: str) -> Any:
     return model.eval()
 
 
-def _model_uri_of(thing: Any) -> str:
-    """A model URI for a run, a model URI, a module or callable, or a saved model's path."""
+def _model_uri_of(thing: Any, reference: Any = None) -> str:
+    """A model URI for a run, a model URI, a module or callable, or a saved model's path
+    (logged with ``reference``, a ``Reference``, when given)."""
+    if reference is not None and (is_model_uri(thing) or hasattr(thing, "mlflow_run_id")):
+        raise ValueError("reference= goes with a module or a saved model file; a run's"
+                         " reference is what ctx.keep_reference kept, and a logged model's"
+                         " is logged with it.")
     if is_model_uri(thing):
         return str(check_uri(thing))
     tracking = getattr(thing, "tracking", None)
@@ -102,11 +129,12 @@ def _model_uri_of(thing: Any) -> str:
                              " its result held no torch.nn.Module (return the model, or a"
                              " dict with a 'model' entry).")
         return str(tracking.model_uri)
-    return _log_standalone(thing)
+    return _log_standalone(thing, reference)
 
 
-def _log_standalone(model: Any) -> str:
-    """Log a module (or a saved model file) in an MLflow run of its own; its model URI."""
+def _log_standalone(model: Any, reference: Any = None) -> str:
+    """Log a module (or a saved model file) in an MLflow run of its own, with ``reference``
+    (a ``Reference``) if given; its model URI."""
     from .recorder import Recorder
     from .runs import MODEL_NAME, log_model
 
@@ -118,19 +146,23 @@ def _log_standalone(model: Any) -> str:
     logged: list[str] = []
     recorder = Recorder(f"register-{time.strftime('%Y%m%d-%H%M%S')}",
                         tags={"mlcloud.kind": "register"})
-    recorder.then(MODEL_NAME, lambda run_id: logged.append(log_model(run_id, module, None)))
+    recorder.then(MODEL_NAME, lambda run_id: logged.append(
+        log_model(run_id, module, None, reference)))
     recorder.end("FINISHED")
     if not recorder.wait(REGISTER_TIMEOUT_S) or not logged:
         raise ValueError(f"the model could not be logged to {recorder.uri}.")
     return logged[0]
 
 
-def register(run_or_model_or_path: Any, name: str, alias: str | None = None) -> Any:
+def register(run_or_model_or_path: Any, name: str, alias: str | None = None,
+             reference: Any = None) -> Any:
     """Register a model version under ``name``; return MLflow's ``ModelVersion``.
 
     ``run_or_model_or_path``: a training ``Run`` (its logged model; waits for its record to
     be complete), a ``torch.nn.Module``, a path to a saved model, or a ``runs:/`` /
-    ``models:/`` URI. ``alias`` (e.g. ``"champion"``) is moved to the new version.
+    ``models:/`` URI. ``alias`` (e.g. ``"champion"``) is moved to the new version. The
+    version keeps a reference sample of inputs (a run's ``ctx.keep_reference``, or
+    ``reference`` for a module or file), which serving the version watches for drift.
     """
     if not isinstance(name, str) or not name.strip() or "/" in name or "@" in name:
         raise ValueError(f"name must be a model name without '/' or '@', got {name!r}.")
@@ -138,7 +170,12 @@ def register(run_or_model_or_path: Any, name: str, alias: str | None = None) -> 
                               or re.fullmatch(r"[vV]\d+", alias) or alias == "latest"):
         raise ValueError(f"alias must be a word such as 'champion' (not 'latest' or 'v1'),"
                          f" got {alias!r}.")
-    uri = _model_uri_of(run_or_model_or_path)
+    sample = None
+    if reference is not None:
+        from ..monitoring.reference import Reference
+
+        sample = Reference.of(reference)
+    uri = _model_uri_of(run_or_model_or_path, sample)
     store.tracking_uri()  # mlflow.register_model writes to the store in force
     version = mlflow.register_model(uri, name, await_registration_for=REGISTER_TIMEOUT_S)
     client = store.client()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from ..cluster import info as cluster_info
 from ..lazy import LazyModule
@@ -112,9 +116,14 @@ class _PickleChoiceFilter(logging.Filter):
         return "Pickle or CloudPickle" not in record.getMessage()
 
 
-def log_model(run_id: str, model: Any, example: Any) -> str:
+#: Where a logged model keeps its reference sample (``mlflow.pytorch``'s ``extra_files``).
+REFERENCE_FILE = "reference.npz"
+
+
+def log_model(run_id: str, model: Any, example: Any, reference: Any = None) -> str:
     """``mlflow.pytorch.log_model`` of ``model`` in run ``run_id``, with a signature
-    inferred from ``example`` and the model's output on it, when there is an example;
+    inferred from ``example`` and the model's output on it, when there is an example, and
+    ``reference`` (a ``monitoring.reference.Reference``) as ``extra_files/reference.npz``;
     returns the logged model's URI."""
     logger = logging.getLogger("mlflow.pytorch")
     if not any(isinstance(f, _PickleChoiceFilter) for f in logger.filters):
@@ -131,15 +140,21 @@ def log_model(run_id: str, model: Any, example: Any) -> str:
     mlflow_client = store.client()
     logged = mlflow_client.create_logged_model(
         mlflow_client.get_run(run_id).info.experiment_id, name=MODEL_NAME, source_run_id=run_id)
-    info = mlflow_pytorch.log_model(
-        model, name=MODEL_NAME, signature=signature, input_example=example, run_id=run_id,
-        model_id=logged.model_id,
-        # Stated, not inferred: inference loads the model in a subprocess (slow, noisy).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        # The module itself, cloudpickled (notebook classes by value): loading gives back what
-        # run.result() gave; a pt2 export would need a traceable forward and an example.
-        serialization_format="pickle",
-    )
+    with tempfile.TemporaryDirectory(prefix="mlcloud-reference-") as folder:
+        extra = []
+        if reference is not None:
+            extra.append(os.path.join(folder, REFERENCE_FILE))
+            np.savez_compressed(extra[0], values=reference.values,
+                                names=np.array(reference.names))
+        info = mlflow_pytorch.log_model(
+            model, name=MODEL_NAME, signature=signature, input_example=example, run_id=run_id,
+            model_id=logged.model_id, extra_files=extra or None,
+            # Stated, not inferred: inference loads the model in a subprocess (slow, noisy).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            # The module itself, cloudpickled (notebook classes by value): loading gives back
+            # what run.result() gave; a pt2 export would need a traceable forward and an example.
+            serialization_format="pickle",
+        )
     return str(info.model_uri)
 
 
@@ -190,8 +205,8 @@ class TrainingRecord:
                          - record["phases"]["detected"], record["attempt"], now)])
                     self.recorder.set_tags({"mlcloud.recoveries": record["attempt"]})
 
-    def _log_model(self, run_id: str, model: Any, example: Any) -> None:
-        self.model_uri = log_model(run_id, model, example)
+    def _log_model(self, run_id: str, model: Any, example: Any, reference: Any) -> None:
+        self.model_uri = log_model(run_id, model, example, reference)
 
     def _on_done(self, run: Any) -> None:
         recorder = self.recorder
@@ -202,7 +217,9 @@ class TrainingRecord:
             model = find_model(run.result())
             if model is not None:
                 example = example_array(self.example)
-                recorder.then("model", lambda run_id: self._log_model(run_id, model, example))
+                reference = run.reference
+                recorder.then("model", lambda run_id: self._log_model(run_id, model, example,
+                                                                      reference))
         recorder.end(END_STATUS.get(run.status, "FAILED"))
 
 

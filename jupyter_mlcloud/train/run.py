@@ -15,6 +15,7 @@ from .commits import CommitIndex
 from .rank import ring
 from .rank.cancel import cancel_rank
 from .rank.worker import RankFailed
+from .returned import Returned
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -120,6 +121,8 @@ class Run:
         self.started = time.time()
         self.finished: float | None = None
         self.events: list[dict[str, Any]] = []
+        #: What ``ctx.keep_reference`` kept on rank 0 (a ``Reference``), once finished.
+        self.reference: Any = None
         self._futures: list[Any] = []
         self._points: list[dict[str, Any]] = []
         self._lines: list[dict[str, Any]] = []
@@ -321,7 +324,9 @@ class Run:
     def _conclude(self, outcome: str, detail: Any) -> None:
         if outcome == "finished":
             self._pull(final=True)
-            self._end("finished", result=self._futures[0].result())
+            returned: Returned = self._futures[0].result()
+            self.reference = returned.reference
+            self._end("finished", result=returned.value)
             return
         self._cancel_ranks()
         if outcome == "cancelled":

@@ -105,3 +105,35 @@ def test_drift_without_a_reference_says_so(cluster: Any) -> None:
             ep.drift()
     finally:
         ep.close()
+
+
+def test_a_reference_kept_in_training_travels_with_the_registered_model(cluster: Any) -> None:
+    x = torch.from_numpy(REFERENCE[:512])
+    y = x.sum(1).long() % 3
+
+    def fit(ctx: Any) -> torch.nn.Module:
+        model = ctx.prepare(classifier())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in ctx.epochs(2):
+            for xb, yb in ctx.shard((x, y), batch_size=32):
+                ctx.keep_reference(xb, max_rows=200)
+                loss = torch.nn.functional.cross_entropy(model(xb), yb)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return model
+
+    run = mlc.train(fit, cluster=cluster)
+    run.result(timeout=120)
+    assert run.reference is not None and run.reference.values.shape == (200, 4)
+    rows = {tuple(r) for r in np.round(REFERENCE[:512].astype(np.float64), 5)}
+    assert all(tuple(r) in rows for r in np.round(run.reference.values, 5))  # rows it saw
+    mlc.register(run, "kept", alias="prod")
+    ep = mlc.serve("models:/kept@prod", name="kept", cluster=cluster)
+    try:
+        send(ep, RNG.normal(size=(100, 4)).astype(np.float32))
+        frame = ep.drift()  # no reference= given: the registered one is used
+        assert list(frame.index)[:4] == ["input_0", "input_1", "input_2", "input_3"]
+        assert frame.loc["input_0", "n_reference"] == 200
+    finally:
+        ep.close()

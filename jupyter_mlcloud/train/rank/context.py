@@ -89,6 +89,7 @@ class TrainContext:
         self._asked = False  # ctx.checkpoint() was called: commit at the next boundary
         self._bytes_mark = (0, 0, 0)  # (sent, uncompressed, steps) at the last report
         self._example_hook: Any = None  # removed by its first call, else by finish()
+        self._reservoir: Any = None  # ctx.keep_reference's sample, on rank 0
 
     @property
     def is_main(self) -> bool:
@@ -205,6 +206,23 @@ class TrainContext:
         values = {**values, **self._strategy.metrics()}
         if self._reporter is not None:
             self._reporter.add(events.point(self.rank, self.step, self.epoch, values))
+
+    def keep_reference(self, batch: Any, max_rows: int = 10_000) -> None:
+        """Keep a uniform sample (at most ``max_rows`` rows) of the inputs rank 0 trains on:
+        the reference that serving and scoring compare later inputs with (``run.reference``;
+        logged with the model, so ``mlc.serve("models:/NAME@ALIAS")`` watches for drift
+        without being told). Call it with each batch; other ranks keep nothing."""
+        if self.rank != 0:
+            return
+        if self._reservoir is None:
+            from ...monitoring.reference import Reservoir
+
+            self._reservoir = Reservoir(max_rows)
+        self._reservoir.add(batch)
+
+    def kept_reference(self) -> Any:
+        """What :meth:`keep_reference` kept (a ``Reference``), or None."""
+        return self._reservoir.reference() if self._reservoir is not None else None
 
     def checkpoint(self) -> None:
         """Commit at the next step boundary, and write it to ``--checkpoint-dir`` if one is set.

@@ -34,6 +34,7 @@ from typing import Any
 from ...telemetry import events
 from .. import checkpoint
 from ..options import StrategyOptions, parse_compression
+from ..returned import Returned
 from . import cancel, ring
 from .cancel import RunCancelled, before_optimizer_step
 from .network import address_ip, socket_env
@@ -431,7 +432,9 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
             result = payload.run(ctx, spec.out)
             ctx.check_resumed()
             ctx.finish()
-            return _to_notebook(result, ctx.export) if spec.rank == 0 else None
+            if spec.rank != 0:
+                return None
+            return Returned(_to_notebook(result, ctx.export), ctx.kept_reference())
     except BaseException as exc:  # noqa: B036 - a torchrun script may sys.exit()
         failure = _format_failure(spec.rank, exc)
         traceback.clear_frames(exc.__traceback__)
