@@ -471,8 +471,6 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     BatchOptions(max_batch_size, max_wait_ms, max_queue, slo_ms)  # checks them
     policy = AutoscalePolicy.parse(autoscale) if autoscale is not None else None
     share = _canary(canary)
-    if reference is None and monitor is not None:
-        raise ValueError("monitor= needs a reference= sample to compare the traffic with.")
     watching = MonitorOptions.parse(monitor) if monitor is not None else None
     sample = Reference.of(reference) if reference is not None else None
     if control.dataset(name) in client.list_datasets():
@@ -497,6 +495,9 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         from ..tracking import registry
 
         sample = registry.reference_of(model)  # logged with the version: watched by default
+    if sample is None and watching is not None:
+        raise ValueError("monitor= needs a reference= sample to compare the traffic with (or"
+                         " a registered model that keeps one).")
     if sample is not None and watching is None:
         watching = MonitorOptions()
     follow, source = _follow(model, share)
