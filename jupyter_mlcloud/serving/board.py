@@ -62,7 +62,8 @@ def describe(cluster: str, state: dict[str, Any], figures: dict[str, Any] | None
              *, reachable: bool = True) -> dict[str, Any]:
     """One endpoint as ``GET /mlcloud/endpoints`` lists it: where it answers, its live
     versions (weight, replicas and their workers, figures), its replicas in all, autoscale
-    bounds and the router's figures (None where the router did not answer)."""
+    bounds and the router's figures (None where the router did not answer); for a watched
+    one, the last drift summary and its three newest alerts."""
     from . import control
 
     per_version = (figures or {}).get("versions") or {}
@@ -83,6 +84,8 @@ def describe(cluster: str, state: dict[str, Any], figures: dict[str, Any] | None
         "workers": [r["worker"] for r in replicas],
         "autoscale": {"min": bounds["min"], "max": bounds["max"]} if bounds else None,
         "created": state.get("created"), "reachable": reachable,
+        "watched": bool(state.get("monitor")), "drift": state.get("drift"),
+        "alerts": list(state.get("alerts") or [])[-3:],
         **{k: figures.get(k) if figures else None for k in FIGURES},
     }
 

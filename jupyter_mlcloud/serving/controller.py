@@ -128,8 +128,9 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
     dead = [r for r in control.all_replicas(state) if r["worker"] not in alive]
     wanted = None if router_gone else _autoscale(client, state, scalers)
     moved = None if router_gone else _alias_moved(client, state, asked)
-    alerts = [] if router_gone or dead else _check(client, state, watched)
-    if not (router_gone or dead or wanted is not None or moved is not None or alerts):
+    alerts, summary = (None, None) if router_gone or dead else _check(client, state, watched)
+    if not (router_gone or dead or wanted is not None or moved is not None
+            or alerts is not None):
         return []
     done: list[str] = []
     with control.editing(client, name, state["id"]) as state:
@@ -149,6 +150,8 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
             if wanted != len(main["replicas"]):
                 _attempt(done, f"version {main['version']} scaled to {wanted}",
                          control.set_replicas, client, state, main, wanted)
+        if summary is not None:
+            state["drift"] = summary
         if alerts:
             state["alerts"] = [*state.get("alerts", []), *alerts][-watch.KEPT_ALERTS:]
             done.append(f"{len(alerts)} alert(s)")
@@ -177,20 +180,22 @@ def _fit(client: Any, state: dict[str, Any], main: dict[str, Any], wanted: int,
 
 
 def _check(client: Any, state: dict[str, Any], watched: dict[str, dict[str, Any]] | None
-           ) -> list[dict[str, Any]]:
-    """New alerts of a watched endpoint, every ``every_s`` seconds."""
+           ) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """A watched endpoint's new alerts and drift summary, every ``every_s`` seconds; (None,
+    None) between checks."""
     if not state.get("monitor") or watched is None:
-        return []
+        return None, None
     seen = watched.setdefault(state["name"], {"at": float("-inf")})
     now = time.monotonic()
     if now - seen["at"] < state["monitor"]["every_s"]:
-        return []
+        return None, None
     seen["at"] = now
     try:
-        return watch.check(client, state, seen)
+        alerts = watch.check(client, state, seen)
     except Exception as e:
         log.warning("endpoint %s: could not check its model: %s", state["name"], e)
-        return []
+        return None, None
+    return alerts, seen.get("summary")
 
 
 def _alias_moved(client: Any, state: dict[str, Any], asked: dict[str, float] | None

@@ -156,7 +156,9 @@ def feedback(client: Any, state: dict[str, Any], request_ids: list[str], labels:
 def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict[str, Any]]:
     """The controller's periodic look: the new alerts of endpoint ``state`` (drift that
     started, quality that crossed its threshold), given what was ``seen`` at the last look
-    (updated). Logged to :data:`ALERT_TOPIC`; the caller keeps them in the state."""
+    (updated, with ``seen["summary"]``: the drifted features and the five that moved most,
+    with their effect and PSI, for the sidebar). Logged to :data:`ALERT_TOPIC`; the caller
+    keeps them in the state."""
     options = MonitorOptions.from_dict(state["monitor"])
     alerts: list[dict[str, Any]] = []
     main = control.primary(state)
@@ -168,6 +170,10 @@ def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict
         frame = None
     if frame is not None:
         drifted = sorted(str(f) for f in frame.index[frame["drifted"]])
+        top = frame.dropna(subset=["effect"]).sort_values("effect", ascending=False).head(5)
+        seen["summary"] = {"time": now, "version": main["version"], "drifted": drifted,
+                           "top": [[str(f), round(float(r["effect"]), 4),
+                                    round(float(r["psi"]), 4)] for f, r in top.iterrows()]}
         new = [f for f in drifted if f not in seen.get("drifted", ())]
         seen["drifted"] = drifted
         if new:

@@ -304,6 +304,30 @@ export interface IEndpoint extends IEndpointFigures {
   created: number | null;
   /** False while its scheduler does not answer: the endpoint is shown as last seen. */
   reachable: boolean;
+  /** Whether it is watched against a reference (drift, delayed labels, alerts). */
+  watched?: boolean;
+  /** The controller's last drift check: drifted features, and the five that moved most. */
+  drift?: IEndpointDrift | null;
+  /** Its newest alerts, oldest first. */
+  alerts?: IEndpointAlert[];
+}
+
+/** A watched endpoint's last drift check. */
+export interface IEndpointDrift {
+  time: number;
+  version: number;
+  drifted: string[];
+  /** [feature, effect, psi], largest effect first. */
+  top: [string, number, number][];
+}
+
+/** A drift that started, or quality past its threshold. */
+export interface IEndpointAlert {
+  kind: 'drift' | 'quality';
+  version: number;
+  features: string[];
+  message: string;
+  time: number;
 }
 
 /** What `GET /mlcloud/endpoints` answers. */

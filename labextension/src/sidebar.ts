@@ -761,6 +761,9 @@ export class MLCloudSidebar extends Widget {
     for (const version of endpoint.versions) {
       card.appendChild(renderEndpointVersion(version, endpoint.reachable));
     }
+    if (endpoint.watched) {
+      card.appendChild(renderEndpointWatch(endpoint));
+    }
 
     const actions = element('div', 'jp-mlcloud-actions');
     const size = input('jp-mlcloud-endpoint-replicas-to', 'replicas', 'number');
@@ -979,6 +982,33 @@ export class MLCloudSidebar extends Widget {
     }
     return card;
   }
+}
+
+/** A watched endpoint's drift (the features that moved most) and its newest alert. */
+function renderEndpointWatch(endpoint: IEndpoint): HTMLElement {
+  const box = element('div', 'jp-mlcloud-endpoint-watch');
+  const drift = endpoint.drift;
+  let text = 'drift: not checked yet';
+  if (drift) {
+    const moved = drift.top
+      .filter(([feature]) => drift.drifted.includes(feature))
+      .map(([feature, effect]) => `${feature} (${effect.toFixed(2)})`);
+    text = moved.length
+      ? `drift in ${plural(drift.drifted.length, 'feature')}: ${moved.join(', ')}`
+      : 'no drift';
+  }
+  const line = element('div', 'jp-mlcloud-endpoint-drift', text);
+  line.title =
+    'Effect size (Wasserstein distance in reference standard deviations) of the features that drifted most';
+  box.appendChild(line);
+  const alerts = endpoint.alerts ?? [];
+  if (alerts.length) {
+    const newest = alerts[alerts.length - 1];
+    const alert = element('div', 'jp-mlcloud-endpoint-alert', `⚠ ${newest.message}`);
+    alert.title = new Date(newest.time * 1000).toLocaleString();
+    box.appendChild(alert);
+  }
+  return box;
 }
 
 /** Endpoints are named per cluster. */

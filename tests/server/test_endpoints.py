@@ -286,3 +286,33 @@ async def test_panels_of_endpoints_that_do_not_exist_say_so(jp_fetch, served: En
     page = err.value.response.body.decode()
     assert err.value.code == code and "mlcloud-panel-message" in page and message in page
     assert "Traceback" not in page
+
+
+async def test_a_watched_endpoint_is_listed_with_its_drift_and_alerts(
+        module_cluster: ModuleCluster, served: Endpoint, jp_fetch: Any) -> None:
+    rng = np.random.default_rng(3)
+    ep = mlc.serve(linear(1), name="route-watched", cluster=module_cluster.whole(),
+                   reference=rng.normal(size=(1000, 4)), monitor={"rows": 200, "every_s": 0.5})
+    try:
+        moved = rng.normal(size=(200, 4)).astype(np.float32)
+        moved[:, 1] += 3.0
+        for start in range(0, 200, 4):
+            await asyncio.get_running_loop().run_in_executor(None, ep.predict,
+                                                             moved[start:start + 4])
+        deadline = time.monotonic() + 60
+        while True:
+            code, body = await fetch(jp_fetch, "endpoints")
+            assert code == 200, body
+            [entry] = [e for e in body["endpoints"] if e["name"] == "route-watched"]
+            if entry["alerts"] and entry["drift"]:
+                break
+            assert time.monotonic() < deadline, f"no drift listed: {entry}"
+            await asyncio.sleep(0.3)
+        assert entry["watched"] and "input_1" in entry["drift"]["drifted"]
+        assert entry["drift"]["top"][0][0] in ("input_1", "output_0", "output_1")
+        newest = entry["alerts"][-1]
+        assert newest["kind"] == "drift" and "input_1" in newest["message"]
+        [plain] = [e for e in body["endpoints"] if e["name"] == NAME]
+        assert not plain["watched"] and plain["alerts"] == []
+    finally:
+        ep.close()
