@@ -500,6 +500,13 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
                          " a registered model that keeps one).")
     if sample is not None and watching is None:
         watching = MonitorOptions()
+    tracking = None
+    if watching is not None:  # alerts are recorded in MLflow, where the runs are
+        from ..tracking import store
+
+        tracking = {"uri": store.tracking_uri(), "experiment": store.experiment_name()}
+        # Made here, once: a new SQLite store set up by two processes at once can fail.
+        store.experiment_id(store.client(tracking["uri"]), tracking["experiment"])
     follow, source = _follow(model, share)
     ensure_controller(client)
     if policy is not None and handle is not None and handle.cluster is not None:
@@ -521,6 +528,7 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
         "max_wait_ms": max_wait_ms, "max_queue": max_queue, "slo_ms": slo_ms,
         "autoscale": policy.as_dict() if policy else None, "created": time.time(),
         "follow": follow, "monitor": watching.as_dict() if watching else None, "alerts": [],
+        "tracking": tracking,
     }
     control.publish(client, state)
     if sample is not None:

@@ -155,6 +155,7 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
         if alerts:
             state["alerts"] = [*state.get("alerts", []), *alerts][-watch.KEPT_ALERTS:]
             done.append(f"{len(alerts)} alert(s)")
+            _record(client, state, alerts)
         if moved is not None and state.get("follow"):
             _attempt(done, f"registered version {moved[0]} rolled out", _roll_out, client,
                      state, *moved)
@@ -177,6 +178,21 @@ def _fit(client: Any, state: dict[str, Any], main: dict[str, Any], wanted: int,
     needed = len(alive) + (wanted - current - free)
     client.log_event(SCALE_TOPIC, {"endpoint": state["name"], "workers": needed})
     return current + free
+
+
+def _record(client: Any, state: dict[str, Any], alerts: list[dict[str, Any]]) -> None:
+    """Log ``alerts`` to MLflow from a worker (fire and forget: a store that does not answer
+    must not hold the controller)."""
+    from distributed import fire_and_forget
+
+    from ..tracking.alerts import log_alert
+
+    tracking = state.get("tracking")
+    if not tracking:
+        return
+    for alert in alerts:
+        fire_and_forget(client.submit(log_alert, tracking["uri"], tracking["experiment"],
+                                      state["name"], alert, pure=False))
 
 
 def _check(client: Any, state: dict[str, Any], watched: dict[str, dict[str, Any]] | None

@@ -73,6 +73,21 @@ def test_traffic_like_the_reference_does_not_drift_then_a_moved_feature_alerts(
     wait_for(lambda: any(a["kind"] == "drift" for a in endpoint.alerts), 30,
              "the alert in the endpoint's state")
 
+    from jupyter_mlcloud.tracking import store
+
+    def recorded() -> Any:  # in MLflow, by a worker: the endpoint's run and the alert
+        client = store.client()
+        experiment = client.get_experiment_by_name(store.experiment_name())
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id],
+                                  "tags.`mlcloud.endpoint` = 'watched'")
+        return runs[0] if runs and "mlcloud.last_alert" in runs[0].data.tags else None
+
+    run = wait_for(recorded, 60, "the alert in MLflow")
+    assert "input_2" in run.data.tags["mlcloud.last_alert"]
+    assert run.data.metrics["alerts/features"] >= 1
+
 
 def test_labels_sent_back_later_become_the_versions_accuracy(endpoint: Endpoint) -> None:
     rows = RNG.normal(size=(60, 4)).astype(np.float32)
