@@ -1,5 +1,5 @@
 """The endpoint panel: an endpoint's requests per second, p50/p99 latency and errors over time,
-in total and per version.
+in total and per version, and a watched endpoint's drift (features drifted, largest effect).
 
 Its one source has a ``time`` column (epoch milliseconds), the total figures
 (:data:`ENDPOINT_FIGURES`) and the same per version, named by :func:`version_column`. The
@@ -19,6 +19,9 @@ from . import NOTICE_STYLE, PALETTE, REFRESH_MS, _pause_button, live_page
 
 #: The figures of an endpoint (and of each version) the panel and the sidebar show.
 ENDPOINT_FIGURES = ("requests", "errors", "rps", "p50_ms", "p99_ms")
+#: A watched endpoint's drift at the controller's last check: how many features drifted,
+#: and the largest effect (in reference standard deviations); None for an unwatched one.
+DRIFT_FIGURES = ("drifted_features", "largest_effect")
 SOURCE = "endpoint-stats"
 _VERSION_COLUMN = re.compile(r"^v(?P<version>.+)_requests$")
 
@@ -30,7 +33,7 @@ def version_column(version: Any, figure: str) -> str:
 
 def endpoint_columns(versions: Iterable[Any]) -> list[str]:
     """Every column of an endpoint's source, for these versions."""
-    return ["time", *ENDPOINT_FIGURES,
+    return ["time", *ENDPOINT_FIGURES, *DRIFT_FIGURES,
             *(version_column(v, f) for v in versions for f in ENDPOINT_FIGURES)]
 
 
@@ -64,6 +67,12 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
     rps = plot("rps", "requests/s")
     latency = plot("latency", "latency (ms): p50 solid, p99 dashed", rps.x_range)
     errors = plot("errors", "errors (total)", rps.x_range)
+    drift = plot("drift", "drift: features drifted (solid), largest effect (dashed)",
+                 rps.x_range)
+    drift.line("time", "drifted_features", source=source, color="#b00", line_width=2,
+               legend_label="drifted features")
+    drift.line("time", "largest_effect", source=source, color="#b00", line_width=2,
+               line_dash="dashed", legend_label="largest effect")
     for figure_, field in ((rps, "rps"), (errors, "errors")):
         figure_.line("time", field, source=source, color="#333333", line_width=2,
                      legend_label="all")
@@ -83,7 +92,7 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
                      line_width=2, line_dash="dashed", legend_label=f"{label} p99")
         errors.line("time", version_column(version, "errors"), source=source, color=color,
                     line_width=2, legend_label=label)
-    for figure_ in (rps, latency, errors):
+    for figure_ in (rps, latency, errors, drift):
         figure_.legend.click_policy = "hide"
         figure_.legend.location = "top_left"
     header = Div(text=f"<b>{html.escape(title)}</b> · refresh every {REFRESH_MS // 1000} s",
@@ -91,7 +100,8 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
     about = Div(text=html.escape(details), name="details")
     notice = Div(text="", visible=False, name="notice", styles=NOTICE_STYLE)
     return column(row(header, _pause_button()), about, notice,
-                  column(rps, latency, errors, sizing_mode="stretch_width", name="plots"),
+                  column(rps, latency, errors, drift, sizing_mode="stretch_width",
+                         name="plots"),
                   sizing_mode="stretch_width")
 
 

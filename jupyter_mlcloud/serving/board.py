@@ -28,7 +28,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..cluster import discovery
-from ..panels.endpoint import ENDPOINT_FIGURES, endpoint_columns, endpoint_versions, version_column
+from ..panels.endpoint import (
+    DRIFT_FIGURES,
+    ENDPOINT_FIGURES,
+    endpoint_columns,
+    endpoint_versions,
+    version_column,
+)
 
 TIMEOUT_S = 2.0  # each bounded wait: connecting, reading states, a router's figures
 MIN_SAMPLE_S = 0.5  # figures fresher than this are reused (the list and the panels share)
@@ -102,6 +108,15 @@ def details(entry: dict[str, Any] | None) -> str:
     return " · ".join(parts)
 
 
+def _drift_figures(state: dict[str, Any]) -> dict[str, Any]:
+    """The panel's drift columns from the controller's last check (None when unwatched)."""
+    drift = state.get("drift")
+    if not drift:
+        return dict.fromkeys(DRIFT_FIGURES)
+    return {"drifted_features": len(drift["drifted"]),
+            "largest_effect": max((t[1] for t in drift["top"]), default=0.0)}
+
+
 def _router_figures(router_ids: list[str]) -> dict[str, dict[str, Any]]:
     """On a worker: the figures of those of ``router_ids`` it runs."""
     from . import router as router_side
@@ -131,7 +146,7 @@ class _History:
         columns: dict[str, list[Any]] = {c: [] for c in endpoint_columns(versions)}
         for at, figures in self.samples:
             columns["time"].append(at * 1000.0)
-            for key in FIGURES:
+            for key in (*FIGURES, *DRIFT_FIGURES):
                 columns[key].append(figures.get(key))
             for version in versions:
                 found = (figures.get("versions") or {}).get(version) or {}
@@ -352,9 +367,10 @@ class Board:
             h.samples[-1][1] if h.samples else None for h in histories]
         with self._lock:
             for i, figures in zip(stale, fresh, strict=True):
-                found[i] = figures
                 if figures is not None:
+                    figures = {**figures, **_drift_figures(states[i])}
                     histories[i].add(figures)
+                found[i] = figures
         return found
 
     def _list_cluster(self, cluster: str, address: str) -> list[dict[str, Any]]:

@@ -314,5 +314,15 @@ async def test_a_watched_endpoint_is_listed_with_its_drift_and_alerts(
         assert newest["kind"] == "drift" and "input_1" in newest["message"]
         [plain] = [e for e in body["endpoints"] if e["name"] == NAME]
         assert not plain["watched"] and plain["alerts"] == []
+        deadline = time.monotonic() + 30
+        while True:  # the panel's drift columns, from the sampled check
+            code, columns = await fetch(jp_fetch, "endpoints", CLUSTER["name"],
+                                        "route-watched", "stats")
+            assert code == 200, columns
+            if columns["drifted_features"] and (columns["drifted_features"][-1] or 0) >= 1:
+                break
+            assert time.monotonic() < deadline, f"no drift in the panel's columns: {columns}"
+            await asyncio.sleep(0.3)
+        assert columns["largest_effect"][-1] > 1.0
     finally:
         ep.close()
