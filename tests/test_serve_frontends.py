@@ -7,14 +7,12 @@ import argparse
 import inspect
 import json
 import re
-import socket
 import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -27,6 +25,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import control
 from tests.conftest import ModuleCluster
+from tests.serving.test_api import refused
 
 CLUSTER = {"name": "serve-frontends", "workers": 2}
 CLI = [sys.executable, "-m", "jupyter_mlcloud.cli"]
@@ -54,15 +53,6 @@ def _served() -> list[str]:
 def _nothing_runs(cluster: Any) -> None:
     assert control.names(cluster.client) == []
     assert [i for ids in cluster.client.run(_served).values() for i in ids] == []
-
-
-def _refused(url: str) -> bool:
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port), timeout=10).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def _infer(url: str, token: str, ca_file: str, x: np.ndarray) -> np.ndarray:
@@ -113,7 +103,7 @@ def test_serve_magic_predict_through_the_printed_url_list_and_unserve(
     urls = [ep.url] + [r["url"] for r in ep.replica_info]
     shell.run_line_magic("mlcloud", "unserve lin")
     assert "Stopped endpoint 'lin'" in capsys.readouterr().out
-    assert all(_refused(u) for u in urls)
+    assert all(refused(u) for u in urls)
     _nothing_runs(cluster)
     assert shell.run_line_magic("mlcloud", "endpoints") is None
     assert "No endpoints on this cluster" in capsys.readouterr().out
@@ -246,7 +236,7 @@ def test_cli_serves_a_saved_model_that_outlives_it_lists_and_unserves(
     urls = [info["url"]] + [r["url"] for r in mlc.endpoints(cluster)[0].replica_info]
     stopped = _cli("unserve", "saved", "--scheduler", cluster.address)
     assert stopped.returncode == 0 and "Stopped endpoint 'saved'" in stopped.stdout
-    assert all(_refused(u) for u in urls)
+    assert all(refused(u) for u in urls)
     _nothing_runs(cluster)
     empty = _cli("endpoints", "--scheduler", cluster.address)
     assert "No endpoints on this cluster." in empty.stdout

@@ -41,7 +41,8 @@ def endpoint(module_cluster: ModuleCluster, model: torch.nn.Module) -> Iterator[
     ep.close()
 
 
-def _refused(url: str) -> bool:
+def refused(url: str) -> bool:
+    """Whether nothing listens at ``url``'s host and port any more."""
     parts = urlsplit(url)
     try:
         socket.create_connection((parts.hostname, parts.port), timeout=10).close()
@@ -94,7 +95,7 @@ def test_scaling_down_and_up_under_load_loses_no_request(cluster: Any, endpoint:
         endpoint.scale(1)
         assert len(endpoint.replicas) == 1
         removed = [r for r in before if r not in endpoint.replica_info]
-        assert len(removed) == 1 and _refused(removed[0]["url"])  # stopped, port closed
+        assert len(removed) == 1 and refused(removed[0]["url"])  # stopped, port closed
         mark = done[0]
         wait_for(lambda: done[0] >= mark + 20, 30, "load on one replica")
         endpoint.scale(2)
@@ -156,7 +157,7 @@ def test_another_client_finds_the_endpoint_and_closes_it(cluster: Any,
         assert "shared" not in {e.name for e in mlc.endpoints(other)}
     finally:
         other.close()
-    assert all(_refused(u) for u in urls)
+    assert all(refused(u) for u in urls)
     leftovers = cluster.client.run(_leftovers)
     assert not [i for ids in leftovers.values() for i in ids if i.startswith("shared-")]
     ep.close()  # closed elsewhere already: nothing to do, no error
@@ -169,9 +170,9 @@ def test_close_frees_every_port_and_leaves_nothing(cluster: Any,
     ep = mlc.serve(model, name="brief", cluster=cluster, replicas=2)
     urls = [ep.url] + [r["url"] for r in ep.replica_info]
     ca_file = ep.ca_file
-    assert not any(_refused(u) for u in urls)
+    assert not any(refused(u) for u in urls)
     ep.close()
-    assert all(_refused(u) for u in urls)
+    assert all(refused(u) for u in urls)
     for url in urls:  # the ports can be bound again
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", urlsplit(url).port))
