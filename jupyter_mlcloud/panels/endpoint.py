@@ -1,5 +1,6 @@
 """The endpoint panel: an endpoint's requests per second, p50/p99 latency and errors over time,
-in total and per version, and a watched endpoint's drift (features drifted, largest effect).
+in total and per version, and a watched endpoint's drift (features drifted, largest effect)
+and quality from delayed labels.
 
 Its one source has a ``time`` column (epoch milliseconds), the total figures
 (:data:`ENDPOINT_FIGURES`) and the same per version, named by :func:`version_column`. The
@@ -19,9 +20,10 @@ from . import NOTICE_STYLE, PALETTE, REFRESH_MS, _pause_button, live_page
 
 #: The figures of an endpoint (and of each version) the panel and the sidebar show.
 ENDPOINT_FIGURES = ("requests", "errors", "rps", "p50_ms", "p99_ms")
-#: A watched endpoint's drift at the controller's last check: how many features drifted,
-#: and the largest effect (in reference standard deviations); None for an unwatched one.
-DRIFT_FIGURES = ("drifted_features", "largest_effect")
+#: A watched endpoint at the controller's last check: how many features drifted, the
+#: largest effect (in reference standard deviations), and the main version's quality from
+#: delayed labels (accuracy, or RMSE); None for an unwatched one.
+DRIFT_FIGURES = ("drifted_features", "largest_effect", "accuracy", "rmse")
 SOURCE = "endpoint-stats"
 _VERSION_COLUMN = re.compile(r"^v(?P<version>.+)_requests$")
 
@@ -73,6 +75,12 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
                legend_label="drifted features")
     drift.line("time", "largest_effect", source=source, color="#b00", line_width=2,
                line_dash="dashed", legend_label="largest effect")
+    quality = plot("quality", "quality from delayed labels: accuracy (solid), RMSE (dashed)",
+                   rps.x_range)
+    quality.line("time", "accuracy", source=source, color="#060", line_width=2,
+                 legend_label="accuracy")
+    quality.line("time", "rmse", source=source, color="#060", line_width=2,
+                 line_dash="dashed", legend_label="rmse")
     for figure_, field in ((rps, "rps"), (errors, "errors")):
         figure_.line("time", field, source=source, color="#333333", line_width=2,
                      legend_label="all")
@@ -92,7 +100,7 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
                      line_width=2, line_dash="dashed", legend_label=f"{label} p99")
         errors.line("time", version_column(version, "errors"), source=source, color=color,
                     line_width=2, legend_label=label)
-    for figure_ in (rps, latency, errors, drift):
+    for figure_ in (rps, latency, errors, drift, quality):
         figure_.legend.click_policy = "hide"
         figure_.legend.location = "top_left"
     header = Div(text=f"<b>{html.escape(title)}</b> · refresh every {REFRESH_MS // 1000} s",
@@ -100,7 +108,7 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
     about = Div(text=html.escape(details), name="details")
     notice = Div(text="", visible=False, name="notice", styles=NOTICE_STYLE)
     return column(row(header, _pause_button()), about, notice,
-                  column(rps, latency, errors, drift, sizing_mode="stretch_width",
+                  column(rps, latency, errors, drift, quality, sizing_mode="stretch_width",
                          name="plots"),
                   sizing_mode="stretch_width")
 

@@ -109,12 +109,15 @@ def details(entry: dict[str, Any] | None) -> str:
 
 
 def _drift_figures(state: dict[str, Any]) -> dict[str, Any]:
-    """The panel's drift columns from the controller's last check (None when unwatched)."""
+    """The panel's drift and quality columns from the controller's last check (None when
+    unwatched)."""
     drift = state.get("drift")
     if not drift:
         return dict.fromkeys(DRIFT_FIGURES)
+    quality = drift.get("quality") or {}
     return {"drifted_features": len(drift["drifted"]),
-            "largest_effect": max((t[1] for t in drift["top"]), default=0.0)}
+            "largest_effect": max((t[1] for t in drift["top"]), default=0.0),
+            "accuracy": quality.get("accuracy"), "rmse": quality.get("rmse")}
 
 
 def _router_figures(router_ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -157,8 +157,8 @@ def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict
     """The controller's periodic look: the new alerts of endpoint ``state`` (drift that
     started, quality that crossed its threshold), given what was ``seen`` at the last look
     (updated, with ``seen["summary"]``: the drifted features and the five that moved most,
-    with their effect and PSI, for the sidebar). Logged to :data:`ALERT_TOPIC`; the caller
-    keeps them in the state."""
+    with their effect and PSI, and the main version's quality, for the sidebar and panel).
+    Logged to :data:`ALERT_TOPIC`; the caller keeps them in the state."""
     options = MonitorOptions.from_dict(state["monitor"])
     alerts: list[dict[str, Any]] = []
     main = control.primary(state)
@@ -183,6 +183,8 @@ def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict
                                f"{f} (psi {rows.loc[f, 'psi']:.2f}, effect"
                                f" {rows.loc[f, 'effect']:.2f})" for f in new)})
     q = quality([w["quality"] for w in traffic(client, state, main)])
+    if "summary" in seen:
+        seen["summary"]["quality"] = q
     bad = None
     if q["labelled"] >= options.min_labels:
         if options.min_accuracy is not None and q["accuracy"] is not None \
