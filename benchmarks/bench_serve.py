@@ -879,6 +879,13 @@ def item_g(ctx: Context) -> None:
         samples.append({w: p.memory_info().rss for w, p in procs.items()})
     got = load.result()
     base, end = samples[1], samples[-1]  # after the first tenth, and at the end
+    try:  # what replicas keep by design, bounded (delayed labels)
+        from jupyter_mlcloud.monitoring.window import PREDICTIONS
+
+        kept = (f"; by design each replica keeps the outputs of its last {PREDICTIONS:,}"
+                " requests (for delayed labels)")
+    except ImportError:
+        kept = ""
     rows = []
     for w, role in sorted(roles.items(), key=lambda x: x[1], reverse=True):
         growth = 100.0 * (end[w] / base[w] - 1.0)
@@ -893,8 +900,11 @@ def item_g(ctx: Context) -> None:
         f"no-op model, 2 replicas, {total:,} requests in a closed loop at concurrency 8"
         f" ({got['rate']:,.0f} requests/s); RSS of the worker processes hosting the router"
         f" and the replicas, sampled every {every:,} answers; growth from {2 * every:,}"
-        " (warm) to the end"),
+        f" (warm) to the end{kept}"),
         ["figure", "value", "growth", "target", "meets"], rows)
+    for w, role in sorted(roles.items(), key=lambda x: x[1], reverse=True):
+        print(f"{role} worker RSS (MiB) every {every:,} answers:",
+              " ".join(f"{s[w] / 2**20:.0f}" for s in samples), flush=True)
 
 
 def item_h(ctx: Context) -> None:
