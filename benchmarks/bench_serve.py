@@ -738,7 +738,37 @@ def _routed(ep: Any) -> tuple[set[str], dict[str, Any]]:
     return {r["id"] for r in ep.replica_info}, ep.stats()["replicas"]
 
 
+def _answers(url: str, token: str, ca_file: str, body: str) -> bool:
+    """Whether one infer straight to ``url`` is answered 200 within 2 s."""
+    import http.client
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPSConnection(str(parts.hostname), parts.port, timeout=2,
+                                       context=ssl.create_default_context(cafile=ca_file))
+    try:
+        conn.request("POST", parts.path, body=body,
+                     headers={"Authorization": f"Bearer {token}",
+                              "Content-Type": "application/json"})
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def _time_call(fn: Callable[[], object], took: list[float]) -> None:
+    """Call ``fn`` (errors ignored) and append the seconds it took to ``took``."""
+    started = time.monotonic()
+    try:
+        fn()
+    except Exception:
+        pass
+    took.append(time.monotonic() - started)
+
+
 def item_e(ctx: Context) -> None:
+    import threading
+
     import jupyter_mlcloud as mlc
     from jupyter_mlcloud.serving import control
 
@@ -752,7 +782,8 @@ def item_e(ctx: Context) -> None:
         try:
             state = control.read(ctx.client, name)
             router_worker = state["router"]["worker"]
-            victim = next(r for r in ep.replica_info if r["worker"] != router_worker)
+            before = ep.replica_info
+            victim = next(r for r in before if r["worker"] != router_worker)
             (pid,) = ctx.client.run(os.getpid, workers=[victim["worker"]]).values()
             retries_before = ep.stats()["retries"]
             load = Load(ctx.target(ep), mode="open", rate=rate, requests=rate * seconds,
@@ -760,22 +791,30 @@ def item_e(ctx: Context) -> None:
             time.sleep(max(0.0, load.t0 + 3.0 - time.monotonic()))
             killed = time.monotonic()
             os.kill(pid, signal.SIGKILL)
+            stats_took: list[float] = []  # what ep.stats() costs a user right after the kill
+            timer = threading.Thread(target=_time_call, args=(ep.stats, stats_took),
+                                     daemon=True)
+            timer.start()
             back = rejoined = None
+            known = {r["id"] for r in before}
             while time.monotonic() - killed < budget and (back is None or rejoined is None):
                 now = time.monotonic()
-                if rejoined is None and len(control.workers(ctx.client)) >= 2 and (
-                        victim["worker"] not in control.workers(ctx.client)):
+                alive = control.workers(ctx.client)
+                if rejoined is None and len(alive) >= 2 and victim["worker"] not in alive:
                     rejoined = now - killed
                 if back is None:
-                    try:
-                        ids, routed = _routed(ep)
-                    except Exception:
-                        ids, routed = set(), {}
-                    if (len(ids) == 2 and victim["id"] not in ids and set(routed) == ids
-                            and all(routed[i]["requests"] > 0 for i in ids)):
+                    # The state lists a replica once it answers and the router routes to it
+                    # (the controller publishes after routing); check it answers directly.
+                    info = ep.replica_info
+                    new = [r for r in info if r["id"] not in known]
+                    if (len(info) == 2 and victim["id"] not in {r["id"] for r in info}
+                            and all(r["worker"] in alive for r in info) and all(
+                                _answers(f"{r['url']}/v2/models/{name}/infer", ep.token,
+                                         ep.ca_file, body_of(MLP_FEATURES)) for r in new)):
                         back = now - killed
                 time.sleep(0.1)
             got = load.result()
+            timer.join(60)
             retries = ep.stats()["retries"] - retries_before
         finally:
             ep.close()
@@ -793,6 +832,8 @@ def item_e(ctx: Context) -> None:
                      ""])
         rows.append([f"kill {k + 1}: requests the router sent again (retries)", str(retries),
                      "", ""])
+        rows.append([f"kill {k + 1}: ep.stats() called at the kill returned after (s)",
+                     fmt(stats_took[0]) if stats_took else "not within 60 s", "", ""])
         if got["errors"]:
             rows.append([f"kill {k + 1}: failures by kind",
                          ", ".join(f"{e}: {n}" for e, n in got["errors"].items()), "", ""])
@@ -800,7 +841,8 @@ def item_e(ctx: Context) -> None:
         f"MLP 64-256-256-10, 2 replicas, open loop at {rate} requests/s over 32 connections"
         f" for {seconds} s; the worker process of the replica not beside the router is"
         " SIGKILLed 3 s in; its nanny starts a new worker and the endpoint controller replaces"
-        f" the replica; {kills} kill(s), each on a fresh endpoint"),
+        " the replica (back: the endpoint's state lists 2 replicas on live workers, the new"
+        f" one answering a direct call); {kills} kill(s), each on a fresh endpoint"),
         ["figure", "value", "target", "meets"], rows)
     ctx.client.wait_for_workers(2, timeout=120)
 
