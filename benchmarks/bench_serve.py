@@ -40,10 +40,13 @@ h. autoscale "1:4" (up_delay_s=1, down_delay_s=3): a step from concurrency 4 to 
 i. ``mlc.serve(...)`` call -> first 200 answer, on warm workers (target <= 3 s);
    ``ep.update(model, canary=0.1)`` under load -> the first answer by the new version
    (target <= 2 s), and its share of the answers from then on.
+j. monitoring on vs off: the MLP's throughput at concurrency 8 and 64 with a reference (every
+   request's rows and outputs kept in the replica's window, drift checked every second) vs
+   the same endpoint without one. Target >= 0.95.
 
 ``--quick`` runs fewer and shorter repeats (3 of 2 s; 20,000 requests for g; one kill for e)
 and takes about 7 minutes on 2 cores; a full run (4 repeats of 2.5 s, 200,000 requests for g,
-two kills) about 15, most of it g. ``--only`` runs some items (in the order a b c d f i g e h:
+two kills) about 15, most of it g. ``--only`` runs some items (in the order a b c d f i j g e h:
 e restarts a worker, and h may make the cluster grow, since an autoscaled endpoint keeps one
 replica a worker and asks for more). Timings are of this machine, with whatever else runs on
 it: read the ratios, and the spreads.
@@ -77,8 +80,8 @@ for _name, _value in THREAD_VARS.items():
 NOOP_FEATURES = 16
 MLP_FEATURES = 64
 VERSION_HEADER = b"x-mlcloud-model-version"
-ITEMS = "abcdefghi"
-RUN_ORDER = "abcdfigeh"  # e restarts a worker; h may add workers (one replica a worker)
+ITEMS = "abcdefghij"
+RUN_ORDER = "abcdfijgeh"  # e restarts a worker; h may add workers (one replica a worker)
 REQUEST_TIMEOUT_S = 30.0
 
 
@@ -1105,9 +1108,54 @@ def item_i(ctx: Context) -> None:
         ["figure", "median", "spread (min-max)", "target", "meets"], rows)
 
 
+def item_j(ctx: Context) -> None:
+    import numpy as np
+
+    import jupyter_mlcloud as mlc
+
+    plain = ctx.endpoint("bench-mlp")
+    if "bench-mlp-watched" not in ctx.endpoints:
+        ctx.endpoints["bench-mlp-watched"] = mlc.serve(
+            make_mlp(), name="bench-mlp-watched", cluster=ctx.cluster, replicas=2,
+            max_batch_size=32, max_wait_ms=5,
+            reference=np.random.default_rng(0).normal(size=(2000, MLP_FEATURES)),
+            monitor={"every_s": 1})
+    watched = ctx.endpoints["bench-mlp-watched"]
+    targets = {"off": ctx.target(plain), "on": ctx.target(watched)}
+    rows = []
+    errors = 0
+    for concurrency in (8, 64):
+        for target in targets.values():
+            closed(target, 0.5, concurrency, warmup=0.2)
+        rates: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(ctx.repeats):
+            for label, target in targets.items():
+                run = closed(target, ctx.seconds, concurrency)
+                rates[label].append(run["rate"])
+                errors += sum(run["errors"].values())
+        ratio = [a / b for a, b in zip(rates["on"], rates["off"], strict=True)]
+        rows += [
+            [f"requests/s at concurrency {concurrency}, monitoring on / off",
+             f"{statistics.median(rates['on']):,.0f} / {statistics.median(rates['off']):,.0f}",
+             f"{spread(rates['on'], ',.0f')} / {spread(rates['off'], ',.0f')}", "", ""],
+            [f"**throughput ratio on / off, concurrency {concurrency}**",
+             fmt(statistics.median(ratio)), spread(ratio), ">= 0.95",
+             meets(statistics.median(ratio) >= 0.95)],
+        ]
+    drift = watched.drift()
+    rows.append(["rows in the watched window at the end (drift computed on them)",
+                 str(int(drift["n_current"].max())), "", "", ""])
+    table("j. Monitoring on vs off", ctx.note(
+        "MLP 64-256-256-10, one row per request, 2 replicas each, max_batch_size=32; the"
+        " watched endpoint keeps every request's rows and outputs (window 5,000 rows) and the"
+        f" controller computes drift every second; {ctx.seconds:g} s per run after 0.5 s"
+        f" warm-up, median of {ctx.repeats} interleaved repeats; failed requests: {errors}"),
+        ["figure", "median", "spread (min-max)", "target", "meets"], rows)
+
+
 ITEM_FUNCTIONS: dict[str, Callable[[Context], None]] = {
     "a": item_a, "b": item_b, "c": item_c, "d": item_d, "e": item_e, "f": item_f,
-    "g": item_g, "h": item_h, "i": item_i}
+    "g": item_g, "h": item_h, "i": item_i, "j": item_j}
 
 
 def main() -> None:
