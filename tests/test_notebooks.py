@@ -101,5 +101,5 @@ def test_the_binder_image_has_every_dependency_and_the_notebooks_extras() -> Non
     assert not missing, f"binder/environment.yml lacks {missing}"
     test_extra = map(_name, project["optional-dependencies"]["test"])
     assert "scikit-learn" in conda and "scikit-learn" in test_extra
-    assert "http" not in "\n".join(lines) + post_build  # channels and packages by name only
+    assert "://" not in "\n".join(lines) + post_build  # channels and packages by name only
     assert "pip install --no-deps ." in post_build
