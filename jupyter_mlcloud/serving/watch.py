@@ -84,7 +84,10 @@ def traffic(client: Any, state: dict[str, Any], version: dict[str, Any]
     """Each live replica of ``version``'s window (see :func:`.host.traffic`); replicas that
     do not answer are left out."""
     out = []
+    alive = set(control.workers(client))
     for replica in version["replicas"]:
+        if replica["worker"] not in alive:  # a call to it would wait out a connect timeout
+            continue
         try:
             window = launch.call(client, worker_side.traffic, replica["id"],
                                  worker=replica["worker"])
@@ -141,7 +144,10 @@ def feedback(client: Any, state: dict[str, Any], request_ids: list[str], labels:
         raise ValueError(f"feedback needs one label per request id: got {len(request_ids)}"
                          f" id(s) and {len(labels)} label(s).")
     joined = 0
+    alive = set(control.workers(client))
     for replica in control.all_replicas(state):
+        if replica["worker"] not in alive:
+            continue
         try:
             joined += int(launch.call(client, worker_side.feedback, replica["id"],
                                       list(request_ids), list(labels),
