@@ -121,6 +121,8 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
     model as needed; what it did. ``asked``: when each endpoint's alias was last read (every
     ``follow.INTERVAL_S``); ``watched``: what each endpoint's last check saw."""
     state = control.read(client, name)
+    if not state["versions"] or state.get("closed"):
+        return []  # being served (its first version is starting) or being closed
     alive = set(control.workers(client))
     if not alive:
         return []  # nothing to run anything on: wait for workers
