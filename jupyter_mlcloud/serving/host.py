@@ -302,6 +302,14 @@ def traffic(replica_id: str) -> dict[str, Any] | None:
             "quality": running.predictions.parts()}
 
 
+def quality_parts(replica_id: str) -> dict[str, Any] | None:
+    """On a worker: replica ``replica_id``'s delayed-label quality parts alone (no window);
+    None if it no longer runs here."""
+    with _lock:
+        running = _running.get(replica_id)
+    return running.predictions.parts() if running is not None else None
+
+
 def feedback(replica_id: str, request_ids: list[str], labels: list[Any]) -> int:
     """On a worker: join ``labels`` to the requests replica ``replica_id`` answered; how many
     it had answered."""

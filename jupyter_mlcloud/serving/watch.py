@@ -79,36 +79,44 @@ def _version(state: dict[str, Any], version: int | None) -> dict[str, Any]:
                      f" version(s): {live}.")
 
 
-def traffic(client: Any, state: dict[str, Any], version: dict[str, Any]
-            ) -> list[dict[str, Any]]:
-    """Each live replica of ``version``'s window (see :func:`.host.traffic`); replicas that
-    do not answer are left out."""
+def _ask(client: Any, version: dict[str, Any], fn: Any) -> list[Any]:
+    """``fn(replica_id)`` on each replica of ``version`` whose worker is alive; replicas that
+    do not answer, or no longer run, are left out (the controller replaces them)."""
     out = []
     alive = set(control.workers(client))
     for replica in version["replicas"]:
         if replica["worker"] not in alive:  # a call to it would wait out a connect timeout
             continue
         try:
-            window = launch.call(client, worker_side.traffic, replica["id"],
-                                 worker=replica["worker"])
+            answer = launch.call(client, fn, replica["id"], worker=replica["worker"])
         except Exception:
-            continue  # its worker just went: the controller replaces it
-        if window is not None:
-            out.append(window)
+            continue
+        if answer is not None:
+            out.append(answer)
     return out
+
+
+def traffic(client: Any, state: dict[str, Any], version: dict[str, Any]
+            ) -> list[dict[str, Any]]:
+    """Each live replica of ``version``'s window (see :func:`.host.traffic`)."""
+    return _ask(client, version, worker_side.traffic)
 
 
 def drift(client: Any, state: dict[str, Any], version: int | None = None) -> Any:
     """The drift of ``version``'s (default: the main one's) recent inputs and outputs from
     the reference, one row per feature (see :func:`..monitoring.drift.compare`)."""
-    from ..monitoring.drift import compare
-
     if not state.get("monitor"):
         raise ValueError(f"endpoint {state['name']!r} has no reference to measure drift"
                          " against; serve it with reference=...")
+    return _compare(client, state, traffic(client, state, _version(state, version)))
+
+
+def _compare(client: Any, state: dict[str, Any], gathered: list[dict[str, Any]]) -> Any:
+    """The drift table of the replica windows ``gathered`` against the reference."""
+    from ..monitoring.drift import compare
+
     options = MonitorOptions.from_dict(state["monitor"])
     ref = control.reference(client, state["name"])
-    gathered = traffic(client, state, _version(state, version))
     windows = [w for w in gathered if len(w["inputs"])]
     outputs_ref = next((w["reference_outputs"] for w in gathered
                         if w["reference_outputs"] is not None), None)
@@ -132,7 +140,7 @@ def drift(client: Any, state: dict[str, Any], version: int | None = None) -> Any
 
 def version_quality(client: Any, state: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """Each live version's quality from delayed labels (see :func:`..monitoring.window.quality`)."""
-    return {v["version"]: quality([w["quality"] for w in traffic(client, state, v)])
+    return {v["version"]: quality(_ask(client, v, worker_side.quality_parts))
             for v in control.live(state)}
 
 
@@ -170,8 +178,9 @@ def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict
     main = control.primary(state)
     now = time.time()
     base = {"endpoint": state["name"], "version": main["version"], "time": now}
+    gathered = traffic(client, state, main)  # once, for drift and quality
     try:
-        frame = drift(client, state)
+        frame = _compare(client, state, gathered)
     except Exception:
         frame = None
     if frame is not None:
@@ -188,7 +197,7 @@ def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict
                            "message": "drift in " + ", ".join(
                                f"{f} (psi {rows.loc[f, 'psi']:.2f}, effect"
                                f" {rows.loc[f, 'effect']:.2f})" for f in new)})
-    q = quality([w["quality"] for w in traffic(client, state, main)])
+    q = quality([w["quality"] for w in gathered])
     if "summary" in seen:
         seen["summary"]["quality"] = q
     bad = None
