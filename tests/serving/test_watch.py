@@ -67,8 +67,11 @@ def test_traffic_like_the_reference_does_not_drift_then_a_moved_feature_alerts(
     assert not frame.loc[["input_0", "input_1", "input_3"], "drifted"].any()
 
     assert arrived.wait(60), "no alert reached the callback"
-    (alert,) = [a for a in alerts if a["kind"] == "drift"]
-    assert alert["endpoint"] == "watched" and "input_2" in alert["features"]
+    # One alert per check that finds features newly drifting: as the window fills with moved
+    # rows, the outputs may follow input_2 in a later check.
+    drifts = [a for a in alerts if a["kind"] == "drift"]
+    alert = next(a for a in drifts if "input_2" in a["features"])
+    assert drifts[0] is alert and alert["endpoint"] == "watched"
     assert "input_2 (psi" in alert["message"] and alert["version"] == 1
     wait_for(lambda: any(a["kind"] == "drift" for a in endpoint.alerts), 30,
              "the alert in the endpoint's state")
