@@ -8,7 +8,8 @@
     torchrun.
 Both run the same code (SCRIPT) on 2 CPU ranks with gloo, one thread each (OMP/MKL/OpenBLAS
 at 1 thread on both sides, as Dask sets them in its workers), and time each step the same way
-inside the loop. Repeats are interleaved (ours, torchrun, ours, torchrun, ...) so that load
+inside the loop. Our runs are not recorded in MLflow unless --track is given (torchrun records
+nothing; bench_tracking.py measures what recording costs). Repeats are interleaved (ours, torchrun, ours, torchrun, ...) so that load
 from elsewhere on the machine falls on both sides alike; each repeat starts a fresh warm
 cluster and closes it before torchrun runs. The tables give the median of each side, the
 median of the per-repeat ratios and their spread.
@@ -106,10 +107,11 @@ def torchrun_once(steps: int) -> dict[str, object]:
         return {"launch": result["first"] - start, "steps": result["median_steps"]}
 
 
-def ours_once(shell, steps: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def ours_once(shell, steps: int, track: bool) -> dict[str, object]:  # type: ignore[no-untyped-def]
     start = time.time()
+    flags = "--out result" + ("" if track else " --no-track")
     with contextlib.redirect_stdout(io.StringIO()):  # the progress widget's text form
-        shell.run_cell_magic("distributed_train", "--out result", script(steps))
+        shell.run_cell_magic("distributed_train", flags, script(steps))
     result = shell.user_ns["result"]
     return {"launch": result["first"] - start, "steps": result["median_steps"]}
 
@@ -118,6 +120,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--track", action="store_true",
+                        help="record our runs in MLflow (off by default: torchrun records"
+                             " nothing; bench_tracking.py measures what recording costs)")
     args = parser.parse_args()
 
     from IPython.core.interactiveshell import InteractiveShell
@@ -132,13 +137,13 @@ def main() -> None:
         # torchrun runs with no Dask cluster alive, as it would be used: an idle cluster's
         # scheduler, nannies and workers would take CPU from its ranks.
         with mlc.up(workers=2, gpu=False, name=f"bench-train-{i}"):
-            ours_once(shell, WARMUP + 2)  # warm the workers: torch imported, as in a notebook
-            ours.append(ours_once(shell, args.steps))
+            ours_once(shell, WARMUP + 2, track=False)  # warm the workers: torch imported
+            ours.append(ours_once(shell, args.steps, args.track))
         peer.append(torchrun_once(args.steps))
     load_after = os.getloadavg()
 
     print(f"\n2 CPU ranks, gloo, {args.steps} steps ({WARMUP} warm-up), {args.repeats}"
-          f" interleaved repeats; load average (1/5/15 min) before"
+          f" interleaved repeats, our runs {'' if args.track else 'not '}tracked; load average (1/5/15 min) before"
           f" {' '.join(f'{v:.2f}' for v in load_before)}, after"
           f" {' '.join(f'{v:.2f}' for v in load_after)}")
     a = statistics.median(float(r["launch"]) for r in ours)  # type: ignore[arg-type]

@@ -2,9 +2,9 @@
 
 The thread that feeds a :class:`Recorder` (a run's metrics subscription, a done callback)
 only appends to a queue; a background thread creates the MLflow run, then sends what has
-queued once per ``interval`` with one ``log_batch``. When the store does not answer, the
-recorder warns once and keeps everything queued until it does, so the training never waits
-on MLflow and no point is lost.
+queued once per ``interval`` (:func:`flush_interval`) with one ``log_batch``. When the store
+does not answer, the recorder warns once and keeps everything queued until it does, so the
+training never waits on MLflow and no point is lost.
 """
 
 from __future__ import annotations
@@ -19,11 +19,14 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import dask
+
 from ..lazy import LazyModule
 from . import store
 
 entities = LazyModule("mlflow.entities")
 
+DEFAULT_INTERVAL_S = 5.0
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 MAX_PARAM_CHARS = 6000  # MLflow's limit of a param value
 RETRY_S = 5.0  # how often an unanswering store is tried again
@@ -64,7 +67,7 @@ class Recorder:
         tags: Mapping[str, Any] | None = None,
         uri: str | None = None,
         experiment: str | None = None,
-        interval: float = 1.0,
+        interval: float | None = None,
         sample: Callable[[], list[tuple[str, float]]] | None = None,
         sample_every: float = 10.0,
         on_created: Callable[[Recorder], None] | None = None,
@@ -77,7 +80,7 @@ class Recorder:
         self.sent_points = 0
         self._params = {k: param_value(v) for k, v in (params or {}).items() if v is not None}
         self._tags = {k: str(v) for k, v in (tags or {}).items() if v is not None}
-        self._interval = interval
+        self._interval = flush_interval() if interval is None else interval
         self._sample, self._sample_every = sample, sample_every
         self._on_created = on_created
         self._points: list[Point] = []
@@ -257,6 +260,22 @@ class Recorder:
             self._warned = True
             warnings.warn(message, TrackingWarning, stacklevel=2)
         _log.info(message)
+
+
+def flush_interval() -> float:
+    """Seconds between sends to MLflow: the Dask config key ``mlcloud.tracking.interval``
+    (default 5). Each ``log_batch`` costs a transaction and an update of the run's latest
+    metrics whatever its size, and on a machine whose cores the ranks share, 1 s batches took
+    several times more of the ranks' steps than 5 s ones (``benchmarks/bench_tracking.py``)."""
+    value = dask.config.get("mlcloud.tracking.interval", DEFAULT_INTERVAL_S)
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"mlcloud.tracking.interval is {value!r}; it must be a number of"
+                         " seconds above 0, e.g. 5.")
+    return seconds
 
 
 def _yield_to_others() -> None:

@@ -6,10 +6,16 @@ import time
 import warnings
 from pathlib import Path
 
+import dask
 import pytest
 from mlflow import MlflowClient
 
-from jupyter_mlcloud.tracking.recorder import MAX_BATCH, Recorder, TrackingWarning
+from jupyter_mlcloud.tracking.recorder import (
+    MAX_BATCH,
+    Recorder,
+    TrackingWarning,
+    flush_interval,
+)
 from tests.conftest import free_port
 from tests.tracking.conftest import mlflow_server
 
@@ -82,3 +88,24 @@ def test_the_recording_thread_runs_only_on_cores_nothing_else_wants() -> None:
     thread.join(10)
     assert seen == [os.SCHED_IDLE]
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the calling thread keeps its policy
+
+
+def test_points_wait_for_the_configured_interval_and_a_bad_one_is_refused(
+        tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'i.db'}"
+    with dask.config.set({"mlcloud.tracking.interval": 30}):
+        assert flush_interval() == 30.0
+        recorder = Recorder("paced", uri=uri)
+    try:
+        assert recorder.created(60)
+        recorder.log_metrics([("loss", 0.5, 1, int(time.time() * 1000))])
+        # Only the end sends before the 30 s are up: the point is still queued until then.
+        assert not recorder.wait(1.0) and recorder.pending == 1
+    finally:
+        recorder.end("FINISHED")
+    assert recorder.wait(60) and recorder.pending == 0
+    assert len(MlflowClient(uri).get_metric_history(recorder.run_id, "loss")) == 1
+    for bad in (0, -1, "soon"):
+        with dask.config.set({"mlcloud.tracking.interval": bad}), \
+                pytest.raises(ValueError, match=f"mlcloud.tracking.interval is {bad!r}"):
+            Recorder("bad", uri=uri)
