@@ -61,6 +61,7 @@ __all__ = [
     "serve",
     "status",
     "train",
+    "tune",
     "up",
 ]
 
@@ -70,6 +71,10 @@ def __getattr__(name: str) -> Any:
         from .train.rank.context import TrainContext
 
         return TrainContext
+    if name == "tune":  # optuna loads when a study starts, not with the package
+        from .tuning.study import tune
+
+        return tune
     if name in ("serve", "endpoints", "Endpoint"):  # serving loads on first use
         from .serving import api as serving_api
 

@@ -66,6 +66,8 @@ class TrainContext:
         self.seed = seed
         self.epoch = 0
         self.step = 0
+        #: The trial's hyperparameters under ``mlc.tune`` (name -> value); empty otherwise.
+        self.params: dict[str, Any] = {}
         self._default_epochs = default_epochs
         self._reporter = reporter
         self.attempt = attempt  # 0, then one more after each recovery
