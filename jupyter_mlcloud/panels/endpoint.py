@@ -1,12 +1,13 @@
 """The endpoint panel: an endpoint's requests per second, p50/p99 latency and errors over time,
-in total and per version, and a watched endpoint's drift (features drifted, largest effect)
-and quality from delayed labels.
+in total and per version, and a watched endpoint's drift per feature (each feature's effect,
+and how many drifted) and quality from delayed labels.
 
 Its one source has a ``time`` column (epoch milliseconds), the total figures
-(:data:`ENDPOINT_FIGURES`) and the same per version, named by :func:`version_column`. The
-server samples the endpoint's router and answers these columns (``GET
-/mlcloud/endpoints/<cluster>/<name>/stats``); a version that appears later adds columns, and
-the page reloads to plot it (see :func:`jupyter_mlcloud.panels.live_page`).
+(:data:`ENDPOINT_FIGURES`), the same per version, named by :func:`version_column`, and the
+drift effect per feature, named by :func:`feature_column`. The server samples the endpoint's
+router and answers these columns (``GET /mlcloud/endpoints/<cluster>/<name>/stats``); a
+version or feature that appears later adds columns, and the page reloads to plot it (see
+:func:`jupyter_mlcloud.panels.live_page`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ ENDPOINT_FIGURES = ("requests", "errors", "rps", "p50_ms", "p99_ms")
 DRIFT_FIGURES = ("drifted_features", "largest_effect", "accuracy", "rmse")
 SOURCE = "endpoint-stats"
 _VERSION_COLUMN = re.compile(r"^v(?P<version>.+)_requests$")
+_FEATURE_COLUMN = re.compile(r"^effect:(?P<feature>.+)$")
 
 
 def version_column(version: Any, figure: str) -> str:
@@ -33,10 +35,17 @@ def version_column(version: Any, figure: str) -> str:
     return f"v{version}_{figure}"
 
 
-def endpoint_columns(versions: Iterable[Any]) -> list[str]:
-    """Every column of an endpoint's source, for these versions."""
+def feature_column(feature: Any) -> str:
+    """The column of one feature's drift effect (in reference standard deviations), e.g.
+    ``effect:age``."""
+    return f"effect:{feature}"
+
+
+def endpoint_columns(versions: Iterable[Any], features: Iterable[Any] = ()) -> list[str]:
+    """Every column of an endpoint's source, for these versions and drift features."""
     return ["time", *ENDPOINT_FIGURES, *DRIFT_FIGURES,
-            *(version_column(v, f) for v in versions for f in ENDPOINT_FIGURES)]
+            *(version_column(v, f) for v in versions for f in ENDPOINT_FIGURES),
+            *(feature_column(f) for f in features)]
 
 
 def endpoint_versions(columns: Mapping[str, Any]) -> list[str]:
@@ -44,18 +53,25 @@ def endpoint_versions(columns: Mapping[str, Any]) -> list[str]:
     return [m["version"] for c in columns if (m := _VERSION_COLUMN.match(c))]
 
 
-def endpoint_source(versions: Sequence[Any]) -> Any:
+def endpoint_features(columns: Mapping[str, Any]) -> list[str]:
+    """The features that ``columns`` hold drift effects of, in column order."""
+    return [m["feature"] for c in columns if (m := _FEATURE_COLUMN.match(c))]
+
+
+def endpoint_source(versions: Sequence[Any], features: Sequence[Any] = ()) -> Any:
     """An empty source with the columns of :func:`endpoint_columns`, named ``endpoint-stats``."""
     from bokeh.models import ColumnDataSource
 
-    return ColumnDataSource(data={c: [] for c in endpoint_columns(versions)}, name=SOURCE)
+    return ColumnDataSource(data={c: [] for c in endpoint_columns(versions, features)},
+                            name=SOURCE)
 
 
 def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
-                   details: str = "") -> Any:
+                   details: str = "", features: Sequence[Any] = ()) -> Any:
     """Requests per second (all, and per version), p50 (solid) and p99 (dashed) latency per
-    version, and errors (all, and per version) against time; a header, a notice, a pause
-    button. ``details``: a line under the header (the URL, the versions' weights)."""
+    version, errors (all, and per version), each ``features``' drift effect and the count of
+    drifted features, and quality, against time; a header, a notice, a pause button.
+    ``details``: a line under the header (the URL, the versions' weights)."""
     from bokeh.layouts import column, row
     from bokeh.models.widgets import Div
     from bokeh.plotting import figure
@@ -69,12 +85,13 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
     rps = plot("rps", "requests/s")
     latency = plot("latency", "latency (ms): p50 solid, p99 dashed", rps.x_range)
     errors = plot("errors", "errors (total)", rps.x_range)
-    drift = plot("drift", "drift: features drifted (solid), largest effect (dashed)",
+    drift = plot("drift", "drift: effect per feature (reference SDs), features drifted (dashed)",
                  rps.x_range)
-    drift.line("time", "drifted_features", source=source, color="#b00", line_width=2,
-               legend_label="drifted features")
-    drift.line("time", "largest_effect", source=source, color="#b00", line_width=2,
-               line_dash="dashed", legend_label="largest effect")
+    drift.line("time", "drifted_features", source=source, color="#333333", line_width=2,
+               line_dash="dashed", legend_label="drifted features")
+    for i, feature in enumerate(features):
+        drift.line("time", feature_column(feature), source=source,
+                   color=PALETTE[i % len(PALETTE)], line_width=2, legend_label=str(feature))
     quality = plot("quality", "quality from delayed labels: accuracy (solid), RMSE (dashed)",
                    rps.x_range)
     quality.line("time", "accuracy", source=source, color="#060", line_width=2,
@@ -114,13 +131,14 @@ def endpoint_panel(source: Any, versions: Sequence[Any], *, title: str,
 
 
 def endpoint_page(cluster: str, name: str, versions: Sequence[Any], root: str, *,
-                  details: str = "") -> str:
+                  details: str = "", features: Sequence[Any] = ()) -> str:
     """The endpoint panel page of endpoint ``name`` on ``cluster``, fed from
     ``<root>/endpoints/<cluster>/<name>/stats``; ``root`` is the server's ``/mlcloud`` URL."""
     from urllib.parse import quote
 
-    panel = endpoint_panel(endpoint_source(versions), versions,
-                           title=f"endpoint {name} on {cluster}", details=details)
+    panel = endpoint_panel(endpoint_source(versions, features), versions,
+                           title=f"endpoint {name} on {cluster}", details=details,
+                           features=features)
     url = f"{root}/endpoints/{quote(cluster, safe='')}/{quote(name, safe='')}/stats"
     return live_page(panel, {SOURCE: url}, f"{root}/bokeh/",
                      f"ML Cloud endpoint: {cluster}:{name}")

@@ -162,13 +162,14 @@ class PanelHandler(JupyterHandler):
         elif kind == "endpoint":
             try:
                 cluster, name = board.parse_target(target)
-                entry, versions = await _board(self).panel(cluster, name)
+                entry, versions, features = await _board(self).panel(cluster, name)
             except ValueError as e:
                 return self.message(400, str(e))
             except board.EndpointUnknown as e:
                 return self.message(404, str(e))
             page = endpoint_panel.endpoint_page(cluster, name, versions, root,
-                                                details=board.details(entry))
+                                                details=board.details(entry),
+                                                features=features)
         else:
             if discovery.get(target) is None:
                 return self.message(404, f"no cluster named {target!r}.")

@@ -32,13 +32,16 @@ from ..panels.endpoint import (
     DRIFT_FIGURES,
     ENDPOINT_FIGURES,
     endpoint_columns,
+    endpoint_features,
     endpoint_versions,
+    feature_column,
     version_column,
 )
 
 TIMEOUT_S = 2.0  # each bounded wait: connecting, reading states, a router's figures
 MIN_SAMPLE_S = 0.5  # figures fresher than this are reused (the list and the panels share)
 HISTORY = 900  # samples kept per endpoint (15 minutes at one a second)
+MAX_FEATURES = 8  # drift features an endpoint panel plots: the first that were among the largest
 FIGURES = ENDPOINT_FIGURES
 TARGET = re.compile(r"^(?P<cluster>[^:]+):(?P<name>.+)$")
 
@@ -117,7 +120,8 @@ def _drift_figures(state: dict[str, Any]) -> dict[str, Any]:
     quality = drift.get("quality") or {}
     return {"drifted_features": len(drift["drifted"]),
             "largest_effect": max((t[1] for t in drift["top"]), default=0.0),
-            "accuracy": quality.get("accuracy"), "rmse": quality.get("rmse")}
+            "accuracy": quality.get("accuracy"), "rmse": quality.get("rmse"),
+            "effects": {str(t[0]): t[1] for t in drift["top"]}}
 
 
 def _router_figures(router_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -136,17 +140,22 @@ class _History:
         self.samples: deque[tuple[float, dict[str, Any]]] = deque(maxlen=HISTORY)
         self.taken = -float("inf")  # monotonic time of the newest sample
         self.versions: set[str] = set()
+        self.features: dict[str, None] = {}  # plotted drift features, first seen first
 
     def add(self, figures: dict[str, Any]) -> None:
         self.samples.append((time.time(), figures))
         self.taken = time.monotonic()
         self.versions.update(str(v) for v in figures.get("versions") or {})
+        for feature in figures.get("effects") or {}:
+            if len(self.features) < MAX_FEATURES:
+                self.features.setdefault(feature)
 
     def columns(self, live: list[str]) -> dict[str, list[Any]]:
         """The panel's columns (see :mod:`jupyter_mlcloud.panels.endpoint`) over every
-        version sampled or live."""
+        version sampled or live, and every drift feature plotted."""
         versions = sorted(self.versions | set(live), key=_version_key)
-        columns: dict[str, list[Any]] = {c: [] for c in endpoint_columns(versions)}
+        columns: dict[str, list[Any]] = {c: [] for c in endpoint_columns(versions,
+                                                                         self.features)}
         for at, figures in self.samples:
             columns["time"].append(at * 1000.0)
             for key in (*FIGURES, *DRIFT_FIGURES):
@@ -155,6 +164,9 @@ class _History:
                 found = (figures.get("versions") or {}).get(version) or {}
                 for key in FIGURES:
                     columns[version_column(version, key)].append(found.get(key))
+            effects = figures.get("effects") or {}
+            for feature in self.features:  # a check names its five largest: others are gaps
+                columns[feature_column(feature)].append(effects.get(feature))
         return columns
 
 
@@ -228,17 +240,19 @@ class Board:
         columns, _ = await self._run(self._sampled, cluster, name)
         return columns
 
-    async def panel(self, cluster: str, name: str) -> tuple[dict[str, Any] | None, list[str]]:
+    async def panel(self, cluster: str, name: str
+                    ) -> tuple[dict[str, Any] | None, list[str], list[str]]:
         """What the endpoint's panel page is built from: the endpoint as listed (None while
-        its scheduler is silent) and the versions to plot."""
+        its scheduler is silent), the versions and the drift features to plot."""
         try:
             columns, entry = await self._run(self._sampled, cluster, name)
         except SchedulerSilent:
             with self._lock:
                 history = self._history.get((cluster, name))
                 versions = sorted(history.versions if history else (), key=_version_key)
-            return None, versions
-        return entry, endpoint_versions(columns)
+                features = list(history.features) if history else []
+            return None, versions, features
+        return entry, endpoint_versions(columns), endpoint_features(columns)
 
     async def close(self) -> None:
         """Close every client (the server is stopping)."""

@@ -324,5 +324,10 @@ async def test_a_watched_endpoint_is_listed_with_its_drift_and_alerts(
             assert time.monotonic() < deadline, f"no drift in the panel's columns: {columns}"
             await asyncio.sleep(0.3)
         assert columns["largest_effect"][-1] > 1.0
+        # Drift per feature: the input that moved has its own line, named in the page.
+        assert columns["effect:input_1"][-1] > 1.0
+        target = f"{CLUSTER['name']}:route-watched"
+        page = (await jp_fetch("mlcloud", "panels", "endpoint", target)).body.decode()
+        assert "effect:input_1" in page and "drifted features" in page
     finally:
         ep.close()
