@@ -88,6 +88,41 @@ def _float(text: str) -> float:
     return value
 
 
+#: The run options of each %%tune trial: those of %%distributed_train but --workers, --out
+#: and --noblock (a trial's size is --workers-per-trial; a study always blocks).
+TRAIN_OPTIONS: list[OptionSpec] = [
+    (("--backend",), {"help": "gloo or nccl (default: nccl on GPUs, else gloo)"}),
+    (("--seed",), {"type": _int, "default": 0, "help": "seed for python, numpy, torch (0)"}),
+    (("--timeout",), {"type": float, "default": 300.0,
+                      "help": "seconds for the rendezvous and each collective (300)"}),
+    (("--epochs",), {"type": _int, "help": "default count for ctx.epochs()"}),
+    (("--strategy",), {"default": "ddp", "help": "how the model is distributed: ddp, fsdp,"
+                                                 " pipeline, ps-sync, ps-async (ddp)"}),
+    (("--microbatches",), {"type": _int, "help": "pipeline: microbatches per batch (4)"}),
+    (("--pipeline-schedule",), {"default": "1f1b", "help": "pipeline: 1f1b or gpipe (1f1b)"}),
+    (("--ps-workers",), {"type": _int, "help": "ps-*: parameter-server shards (1)"}),
+    (("--max-staleness",), {"type": _int,
+                            "help": "ps-async: most pushes a trainer may run ahead"}),
+    (("--compression",), {"default": "none", "help": "gradient compression: none, fp16, bf16,"
+                                                     " powersgd[:RANK[:START]] (none)"}),
+    (("--max-failures",), {"type": _int, "default": 0,
+                           "help": "lost workers to survive by resuming from the last commit (0)"}),
+    (("--min-workers",), {"type": _int,
+                          "help": "go on with this many workers if no replacement comes"}),
+    (("--commit-every",), {"type": _int, "default": 1,
+                           "help": "steps between in-memory commits (1)"}),
+    (("--elastic",), {"default": "global-batch", "help": "rule when the world shrinks:"
+                                                         " global-batch or linear-lr"}),
+    (("--checkpoint-dir",), {"help": "fsspec path for checkpoints"}),
+    (("--checkpoint-every",), {"type": _int, "help": "steps between checkpoints (100)"}),
+    (("--checkpoint-keep",), {"type": _int, "default": 2, "help": "checkpoints kept (2)"}),
+    (("--resume",), {"action": "store_true",
+                     "help": "go on from the newest checkpoint in --checkpoint-dir"}),
+    (("--no-track",), {"dest": "track", "action": "store_false",
+                       "help": "do not record the study and its trials in MLflow"}),
+]
+
+
 def _arguments(specs: Sequence[OptionSpec]) -> Callable[[_F], _F]:
     """``@argument`` for each (flags, keywords) pair, in the order given."""
 
@@ -234,7 +269,8 @@ def _parse_magic(magic: Any, line: str, prog: str) -> argparse.Namespace | None:
 
 @magics_class
 class MLCloudMagics(Magics):
-    """``%mlcloud``, ``%%distributed_train`` and ``%batch_score`` / ``%%batch_score``."""
+    """``%mlcloud``, ``%%distributed_train``, ``%%tune`` and ``%batch_score`` /
+    ``%%batch_score``."""
 
     @line_magic
     @magic_arguments()
@@ -366,6 +402,62 @@ class MLCloudMagics(Magics):
         for name in out:
             self.shell.user_ns[name] = result[name]
         return None
+
+    @cell_magic
+    @magic_arguments("%tune")  # its usage line then reads %%tune
+    @argument(*_HELP[0], **_HELP[1])
+    @argument("--space", required=True,
+              help="the search space: NAME=KIND(ARGS) items separated by commas, KIND one of"
+                   " log(LOW,HIGH), uniform(LOW,HIGH), int(LOW,HIGH), logint(LOW,HIGH),"
+                   " choice(A,B,...)")
+    @argument("--n-trials", type=_int, default=20, help="trials in the study (20)")
+    @argument("--metric", default="loss", help="the ctx.report value to optimize (loss)")
+    @argument("--direction", default="minimize", help="minimize or maximize (minimize)")
+    @argument("--pruner", help="successive-halving, hyperband, median or none (median)")
+    @argument("--sampler", help="tpe, random, qmc, brute-force, gp or cmaes, as NAME or"
+                                " NAME:SEED (tpe)")
+    @argument("--workers-per-trial", type=_int, default=1, help="ranks of each trial (1)")
+    @argument("--concurrency", type=_int,
+              help="trials at a time (default: free workers // --workers-per-trial)")
+    @argument("--storage", help="sqlite:///FILE or a journal file: the study resumes from it")
+    @argument("--study-name", help="the study's name (needed with --storage)")
+    @argument("--out", help="notebook name for the study (default: the cell's result)")
+    @argument("--cluster", help="cluster name (default: the current one)")
+    @_arguments(TRAIN_OPTIONS)
+    def tune(self, line: str, cell: str) -> Any:
+        """Tune the cell's hyperparameters with Optuna, each trial a run on the cluster.
+
+        The cell is training code as for %%distributed_train; `ctx.params` (also `params`)
+        holds the trial's values, and `ctx.report(loss=...)` feeds the pruner. Every
+        %%distributed_train option but --workers, --out and --noblock applies to each trial.
+        """
+        args = _parse_magic(MLCloudMagics.tune, line, "%%tune")
+        if args is None or self.shell is None:
+            return None
+        from .tuning.cell import cell_function  # only now: optuna loads when a study runs
+        from .tuning.space import parse_space
+        from .tuning.study import describe, tune
+
+        options = vars(args)
+        out = options.pop("out")
+        try:
+            space = parse_space(options.pop("space"))
+            study = tune(cell_function(cell, self.shell.user_ns), space=space, **options)
+        except SyntaxError as e:
+            raise UsageError(
+                f"the cell has a syntax error on line {e.lineno}: {e.msg}; nothing was sent."
+            ) from None
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        except KeyboardInterrupt:
+            print("Study interrupted: its running trials were cancelled (with --storage they"
+                  " run again when the cell is run again).")
+            return None
+        print(describe(study))
+        if out:
+            self.shell.user_ns[out] = study
+            return None
+        return study
 
     @line_cell_magic
     @magic_arguments()

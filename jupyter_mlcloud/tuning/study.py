@@ -365,3 +365,21 @@ def tune(
     if record is not None:
         record.end("FINISHED")
     return study
+
+
+def describe(study: Any) -> str:
+    """One line on a study: its trials by state and its best trial."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    trials = [t for t in study.get_trials(deepcopy=False)
+              if not t.user_attrs.get(stored.REQUEUED)]
+    counts = {s: sum(1 for t in trials if t.state == s)
+              for s in (state.COMPLETE, state.PRUNED, state.FAIL)}
+    text = (f"Study {study.study_name}: {len(trials)} trial(s), {counts[state.COMPLETE]}"
+            f" complete, {counts[state.PRUNED]} pruned, {counts[state.FAIL]} failed")
+    try:
+        best = study.best_trial
+    except ValueError:
+        return text + "; none completed."
+    return f"{text}; best value {best.value:.6g} with {best.params} (trial {best.number})."
