@@ -624,6 +624,11 @@ class MLCloudMagics(Magics):
         return export(self._model(args.model, "%mlcloud export"), args.path, **keywords)
 
 
+# No abbreviated options in %%tune: --workers (a %%distributed_train habit) must not mean
+# --workers-per-trial silently.
+_parser_of(MLCloudMagics.tune).allow_abbrev = False
+
+
 def register(ipython: Any) -> None:
     """Register every magic of the package with an IPython shell."""
     ipython.register_magics(MLCloudMagics)

@@ -14,7 +14,8 @@ import json, sys, time
 start = time.perf_counter()
 {code}
 print(json.dumps({{"seconds": time.perf_counter() - start,
-                   "heavy": sorted(m for m in ("torch", "pandas", "mlflow", "onnx", "onnxruntime")
+                   "heavy": sorted(m for m in ("torch", "pandas", "mlflow", "onnx", "onnxruntime",
+                                             "optuna")
                                    if m in sys.modules)}}))
 """
 
@@ -31,12 +32,14 @@ def _probe(code: str) -> dict:
     "import jupyter_mlcloud.magics, jupyter_mlcloud.widgets",
     "import jupyter_mlcloud as mlc; mlc.train, mlc.Run, mlc.TrainingError",
     "import jupyter_mlcloud as mlc; mlc.export, mlc.ExportResult, mlc.ExportError",
+    "import jupyter_mlcloud as mlc; mlc.tune",
 ])
 def test_imports_load_no_torch(code: str) -> None:
     found = _probe(code)
     print(f"{code}: {found['seconds']:.3f} s")
     assert "torch" not in found["heavy"], f"{code!r} loaded torch"
     assert "mlflow" not in found["heavy"]
+    assert "optuna" not in found["heavy"], f"{code!r} loaded optuna"
     assert not {"onnx", "onnxruntime"} & set(found["heavy"]), f"{code!r} loaded onnx"
 
 

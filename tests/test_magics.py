@@ -116,7 +116,7 @@ def _help_text(action: argparse.Action, parser: argparse.ArgumentParser) -> str:
 
 
 @pytest.mark.parametrize("name", ["%mlcloud", "%%distributed_train", "%%batch_score",
-                                  "%batch_score"])
+                                  "%batch_score", "%%tune"])
 def test_question_mark_help_documents_every_option(shell: InteractiveShell, name: str) -> None:
     shown = shell.object_inspect_text(name)  # what `name?` prints
     parsers = _parsers(name.lstrip("%"))

@@ -190,7 +190,8 @@ class _Loop:
         state = optuna.trial.TrialState
         run, trial = slot.run, slot.trial
         trial.set_user_attr("mlcloud.run_status", run.status)
-        child = run.tracking.recorder.run_id if run.tracking is not None else None
+        # Waits (10 s at most) only where the store is slower than the whole trial was.
+        child = run.mlflow_run_id
         if child:
             trial.set_user_attr("mlcloud.mlflow_run_id", child)
         error: TrainingError | None = None
@@ -333,6 +334,9 @@ def tune(
     metric, direction = check_metric(metric), check_direction(direction)
     if study_name is not None and (not isinstance(study_name, str) or not study_name):
         raise ValueError(f"study_name must be non-empty text, got {study_name!r}.")
+    if storage is not None and study_name is None:
+        raise ValueError("storage= needs study_name= too: the name finds the study again after"
+                         " a kernel restart.")
     _check_train_options(fn, train_options)
     pruner, sampler = make_pruner(pruner), make_sampler(sampler)
     client, _ = clusters.resolve(cluster)

@@ -1,0 +1,181 @@
+"""mlc.tune and %%tune on a real LocalCluster, with real Optuna and a real MLflow store.
+
+Trials are tiny (a few reports of a closed-form loss) so the whole module stays short; the
+pruned trial runs until it is cancelled, so only a cancel can end it in time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+import jupyter_mlcloud as mlc
+from jupyter_mlcloud.train import TrainingError
+from jupyter_mlcloud.tuning.storage import REQUEUED, RETRY_OF
+from tests.conftest import wait_for
+
+CLUSTER = {"name": "tuning", "workers": 2}
+State = optuna.trial.TrialState
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def quadratic(ctx: Any) -> None:
+    """Three reports of a loss that is least at x = 1 (the last is (x - 1)^2 + 1/3)."""
+    for step in range(1, 4):
+        ctx.report(loss=(ctx.params["x"] - 1) ** 2 + 1 / step)
+
+
+def hopeless_or_quick(ctx: Any) -> str:
+    """x > 1 reports a loss over the pruner's threshold and goes on for about 1,000 s unless
+    it is cancelled; other values finish after three reports."""
+    import time
+
+    steps = 100_000 if ctx.params["x"] > 1 else 3
+    for _ in range(steps):
+        ctx.report(loss=ctx.params["x"])
+        time.sleep(0.01)
+    return "done"
+
+
+def sqlite(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def test_best_params_of_a_toy_problem_with_each_trial_a_child_run(
+        cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = sqlite(tmp_path / "mlruns.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    study = mlc.tune(quadratic, space="x=int(-2,2)", n_trials=5, cluster=cluster,
+                     sampler=optuna.samplers.BruteForceSampler(seed=0))
+
+    assert isinstance(study, optuna.Study)
+    assert study.best_params == {"x": 1}
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 5
+    for trial in study.trials:  # the value is the last reported loss
+        assert trial.value == pytest.approx((trial.params["x"] - 1) ** 2 + 1 / 3)
+        assert trial.intermediate_values == {
+            s: pytest.approx((trial.params["x"] - 1) ** 2 + 1 / s) for s in (1, 2, 3)}
+        assert trial.user_attrs["mlcloud.run_status"] == "finished"
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent_id = study.user_attrs["mlcloud.mlflow_run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["mlcloud.kind"] == "study"
+    assert parent.data.metrics["best_value"] == pytest.approx(1 / 3)
+
+    def children() -> list[Any]:
+        found = client.search_runs([parent.info.experiment_id],
+                                   f"tags.mlflow.parentRunId = '{parent_id}'")
+        ended = [r for r in found if r.info.status == "FINISHED" and "x" in r.data.params]
+        return ended if len(ended) == 5 else []
+
+    runs = wait_for(children, 60, "five finished child runs with their params")
+    assert sorted(int(r.data.params["x"]) for r in runs) == [-2, -1, 0, 1, 2]  # type: ignore
+    by_trial = {int(r.data.tags["mlcloud.trial"]): r for r in runs}  # type: ignore
+    for trial in study.trials:
+        child = by_trial[trial.number]
+        assert child.info.run_id == trial.user_attrs["mlcloud.mlflow_run_id"]
+        assert child.data.tags["mlcloud.trial_state"] == "COMPLETE"
+        assert child.data.metrics["loss"] == pytest.approx(trial.value)
+
+
+def test_a_pruned_trial_is_cancelled_and_its_worker_takes_the_next(cluster: Any,
+                                                                    tmp_path: Path) -> None:
+    storage = sqlite(tmp_path / "study.db")
+    # The order of the two values is fixed by queueing them in the stored study first.
+    ahead = optuna.create_study(storage=storage, study_name="prune")
+    ahead.enqueue_trial({"x": 5.0})
+    ahead.enqueue_trial({"x": 0.5})
+
+    study = mlc.tune(hopeless_or_quick, space="x=uniform(0,10)", n_trials=2, concurrency=1,
+                     pruner=optuna.pruners.ThresholdPruner(upper=1.0), cluster=cluster,
+                     storage=storage, study_name="prune", track=False)
+
+    pruned, complete = study.trials
+    assert (pruned.params, pruned.state) == ({"x": 5.0}, State.PRUNED)
+    assert pruned.user_attrs["mlcloud.run_status"] == "cancelled"
+    assert pruned.user_attrs["mlcloud.pruned_at"] == 1  # stopped at its first report
+    assert pruned.intermediate_values == {1: 5.0}
+    assert (complete.params, complete.state, complete.value) == ({"x": 0.5}, State.COMPLETE,
+                                                                 0.5)
+    assert complete.user_attrs["mlcloud.run_status"] == "finished"
+    assert complete.user_attrs["mlcloud.workers"] == pruned.user_attrs["mlcloud.workers"]
+
+
+def test_a_resumed_study_asks_again_the_trial_left_running(cluster: Any,
+                                                           tmp_path: Path) -> None:
+    storage = sqlite(tmp_path / "study.db")
+    # What a kernel that died mid-study leaves: one trial told, one still running.
+    before = optuna.create_study(storage=storage, study_name="resume")
+    before.enqueue_trial({"x": 0})
+    before.enqueue_trial({"x": 2})
+    space = {"x": optuna.distributions.IntDistribution(-2, 2)}
+    before.tell(before.ask(space), 1.333)
+    left = before.ask(space)
+    assert left.params == {"x": 2}
+    del before
+
+    study = mlc.tune(quadratic, space=space, n_trials=2, cluster=cluster, storage=storage,
+                     study_name="resume", track=False)
+
+    old, stale, again = study.trials
+    assert old.state == State.COMPLETE
+    assert (stale.state, stale.user_attrs[REQUEUED]) == (State.FAIL, True)
+    assert (again.params, again.state) == ({"x": 2}, State.COMPLETE)
+    assert again.user_attrs[RETRY_OF] == stale.number
+    assert again.value == pytest.approx(1 + 1 / 3)
+    # n_trials counts the study's ended trials (the requeued one aside): nothing more ran.
+    assert len(study.trials) == 3
+
+
+def test_the_first_trials_all_failing_stop_the_study_with_their_error(cluster: Any) -> None:
+    def broken(ctx: Any) -> None:
+        raise RuntimeError("no data here")
+
+    with pytest.raises(TrainingError, match="no data here"):
+        mlc.tune(broken, space="x=int(0,3)", n_trials=4, concurrency=1, cluster=cluster,
+                 track=False)
+
+
+@pytest.fixture
+def shell() -> Iterator[InteractiveShell]:
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "jupyter_mlcloud")
+    yield ip
+    InteractiveShell.clear_instance()
+
+
+def test_tune_cell_magic(cluster: Any, shell: InteractiveShell,
+                         capsys: pytest.CaptureFixture) -> None:
+    shell.user_ns["offset"] = 1  # a notebook name the cell reads: shipped with each trial
+    shell.run_cell_magic(
+        "tune", f"--space 'x=choice(-1,1)' --n-trials 2 --sampler brute-force:0"
+                f" --cluster {cluster.name} --no-track --out found",
+        "for step in range(2):\n"
+        "    ctx.report(loss=(params['x'] - offset) ** 2 + ctx.params['x'] * 0)\n")
+    study = shell.user_ns["found"]
+    assert study.best_params == {"x": 1}
+    assert [t.state for t in study.trials] == [State.COMPLETE] * 2
+    assert "2 trial(s), 2 complete, 0 pruned, 0 failed; best value 0 with {'x': 1}" \
+        in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("line", "named"), [
+    ("--space 'x=normal(0,1)' --cluster tuning", "'normal' is not a kind of distribution"),
+    ("--n-trials 2 --cluster tuning", "the following arguments are required: --space"),
+    ("--space 'x=int(0,1)' --workers 2", "unrecognized arguments: --workers"),
+])
+def test_tune_cell_magic_refuses_bad_lines_in_one_sentence(shell: InteractiveShell, line: str,
+                                                           named: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        shell.run_cell_magic("tune", line, "ctx.report(loss=1.0)\n")
+    assert named in str(caught.value)
