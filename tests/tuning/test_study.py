@@ -14,6 +14,7 @@ import optuna
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
+from optuna.storages.journal import JournalFileBackend
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.train import TrainingError
@@ -111,11 +112,14 @@ def test_a_pruned_trial_is_cancelled_and_its_worker_takes_the_next(cluster: Any,
     assert complete.user_attrs["mlcloud.workers"] == pruned.user_attrs["mlcloud.workers"]
 
 
-def test_a_resumed_study_asks_again_the_trial_left_running(cluster: Any,
-                                                           tmp_path: Path) -> None:
-    storage = sqlite(tmp_path / "study.db")
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_resumed_study_asks_again_the_trial_left_running(cluster: Any, tmp_path: Path,
+                                                           kind: str) -> None:
+    storage = sqlite(tmp_path / "study.db") if kind == "sqlite" else str(tmp_path / "study.log")
     # What a kernel that died mid-study leaves: one trial told, one still running.
-    before = optuna.create_study(storage=storage, study_name="resume")
+    before = optuna.create_study(storage=storage if kind == "sqlite" else
+                                 optuna.storages.JournalStorage(JournalFileBackend(storage)),
+                                 study_name="resume")
     before.enqueue_trial({"x": 0})
     before.enqueue_trial({"x": 2})
     space = {"x": optuna.distributions.IntDistribution(-2, 2)}
@@ -135,6 +139,23 @@ def test_a_resumed_study_asks_again_the_trial_left_running(cluster: Any,
     assert again.value == pytest.approx(1 + 1 / 3)
     # n_trials counts the study's ended trials (the requeued one aside): nothing more ran.
     assert len(study.trials) == 3
+
+
+def test_a_trial_on_two_workers_is_a_distributed_run(cluster: Any) -> None:
+    def world(ctx: Any) -> float:
+        import torch
+        import torch.distributed as dist
+
+        total = torch.tensor([float(ctx.params["x"])])
+        dist.all_reduce(total)  # a collective across the trial's two ranks
+        return float(total.item())
+
+    study = mlc.tune(world, space="x=choice(1,2)", n_trials=2, workers_per_trial=2,
+                     sampler="brute-force:0", direction="maximize", cluster=cluster,
+                     track=False)
+    # Both workers per trial: one trial at a time, each on the whole cluster.
+    assert sorted(t.value for t in study.trials) == [2.0, 4.0]  # the returned number
+    assert all(len(t.user_attrs["mlcloud.workers"]) == 2 for t in study.trials)
 
 
 def test_the_first_trials_all_failing_stop_the_study_with_their_error(cluster: Any) -> None:
