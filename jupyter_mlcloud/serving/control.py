@@ -63,11 +63,9 @@ def read(client: Any, name: str) -> dict[str, Any]:
 
 
 def publish(client: Any, state: dict[str, Any]) -> None:
-    """Make ``state`` the endpoint's published state."""
-    key = dataset(state["name"])
-    if key in client.list_datasets():
-        client.unpublish_dataset(key)
-    client.publish_dataset(**{key: state})
+    """Make ``state`` the endpoint's published state, in one step: a reader in between an
+    unpublish and a publish would take the endpoint for gone."""
+    client.publish_dataset(**{dataset(state["name"]): state}, override=True)
 
 
 def unpublish(client: Any, name: str) -> None:
@@ -84,10 +82,7 @@ def _model_key(name: str, version: int) -> str:
 
 def keep_model(client: Any, name: str, version: int, blob: Any) -> None:
     """Keep ``blob`` (a :class:`ModelBlob`) on the scheduler as ``version``'s model."""
-    key = _model_key(name, version)
-    if key in client.list_datasets():
-        client.unpublish_dataset(key)
-    client.publish_dataset(**{key: blob})
+    client.publish_dataset(**{_model_key(name, version): blob}, override=True)
 
 
 def _reference_key(name: str) -> str:
@@ -97,7 +92,7 @@ def _reference_key(name: str) -> str:
 def keep_reference(client: Any, name: str, reference: Any) -> None:
     """Keep ``reference`` (a :class:`~..monitoring.reference.Reference`) on the scheduler as
     what endpoint ``name``'s inputs are compared with."""
-    client.publish_dataset(**{_reference_key(name): reference})
+    client.publish_dataset(**{_reference_key(name): reference}, override=True)
 
 
 def reference(client: Any, name: str) -> Any:
