@@ -425,7 +425,7 @@ def bare_main(certfile: str, keyfile: str) -> None:
     print(sock.getsockname()[1], flush=True)
     config = uvicorn.Config(app, ssl_certfile=certfile, ssl_keyfile=keyfile,
                             log_level="warning", access_log=False, lifespan="on",
-                            loop="asyncio", server_header=False)
+                            loop="auto", http="auto", server_header=False)
     uvicorn.Server(config).run(sockets=[sock])
 
 
