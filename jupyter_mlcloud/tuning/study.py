@@ -32,6 +32,7 @@ OWN_OPTIONS = ("workers", "cluster")
 WAIT_S = 0.5  # how often the loop looks up from the queue (Ctrl-C, workers coming back)
 WORKERS_WAIT_S = 60.0  # how long a study with no trial running waits for free workers
 ERROR_CHARS = 4000  # how much of a failed trial's traceback its user attribute keeps
+RECORD_WAIT_S = 120.0  # how long tune waits, at the end, for each trial's MLflow record
 
 
 @dataclass
@@ -83,6 +84,7 @@ class _Loop:
         self.any_worked = False  # a trial of this call completed or was pruned
         self.ended_here = 0
         self.progress: Any = None
+        self.recorders: list[Any] = []  # the trials' MLflow recorders, to wait for at the end
 
     # ------------------------------------------------------------ the loop
 
@@ -192,6 +194,8 @@ class _Loop:
         trial.set_user_attr("mlcloud.run_status", run.status)
         # Waits (10 s at most) only where the store is slower than the whole trial was.
         child = run.mlflow_run_id
+        if run.tracking is not None:
+            self.recorders.append(run.tracking.recorder)
         if child:
             trial.set_user_attr("mlcloud.mlflow_run_id", child)
         error: TrainingError | None = None
@@ -323,7 +327,10 @@ def tune(
 
     With tracking on (``track=True``, the default) the study is an MLflow run (its id in
     ``study.user_attrs["mlcloud.mlflow_run_id"]``) and each trial's run is its child
-    (tag ``mlflow.parentRunId``) with the trial's values as params.
+    (tag ``mlflow.parentRunId``; its id in ``trial.user_attrs["mlcloud.mlflow_run_id"]``)
+    with the trial's values as params and, where ``fn`` returns a model, that model: when
+    tune returns, every trial's record is complete, so ``mlc.register(f"runs:/{id}/model",
+    ...)`` works at once.
     """
     if not callable(fn):
         raise ValueError(f"tune needs a function taking ctx, got {type(fn).__name__}.")
@@ -368,6 +375,10 @@ def tune(
         raise
     if record is not None:
         record.end("FINISHED")
+    # Each trial's record (metrics, then its model) is written by its own thread: once tune
+    # returns, all of them are complete, so a trial's model can be registered at once.
+    for recorder in loop.recorders:
+        recorder.wait(RECORD_WAIT_S)
     return study
 
 
