@@ -144,6 +144,13 @@ def live(state: dict[str, Any]) -> list[dict[str, Any]]:
     return [v for v in state["versions"] if v["replicas"]]
 
 
+def wanted(version: dict[str, Any]) -> int:
+    """How many replicas ``version`` should run: what it was served, scaled or rolled back
+    with, kept apart from the list of those running so that a replacement that failed is
+    tried again."""
+    return int(version.get("wanted", len(version["replicas"])))
+
+
 def primary(state: dict[str, Any]) -> dict[str, Any]:
     """The live version taking the most traffic (the newest on a tie)."""
     versions = live(state) or state["versions"][-1:]
@@ -251,6 +258,8 @@ def retire(client: Any, state: dict[str, Any], versions: list[dict[str, Any]]) -
     for v in versions:
         v["weight"], v["replicas"] = 0.0, []
     _route_or_restore(client, state, before)
+    for v in versions:
+        v["wanted"] = 0
     for _, _, replicas in before:
         for replica in replicas:
             stop_replica(client, replica)
@@ -294,6 +303,7 @@ def set_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], n:
     """Run ``n`` replicas of ``version``: new ones join once they answer; removed ones leave
     the router first and stop once their requests are done, so none is lost."""
     current = version["replicas"]
+    version["wanted"] = n
     if n > len(current):
         start_replicas(client, state, version, n - len(current))
         route(client, state)
@@ -312,7 +322,7 @@ def add_version(client: Any, state: dict[str, Any], blob: Any, source: str, cana
     are retired)."""
     number = max((v["version"] for v in state["versions"]), default=0) + 1
     version: dict[str, Any] = {"version": number, "weight": 0.0, "model": True,
-                               "source": source, "replicas": []}
+                               "source": source, "replicas": [], "wanted": replicas}
     keep_model(client, state["name"], number, blob)
     state["versions"].append(version)
     try:
@@ -364,6 +374,7 @@ def rollback(client: Any, state: dict[str, Any]) -> dict[str, Any]:
                              f" {newest['version']}: there is nothing to roll back to.")
         previous = earlier[-1]
         start_replicas(client, state, previous, len(newest["replicas"]))
+        previous["wanted"] = len(previous["replicas"])
         rest = [previous]
     for v in rest:
         v["weight"] = v["weight"] or 1.0 / len(rest)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NAME = "mlcloud-endpoint-controller"
 INTERVAL_S = 0.5
+REFILL_RETRY_S = 5.0  # a version short of replicas, after a failed start: the next try
 #: Where the controller asks for workers; the process holding the cluster object listens
 #: (see ``api.serve``) and scales the cluster up.
 SCALE_TOPIC = "mlcloud-endpoint-scale"
@@ -128,10 +129,11 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
         return []  # nothing to run anything on: wait for workers
     router_gone = state["router"]["worker"] not in alive
     dead = [r for r in control.all_replicas(state) if r["worker"] not in alive]
+    short = [v for v in state["versions"] if _short(v)]
     wanted = None if router_gone else _autoscale(client, state, scalers)
     moved = None if router_gone else _alias_moved(client, state, asked)
     alerts, summary = (None, None) if router_gone or dead else _check(client, state, watched)
-    if not (router_gone or dead or wanted is not None or moved is not None
+    if not (router_gone or dead or short or wanted is not None or moved is not None
             or alerts is not None):
         return []
     done: list[str] = []
@@ -146,6 +148,10 @@ def tend(client: Any, name: str, scalers: dict[str, Autoscaler],
             if lost:
                 _attempt(done, f"{len(lost)} replica(s) of version {version['version']}"
                          " replaced", _replace, client, state, version, lost)
+            elif _short(version):
+                _attempt(done, f"version {version['version']} back to"
+                         f" {control.wanted(version)} replica(s)", _refill, client, state,
+                         version)
         if wanted is not None and state.get("autoscale"):
             main = control.primary(state)
             wanted = _fit(client, state, main, wanted, alive)
@@ -264,6 +270,26 @@ def _replace(client: Any, state: dict[str, Any], version: dict[str, Any],
     control.route(client, state)  # no request goes to them from now on
     control.start_replicas(client, state, version, len(lost))
     control.route(client, state)
+
+
+def _short(version: dict[str, Any]) -> bool:
+    """Whether ``version`` runs fewer replicas than it should and may be refilled now."""
+    return (len(version["replicas"]) < control.wanted(version)
+            and time.time() >= version.get("refill_after", 0.0))
+
+
+def _refill(client: Any, state: dict[str, Any], version: dict[str, Any]) -> None:
+    """Start the replicas ``version`` lacks (a replacement that failed, for want of a worker
+    or of its model); after a failure, tried again :data:`REFILL_RETRY_S` later."""
+    try:
+        control.start_replicas(client, state, version,
+                               control.wanted(version) - len(version["replicas"]))
+    except Exception:
+        version["refill_after"] = time.time() + REFILL_RETRY_S
+        raise
+    finally:
+        control.route(client, state)  # whatever did start takes traffic
+    version.pop("refill_after", None)
 
 
 def _revive_router(client: Any, state: dict[str, Any], alive: list[str]) -> None:

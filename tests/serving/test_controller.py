@@ -89,6 +89,28 @@ def test_the_router_comes_back_at_the_same_url_when_its_process_dies(cluster: An
         wait_for_workers(cluster, 2)
 
 
+def test_a_version_short_of_replicas_is_brought_back_to_what_it_was_served_with(
+        cluster: Any) -> None:
+    wait_for_workers(cluster, 2)
+    model = make_model()
+    ep = mlc.serve(model, name="refill", cluster=cluster, replicas=2)
+    try:
+        # As a replacement that failed leaves it: a replica stopped and gone from the list.
+        with control.editing(cluster.client, "refill") as state:
+            version = control.primary(state)
+            gone = version["replicas"].pop()
+            control.route(cluster.client, state)
+            control.stop_replica(cluster.client, gone)
+        assert control.wanted(version) == 2
+        wait_for(lambda: len(ep.replicas) == 2 and gone["id"] not in
+                 {r["id"] for r in ep.replica_info}, 60, "the missing replica to be started")
+        np.testing.assert_array_equal(ep.predict(X), expected(model, X))
+        ep.scale(1)  # what a user asks for is what it keeps
+        assert control.wanted(control.primary(control.read(cluster.client, "refill"))) == 1
+    finally:
+        ep.close()
+
+
 def test_a_replica_whose_worker_dies_is_replaced_with_no_failed_request(cluster: Any) -> None:
     wait_for_workers(cluster, 2)
     ep = mlc.serve(make_model(), name="healing", cluster=cluster, replicas=2)
