@@ -55,6 +55,7 @@ __all__ = [
     "gpu_count",
     "list_clusters",
     "models",
+    "pipeline",
     "register",
     "scale",
     "score",
@@ -75,6 +76,10 @@ def __getattr__(name: str) -> Any:
         from .tuning.study import tune
 
         return tune
+    if name == "pipeline":  # pipelines load mlflow when one runs, not with the package
+        from .pipelines.pipeline import pipeline
+
+        return pipeline
     if name in ("serve", "endpoints", "Endpoint"):  # serving loads on first use
         from .serving import api as serving_api
 

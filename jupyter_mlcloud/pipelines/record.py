@@ -1,0 +1,147 @@
+"""A pipeline run in MLflow: one parent run, a child run per step, and the cache in their tags.
+
+Each step's child carries ``mlcloud.cache_key`` and ``mlcloud.outputs`` (JSON: every output's
+value and digest); a step that ran to the end is tagged ``mlcloud.step_state=done``. A later
+run looks its key up among those children: that is the whole cache, beside the run records.
+Writes are synchronous (a handful per step): the cache lookup must see what the last step
+wrote. When the store does not answer, the pipeline runs with nothing cached and warns once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from ..lazy import LazyModule
+from ..tracking import store
+from ..tracking.recorder import TrackingWarning, param_value, source_tags
+
+entities = LazyModule("mlflow.entities")
+_log = logging.getLogger(__name__)
+MAX_TAG = 8000  # MLflow's limit on a tag value
+#: A step's state -> the MLflow status of its child run.
+STATUS = {"done": "FINISHED", "cached": "FINISHED", "skipped": "FINISHED",
+          "not-run": "KILLED", "failed": "FAILED"}
+
+
+class PipelineRecord:
+    """The parent run of one pipeline run; :meth:`lookup` and :meth:`step` for its steps."""
+
+    def __init__(self, pipeline: str, params: Mapping[str, Any]) -> None:
+        self.pipeline = pipeline
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._warned = False
+        try:
+            self.uri = store.tracking_uri()
+            if not store.reachable(self.uri):
+                raise ConnectionError(f"{self.uri} does not answer")
+            self._client = store.client(self.uri)
+            self.experiment_id = store.experiment_id(self._client, store.experiment_name())
+            run = self._client.create_run(
+                self.experiment_id, run_name=f"pipeline-{pipeline}",
+                tags={**source_tags(), "mlcloud.kind": "pipeline", "mlcloud.pipeline": pipeline})
+            self.run_id = str(run.info.run_id)
+            self._params(self.run_id, params)
+        except Exception as e:  # noqa: BLE001 - the pipeline runs, uncached and unrecorded
+            self._warn(f"pipeline {pipeline!r} is not recorded in MLflow and nothing is reused"
+                       f" from its cache ({e}).")
+            self.run_id = None
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, TrackingWarning, stacklevel=3)
+        _log.info(message)
+
+    def _params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        values = [entities.Param(k, param_value(v)) for k, v in params.items() if v is not None]
+        for i in range(0, len(values), 100):  # MLflow takes at most 100 params per batch
+            self._client.log_batch(run_id, params=values[i:i + 100])
+
+    def lookup(self, step: str, key: str) -> dict[str, Any] | None:
+        """The newest finished run of ``step`` with cache key ``key``: ``{"run_id",
+        "outputs"}``, or None."""
+        if self.run_id is None:
+            return None
+        query = (f"tags.`mlcloud.pipeline` = '{self.pipeline}' and tags.`mlcloud.step` ="
+                 f" '{step}' and tags.`mlcloud.cache_key` = '{key}' and"
+                 " tags.`mlcloud.step_state` = 'done'")
+        try:
+            found = self._client.search_runs([self.experiment_id], query, max_results=1,
+                                             order_by=["attributes.start_time DESC"])
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"the cache of pipeline {self.pipeline!r} could not be read ({e}).")
+            return None
+        if not found:
+            return None
+        run = found[0]
+        try:
+            outputs = json.loads(run.data.tags.get("mlcloud.outputs", "{}"))
+        except ValueError:
+            return None
+        return {"run_id": run.info.run_id, "outputs": outputs}
+
+    def step(self, step: str, *, state: str, key: str | None, params: Mapping[str, Any],
+             outputs: Mapping[str, Any], duration: float, started: float,
+             error: str | None = None, cached_from: str | None = None) -> str | None:
+        """Record a step as a child run of the pipeline's run; returns its run id."""
+        if self.run_id is None:
+            return None
+        text = json.dumps(outputs, sort_keys=True, default=str)
+        if len(text) > MAX_TAG:  # recorded as an artifact too long to be a tag: not reusable
+            text, state_tag = "{}", ("done-uncacheable" if state == "done" else state)
+        else:
+            state_tag = state
+        tags = {"mlflow.parentRunId": self.run_id, "mlcloud.kind": "pipeline-step",
+                "mlcloud.pipeline": self.pipeline, "mlcloud.step": step,
+                "mlcloud.step_state": state_tag, "mlcloud.outputs": text,
+                "mlcloud.cache_key": key, "mlcloud.cached_from": cached_from,
+                "mlcloud.error": error[-MAX_TAG:] if error else None}
+        try:
+            run = self._client.create_run(
+                self.experiment_id, run_name=step, start_time=int(started * 1000),
+                tags={k: v for k, v in tags.items() if v is not None})
+            child = str(run.info.run_id)
+            self._params(child, params)
+            self._client.log_batch(child, metrics=[
+                entities.Metric("duration_s", float(duration), int(time.time() * 1000), 0)])
+            self._client.set_terminated(child, STATUS[state],
+                                        end_time=int((started + duration) * 1000))
+            return child
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"MLflow refused the record of step {step!r} ({e}).")
+            return None
+
+    def end(self, status: str, states: Mapping[str, str]) -> None:
+        """End the parent run with ``status`` and each step's state as a tag."""
+        if self.run_id is None:
+            return
+        try:
+            self._client.set_tag(self.run_id, "mlcloud.steps", json.dumps(dict(states)))
+            self._client.set_terminated(self.run_id, status)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"could not end MLflow run {self.run_id} ({e}).")
+
+
+def history(pipeline: str, max_runs: int = 10) -> Any:
+    """The last ``max_runs`` runs of ``pipeline`` as a DataFrame: run id, start, status and
+    each step's state."""
+    import pandas as pd
+
+    client = store.client()
+    experiment = store.experiment_id(client, store.experiment_name())
+    runs = client.search_runs([experiment], f"tags.`mlcloud.kind` = 'pipeline' and"
+                              f" tags.`mlcloud.pipeline` = '{pipeline}'", max_results=max_runs,
+                              order_by=["attributes.start_time DESC"])
+    rows = []
+    for run in runs:
+        steps = json.loads(run.data.tags.get("mlcloud.steps", "{}"))
+        rows.append({"run_id": run.info.run_id, "start": pd.Timestamp(run.info.start_time,
+                                                                     unit="ms"),
+                     "status": run.info.status, **steps})
+    return pd.DataFrame(rows)
