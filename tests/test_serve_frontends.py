@@ -25,7 +25,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import control
 from tests.conftest import ModuleCluster
-from tests.serving.test_api import refused
+from tests.serving.conftest import refused
 
 CLUSTER = {"name": "serve-frontends", "workers": 2}
 CLI = [sys.executable, "-m", "jupyter_mlcloud.cli"]

@@ -23,7 +23,7 @@ from jupyter_mlcloud.serving import host as worker_side
 from jupyter_mlcloud.serving import router as router_side
 from jupyter_mlcloud.serving.api import Endpoint
 from tests.conftest import ModuleCluster, wait_for
-from tests.serving.test_replica import expected, make_model, v2_body
+from tests.serving.conftest import expected, make_model, refused, v2_body
 
 CLUSTER = {"name": "endpoint-tests", "workers": 2}
 X = np.random.default_rng(2).normal(size=(7, 4)).astype(np.float32)
@@ -39,16 +39,6 @@ def endpoint(module_cluster: ModuleCluster, model: torch.nn.Module) -> Iterator[
     ep = mlc.serve(model, name="digits", cluster=module_cluster.whole(), replicas=2)
     yield ep
     ep.close()
-
-
-def refused(url: str) -> bool:
-    """Whether nothing listens at ``url``'s host and port any more."""
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port), timeout=10).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def test_predict_through_the_url_equals_the_model(cluster: Any, endpoint: Endpoint,

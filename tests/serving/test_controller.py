@@ -20,7 +20,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import control
 from jupyter_mlcloud.serving import router as router_side
 from tests.conftest import wait_for, wait_for_workers
-from tests.serving.test_replica import expected, make_model, v2_body
+from tests.serving.conftest import expected, make_model, v2_body
 
 CLUSTER = {"name": "controller-tests", "workers": 2}
 X = np.random.default_rng(4).normal(size=(2, 4)).astype(np.float32)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import re
 import socket
 import ssl
 import tempfile
@@ -25,19 +24,10 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import host as worker_side
 from jupyter_mlcloud.serving.launch import Replica, start_replica, stop_replica
 from tests.conftest import ModuleCluster, wait_for
+from tests.serving.conftest import expected, make_model, metric, v2_body
 
 CLUSTER = {"name": "serving-tests", "workers": 2}
 X = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
-
-
-def make_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
-
-
-def expected(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(x)).numpy()
 
 
 def make_gated() -> torch.nn.Module:
@@ -92,24 +82,6 @@ def http(replica: Replica, token: str | None = "", timeout: float = 30.0) -> htt
     headers = {} if token is None else {"Authorization": f"Bearer {token or replica.token}"}
     return httpx.Client(base_url=replica.url, headers=headers, timeout=timeout,
                         verify=ssl.create_default_context(cafile=replica.ca_file))
-
-
-def v2_body(x: np.ndarray, datatype: str = "FP32", **extra: Any) -> dict[str, Any]:
-    return {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": datatype,
-                        "data": x.reshape(-1).tolist()}], **extra}
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text (0 when absent)."""
-    total = 0.0
-    for line in text.splitlines():
-        match = re.match(r"^([a-z_]+)(\{[^}]*\})? (\S+)$", line)
-        if not match or match.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(match.group(3))
-    return total
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import host as worker_side
 from jupyter_mlcloud.serving.api import Endpoint
 from tests.conftest import ModuleCluster
-from tests.serving.test_replica import expected, make_model, metric, v2_body
+from tests.serving.conftest import expected, make_model, metric, v2_body
 
 CLUSTER = {"name": "router-tests", "workers": 2}
 X = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)

@@ -19,7 +19,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import host as worker_side
 from jupyter_mlcloud.serving.api import Endpoint
 from tests.conftest import ModuleCluster, wait_for
-from tests.serving.test_replica import expected, metric, v2_body
+from tests.serving.conftest import expected, metric, v2_body
 
 CLUSTER = {"name": "version-tests", "workers": 2}
 X = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)

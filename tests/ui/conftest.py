@@ -89,3 +89,33 @@ def page(lab: Lab) -> Iterator[Any]:
         page.set_default_timeout(60_000)
         yield page
         browser.close()
+
+
+# ---------------------------------------------------------------- page helpers
+
+
+def iframe_of(page: Any, selector: str) -> Any:
+    """The document inside the iframe at ``selector``, once it has loaded."""
+    frame = page.locator(selector).element_handle().content_frame()
+    frame.wait_for_load_state()
+    return frame
+
+
+def open_sidebar(page: Any) -> None:
+    """Open the ML Cloud sidebar once JupyterLab has restored its layout."""
+    tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
+    tab.wait_for()
+    # JupyterLab restores the saved layout after the tabs appear, and that can collapse a
+    # panel opened meanwhile: click only once it has restored (its splash screen is gone).
+    page.wait_for_function("() => !document.getElementById('jupyterlab-splash')",
+                           timeout=120_000)
+    if not page.locator("#mlcloud-sidebar").is_visible():
+        tab.click()
+    page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
+
+
+def bokeh_model(name: str, expression: str) -> str:
+    """A JS condition on the Bokeh model ``name`` (as ``m``) of the frame's document."""
+    return ("() => { const m = window.Bokeh && Bokeh.documents.length &&"
+            f" Bokeh.documents[0].get_model_by_name({json.dumps(name)});"
+            f" return !!m && ({expression}); }}")

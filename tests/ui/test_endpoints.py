@@ -13,8 +13,7 @@ import torch
 
 import jupyter_mlcloud as mlc
 from tests.conftest import wait_for
-from tests.ui.conftest import ARTIFACTS, Lab
-from tests.ui.test_sidebar import _frame, _model, _open_sidebar
+from tests.ui.conftest import ARTIFACTS, Lab, bokeh_model, iframe_of, open_sidebar
 
 X = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
 CARD = '#mlcloud-sidebar .jp-mlcloud-endpoint[data-endpoint-name="digits"]'
@@ -43,7 +42,7 @@ def test_endpoints_section_scales_rolls_back_and_opens_the_panel(lab: Lab, page:
             for _ in range(5):
                 ep.predict(X)
             page.goto(f"{lab.url}/lab?token={lab.token}")
-            _open_sidebar(page)
+            open_sidebar(page)
             card = page.locator(CARD)
             card.wait_for(timeout=60_000)
             assert card.locator(".jp-mlcloud-endpoint-url").inner_text() == ep.url
@@ -79,22 +78,22 @@ def test_endpoints_section_scales_rolls_back_and_opens_the_panel(lab: Lab, page:
 
             # The live panel, in a tab: figures over time, filled from the server.
             card.locator(".jp-mlcloud-open-endpoint").click()
-            frame = _frame(page, ".jp-mlcloud-panel iframe")
+            frame = iframe_of(page, ".jp-mlcloud-panel iframe")
             assert "/mlcloud/panels/endpoint/" in frame.url
             for _ in range(3):
                 ep.predict(X)
-            frame.wait_for_function(_model(
+            frame.wait_for_function(bokeh_model(
                 "endpoint-stats", "m.data.time.length >= 2 &&"
                 " m.data.requests[m.data.requests.length - 1] >= 8"), timeout=60_000)
             # p50 and p99 for each version the page plots: the versions sampled while the
             # endpoint ran (v2 too, if a sample fell in its few seconds; the page reloads
             # when its source brings a version it does not plot).
-            frame.wait_for_function(_model(
+            frame.wait_for_function(bokeh_model(
                 "figure-latency",
                 "(() => { const s = Bokeh.documents[0].get_model_by_name('endpoint-stats');"
                 " const n = Object.keys(s.data).filter(k => /^v.+_requests$/.test(k)).length;"
                 " return n >= 1 && m.renderers.length === 2 * n; })()"), timeout=60_000)
-            assert frame.evaluate(_model("notice", "!m.visible"))
+            assert frame.evaluate(bokeh_model("notice", "!m.visible"))
             assert ep.url in frame.evaluate(
                 "() => Bokeh.documents[0].get_model_by_name('details').text")
             page.screenshot(path=str(ARTIFACTS / "endpoint-panel.png"))
@@ -103,7 +102,7 @@ def test_endpoints_section_scales_rolls_back_and_opens_the_panel(lab: Lab, page:
             ep.close()
             page.wait_for_function(f"() => !document.querySelector({json.dumps(CARD)})",
                                    timeout=60_000)
-            frame.wait_for_function(_model(
+            frame.wait_for_function(bokeh_model(
                 "notice", "m.visible && m.text.includes('no endpoint')"), timeout=30_000)
         finally:
             ep.close()

@@ -10,8 +10,7 @@ import pytest
 
 from tests import held_cluster
 from tests.conftest import wait_for
-from tests.ui.conftest import ARTIFACTS, Lab
-from tests.ui.test_sidebar import _frame, _open_sidebar
+from tests.ui.conftest import ARTIFACTS, Lab, iframe_of, open_sidebar
 
 EXPERIMENT = "from-the-test"
 
@@ -39,7 +38,7 @@ def _mlflow_frame(page: Any, ending: str) -> Any:
     page.wait_for_function(
         """ending => document.querySelector('.jp-mlcloud-mlflow iframe')
              ?.contentWindow?.location.href.endsWith(ending)""", arg=ending)
-    return _frame(page, ".jp-mlcloud-mlflow iframe")
+    return iframe_of(page, ".jp-mlcloud-mlflow iframe")
 
 
 def _aliases(client: Any, name: str) -> dict[str, int]:
@@ -50,7 +49,7 @@ def _aliases(client: Any, name: str) -> dict[str, int]:
 def test_models_section_sets_aliases_and_opens_the_mlflow_ui(lab: Lab, page: Any,
                                                               client: Any) -> None:
     page.goto(f"{lab.url}/lab?token={lab.token}")
-    _open_sidebar(page)
+    open_sidebar(page)
     sidebar = page.locator("#mlcloud-sidebar")
     model = sidebar.locator('.jp-mlcloud-model[data-model-name="digits"]')
     model.wait_for(timeout=60_000)
@@ -118,7 +117,7 @@ def test_a_tracked_run_links_to_its_mlflow_run(lab: Lab, page: Any, client: Any)
         assert recorded.info.experiment_id == mlflow_run["experiment_id"]
 
         page.goto(f"{lab.url}/lab?token={lab.token}")
-        _open_sidebar(page)
+        open_sidebar(page)
         row = page.locator(f'#mlcloud-sidebar .jp-mlcloud-run[data-run-id="{run}"]')
         row.wait_for(timeout=60_000)
         assert row.get_attribute("data-run-status") == "finished"  # not overwritten

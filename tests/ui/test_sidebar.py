@@ -7,7 +7,7 @@ from typing import Any
 
 from tests import held_cluster
 from tests.conftest import wait_for
-from tests.ui.conftest import ARTIFACTS, Lab
+from tests.ui.conftest import ARTIFACTS, Lab, bokeh_model, iframe_of, open_sidebar
 
 CELL = "%load_ext jupyter_mlcloud\n%mlcloud up --workers 1 --name from-notebook"
 
@@ -20,13 +20,6 @@ def _new_notebook(lab: Lab, name: str) -> None:
     })
 
 
-def _frame(page: Any, selector: str) -> Any:
-    """The document inside the iframe at ``selector``, once it has loaded."""
-    frame = page.locator(selector).element_handle().content_frame()
-    frame.wait_for_load_state()
-    return frame
-
-
 def _wait_for_workers(page: Any, cluster: str, workers: int) -> None:
     """Until the sidebar's card for ``cluster`` shows ``workers`` workers."""
     page.wait_for_function(
@@ -35,22 +28,10 @@ def _wait_for_workers(page: Any, cluster: str, workers: int) -> None:
            )?.textContent === String(n)""", arg=[cluster, workers], timeout=60_000)
 
 
-def _open_sidebar(page: Any) -> None:
-    tab = page.locator('.jp-SideBar [data-id="mlcloud-sidebar"]')
-    tab.wait_for()
-    # JupyterLab restores the saved layout after the tabs appear, and that can collapse a
-    # panel opened meanwhile: click only once it has restored (its splash screen is gone).
-    page.wait_for_function("() => !document.getElementById('jupyterlab-splash')",
-                           timeout=120_000)
-    if not page.locator("#mlcloud-sidebar").is_visible():
-        tab.click()
-    page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
-
-
 def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> None:
     _new_notebook(lab, "demo.ipynb")
     page.goto(f"{lab.url}/lab/tree/demo.ipynb?token={lab.token}")
-    _open_sidebar(page)
+    open_sidebar(page)
     page.locator("#mlcloud-sidebar .jp-mlcloud-empty").wait_for()
     assert "%mlcloud up" in page.locator("#mlcloud-sidebar .jp-mlcloud-empty").inner_text()
 
@@ -89,7 +70,7 @@ def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> N
 
 def test_sidebar_restores_after_reload(lab: Lab, page: Any) -> None:
     page.goto(f"{lab.url}/lab?token={lab.token}")
-    _open_sidebar(page)
+    open_sidebar(page)
     # JupyterLab saves the layout to the workspace shortly after it changes.
     wait_for(lambda: "mlcloud-sidebar" in json.dumps(lab.api("GET", "/lab/api/workspaces")),
              timeout=30, what="the layout to be saved")
@@ -100,7 +81,7 @@ def test_sidebar_restores_after_reload(lab: Lab, page: Any) -> None:
 
 def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     page.goto(f"{lab.url}/lab?token={lab.token}")
-    _open_sidebar(page)
+    open_sidebar(page)
     sidebar = page.locator("#mlcloud-sidebar")
 
     # A cluster from the "new cluster" form, held by the Jupyter server.
@@ -119,7 +100,7 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     # A training run in a notebook kernel, attached to that cluster, shows in the run list.
     _new_notebook(lab, "train.ipynb")
     page.goto(f"{lab.url}/lab/tree/train.ipynb?token={lab.token}")
-    _open_sidebar(page)
+    open_sidebar(page)
     page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=120_000)
     editor = page.locator(".jp-Notebook .jp-Cell .cm-content").first
     editor.click()
@@ -147,10 +128,10 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     # The run's loss panel opens as a tab and its Bokeh source fills from the server.
     run.locator(".jp-mlcloud-open-loss").click()
     page.locator(".jp-mlcloud-panel iframe").wait_for()
-    panel = _frame(page, ".jp-mlcloud-panel iframe")
+    panel = iframe_of(page, ".jp-mlcloud-panel iframe")
     assert "/mlcloud/panels/loss/" in panel.url
     panel.wait_for_function(
-        _model(f"metrics-{run.get_attribute('data-run-id')}", "m.data.step.length === 5"),
+        bokeh_model(f"metrics-{run.get_attribute('data-run-id')}", "m.data.step.length === 5"),
         timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "sidebar-run.png"))
 
@@ -169,18 +150,11 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     card.wait_for(state="detached", timeout=60_000)
 
 
-def _model(name: str, expression: str) -> str:
-    """A JS condition on the Bokeh model ``name`` (as ``m``) of the frame's document."""
-    return ("() => { const m = window.Bokeh && Bokeh.documents.length &&"
-            f" Bokeh.documents[0].get_model_by_name({json.dumps(name)});"
-            f" return !!m && ({expression}); }}")
-
-
 def test_overlay_two_runs_and_the_scheduler_gone_notice(lab: Lab, page: Any) -> None:
     held = held_cluster.start("held-ui", runs=2)
     try:
         page.goto(f"{lab.url}/lab?token={lab.token}")
-        _open_sidebar(page)
+        open_sidebar(page)
         sidebar = page.locator("#mlcloud-sidebar")
         page.wait_for_function(  # the lists come over the event socket
             "() => document.querySelector('#mlcloud-sidebar')?.dataset.updates === 'socket'")
@@ -191,17 +165,17 @@ def test_overlay_two_runs_and_the_scheduler_gone_notice(lab: Lab, page: Any) -> 
             sidebar.locator(f'.jp-mlcloud-run[data-run-id="{run_id}"] .jp-mlcloud-run-pick').check()
         sidebar.locator(".jp-mlcloud-overlay").click()
 
-        frame = _frame(page, ".jp-mlcloud-panel iframe")
+        frame = iframe_of(page, ".jp-mlcloud-panel iframe")
         for run_id in held.runs:  # both runs' points, in one panel
-            frame.wait_for_function(_model(f"metrics-{run_id}", "m.data.step.length === 6"),
+            frame.wait_for_function(bokeh_model(f"metrics-{run_id}", "m.data.step.length === 6"),
                                     timeout=60_000)
-        frame.wait_for_function(_model("figure-bytes_sent", "m.renderers.length === 2"))
-        frame.wait_for_function(_model("rates", "m.text.includes('step 6')"))
-        assert frame.evaluate(_model("notice", "!m.visible"))
+        frame.wait_for_function(bokeh_model("figure-bytes_sent", "m.renderers.length === 2"))
+        frame.wait_for_function(bokeh_model("rates", "m.text.includes('step 6')"))
+        assert frame.evaluate(bokeh_model("notice", "!m.visible"))
         page.screenshot(path=str(ARTIFACTS / "loss-overlay.png"))
 
         held.pause()  # the scheduler stops answering
-        frame.wait_for_function(_model(
+        frame.wait_for_function(bokeh_model(
             "notice", "m.visible && m.text.includes('scheduler unreachable — retrying')"),
             timeout=30_000)
         page.wait_for_function(  # the run list keeps them, as last seen
@@ -209,11 +183,12 @@ def test_overlay_two_runs_and_the_scheduler_gone_notice(lab: Lab, page: Any) -> 
             ".length === 2", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "loss-scheduler-gone.png"))
         held.resume()  # ... and answers again
-        frame.wait_for_function(_model("notice", "!m.visible"), timeout=30_000)
+        frame.wait_for_function(bokeh_model("notice", "!m.visible"), timeout=30_000)
 
         held.close()  # the cluster is shut down: its runs are gone
-        frame.wait_for_function(_model("notice", "m.visible && m.text.includes('was shut down')"),
-                                timeout=30_000)
+        frame.wait_for_function(
+            bokeh_model("notice", "m.visible && m.text.includes('was shut down')"),
+            timeout=30_000)
         page.wait_for_function(
             "() => !document.querySelector('#mlcloud-sidebar .jp-mlcloud-run')", timeout=30_000)
     finally:
