@@ -9,12 +9,18 @@
     jupyter-mlcloud export model.pt digits.onnx [--example rows.npy | --features 64] \\
         [--no-check] [--quantize int8]
 
+    jupyter-mlcloud pipeline run FILE.py[:NAME] [--scheduler ADDR | --cluster-config C.yaml] \
+        [--force [STEP,...]] [--param train.lr=0.05]
+    jupyter-mlcloud pipeline schedule FILE.py[:NAME] --cron "0 2 * * *" [--print] \
+        [--via cron|systemd] [--scheduler ADDR | --cluster-config C.yaml]
+
 `serve` prints the endpoint's URL and token (JSON) and writes the PEM that verifies it; the
 endpoint lives on the cluster and keeps running after the command exits. `export` needs no
 cluster; it prints the result (path, size, opset, parity, latency) as JSON.
 
 Exit codes say what failed: 0 done, 2 bad arguments or input, 3 no cluster to run on,
-4 scoring, serving or exporting failed.
+4 scoring, serving or exporting failed (for `pipeline run`: a step failed), 5 the pipeline is
+already running.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from .flags import (
     serve_keywords,
 )
 
-EXIT_OK, EXIT_USAGE, EXIT_CLUSTER, EXIT_FAILED = 0, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_CLUSTER, EXIT_FAILED, EXIT_BUSY = 0, 2, 3, 4, 5
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +80,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch.save-d model, torch.export .pt2, or models:/NAME@ALIAS")
     p.add_argument("path", metavar="PATH", help="where to write it: a .onnx or .pt2 file")
     add_export_options(p)
+
+    p = sub.add_parser("pipeline", help="run or schedule a pipeline defined in a Python file")
+    steps = p.add_subparsers(dest="action", required=True)
+    for action, text in (("run", "run it now, printing each step's state; exit 4 if a step"
+                                 " failed"),
+                         ("schedule", "install a crontab entry (or systemd timer) that runs"
+                                      " it, with no Jupyter server needed")):
+        q = steps.add_parser(action, help=text)
+        q.add_argument("spec", metavar="FILE.py[:NAME]", help="the file, and the pipeline's"
+                       " name if it defines several")
+        q.add_argument("--scheduler", help="Dask scheduler address or scheduler file")
+        q.add_argument("--cluster-config", help="YAML of Dask config to build the cluster"
+                                                " from (mlcloud.cluster.factory, ...)")
+        q.add_argument("--timeout", type=float, default=30.0,
+                       help="seconds to reach the scheduler")
+    run_p, schedule_p = steps.choices["run"], steps.choices["schedule"]
+    run_p.add_argument("--workers", type=int, help="start a local cluster of N workers")
+    run_p.add_argument("--force", nargs="?", const="*", metavar="STEP,...",
+                       help="rerun these steps (all, if none named) even if cached")
+    run_p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                       help="override a param: STEP.NAME=VALUE or NAME=VALUE (JSON values)")
+    schedule_p.add_argument("--cron", required=True, help='when, e.g. "0 2 * * *"')
+    schedule_p.add_argument("--print", dest="print_only", action="store_true",
+                            help="print what would be installed; install nothing")
+    schedule_p.add_argument("--via", help="cron or systemd (default: cron where there is one)")
+    schedule_p.add_argument("--log", help="file the runs append to (./pipeline-run.log)")
     return parser
 
 
@@ -208,9 +240,53 @@ def export_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def pipeline_command(args: argparse.Namespace) -> int:
+    from .pipelines import PipelineBusy, schedule, script
+
+    try:
+        if args.action == "schedule":
+            print(schedule.schedule(args.spec, args.cron, via=args.via,
+                                    print_only=args.print_only, scheduler=args.scheduler,
+                                    cluster_config=args.cluster_config, log=args.log))
+            return EXIT_OK
+        pipe = script.load(args.spec)
+        params = script.parse_params(args.param)
+        force = (True if args.force == "*" else args.force.split(",")) if args.force else False
+    except ValueError as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        print(f"jupyter-mlcloud pipeline {args.action} failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        cluster = script.open_cluster(scheduler=args.scheduler,
+                                      cluster_config=args.cluster_config,
+                                      workers=args.workers, timeout=args.timeout)
+    except ValueError as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_CLUSTER
+    try:
+        result = pipe.run(cluster=cluster, force=force, params=params)
+    except ValueError as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except PipelineBusy as e:
+        print(f"jupyter-mlcloud: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    finally:
+        if cluster is not None:
+            cluster.close()
+    print(result)
+    for step in result.steps.values():
+        if step.error:
+            print(f"--- {step.name} failed:\n{step.error}", file=sys.stderr)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": score_command, "serve": serve_command, "endpoints": endpoints_command,
-    "unserve": unserve_command, "export": export_command}
+    "unserve": unserve_command, "export": export_command, "pipeline": pipeline_command}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
