@@ -1,0 +1,72 @@
+"""jupyter-mlcloud pipeline run: the real command in a subprocess, its exit codes and table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jupyter_mlcloud import cli
+
+CLI = [sys.executable, "-m", "jupyter_mlcloud.cli", "pipeline", "run"]
+
+PIPELINES = """
+import json, os
+from pathlib import Path
+import jupyter_mlcloud as mlc
+
+pipe = mlc.pipeline(os.environ["PIPELINE_NAME"])
+
+@pipe.step(outputs={"data": "data.json"})
+def prepare(data):
+    Path(data).write_text(json.dumps([1, 2, 3]))
+
+@pipe.step(inputs=["data"], params={"scale": 1}, outputs=["total"])
+def total(data, scale):
+    if os.path.exists("broken"):
+        raise ValueError("bad rows")
+    return scale * sum(json.loads(Path(data).read_text()))
+
+other = mlc.pipeline("other")
+"""
+
+
+def rows(table: str) -> dict[str, str]:
+    """Step -> state, from the printed table."""
+    return {line.split()[0]: line.split()[1] for line in table.splitlines()[1:-1]}
+
+
+def test_pipeline_run_exits_by_outcome(tmp_path: Path, name: str) -> None:
+    (tmp_path / "flow.py").write_text(PIPELINES)
+    env = {**os.environ, "PIPELINE_NAME": name}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(CLI + list(args), cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    first = run(f"flow.py:{name}")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0].split() == ["step", "state", "seconds", "outputs",
+                                                    "note"]
+    assert rows(first.stdout) == {"prepare": "done", "total": "done"}
+    assert f"pipeline '{name}' ok" in first.stdout
+    (tmp_path / "broken").touch()
+    failed = run(f"flow.py:{name}", "--param", "scale=2")
+    assert failed.returncode == cli.EXIT_FAILED
+    assert rows(failed.stdout) == {"prepare": "cached", "total": "failed"}
+    assert "ValueError: bad rows" in failed.stderr
+    ambiguous = run("flow.py")
+    assert ambiguous.returncode == cli.EXIT_USAGE
+    assert "defines several pipelines" in ambiguous.stderr
+
+
+def test_bad_arguments_are_refused_in_one_sentence(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["pipeline", "run", str(tmp_path / "missing.py")]) == cli.EXIT_USAGE
+    assert "is not a Python file" in capsys.readouterr().err
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    assert cli.main(["pipeline", "run", str(tmp_path / "empty.py")]) == cli.EXIT_USAGE
+    assert "defines no pipeline" in capsys.readouterr().err
