@@ -33,6 +33,7 @@ def _probe(code: str) -> dict:
     "import jupyter_mlcloud as mlc; mlc.train, mlc.Run, mlc.TrainingError",
     "import jupyter_mlcloud as mlc; mlc.export, mlc.ExportResult, mlc.ExportError",
     "import jupyter_mlcloud as mlc; mlc.tune",
+    "import jupyter_mlcloud as mlc; mlc.pipeline('p').step(lambda: 1, name='s', outputs=['n'])",
 ])
 def test_imports_load_no_torch(code: str) -> None:
     found = _probe(code)
