@@ -18,6 +18,8 @@ Nothing here imports mlflow or torch until a pipeline runs.
 from __future__ import annotations
 
 from .pipeline import Pipeline, Step, pipeline
+from .record import history
 from .runner import PipelineBusy, PipelineResult, StepResult, run
 
-__all__ = ["Pipeline", "PipelineBusy", "PipelineResult", "Step", "StepResult", "pipeline", "run"]
+__all__ = ["Pipeline", "PipelineBusy", "PipelineResult", "Step", "StepResult", "history",
+           "pipeline", "run"]
