@@ -9,6 +9,7 @@ from typing import Any
 #: Trial user attributes this package sets.
 REQUEUED = "mlcloud.requeued"  # a trial left running by an earlier kernel: asked again
 RETRY_OF = "mlcloud.retry_of"  # on the trial that asks it again: the stale trial's number
+CHECKPOINTS = "mlcloud.checkpoint_dir"  # a trial's own checkpoint folder, kept by its retry
 
 
 def _storage(storage: Any) -> Any:
@@ -55,7 +56,10 @@ def requeue(study: Any, trial: Any) -> None:
     waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     # Queued first: an interruption between the two steps then repeats nothing.
     if not any(t.user_attrs.get(RETRY_OF) == trial.number for t in waiting):
-        study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number})
+        inherited = {CHECKPOINTS: trial.user_attrs[CHECKPOINTS]} \
+            if CHECKPOINTS in trial.user_attrs else {}
+        study.enqueue_trial(dict(trial.params),
+                            user_attrs={RETRY_OF: trial.number, **inherited})
     study._storage.set_trial_user_attr(trial._trial_id, REQUEUED, True)
     study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
 

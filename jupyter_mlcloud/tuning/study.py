@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..cluster import api as clusters
+from ..cost import Budget, Cost, parse_budget
 from ..train.launch import free_workers, function_kwargs, run_options, train
 from ..train.run import Run, TrainingError
 from . import storage as stored
@@ -53,6 +54,9 @@ def _check_train_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> 
     if own:
         raise ValueError(f"{own[0]!r} is set by tune for each trial; use workers_per_trial="
                          " and cluster= instead.")
+    if "budget" in options:  # a study's budget bounds the whole study, not each trial
+        raise ValueError("budget= is not supported by tune yet (a study's budget would bound"
+                         " the whole study, not each trial); leave it out.")
     run_only = set(run_options())
     function_kwargs(fn, {k: v for k, v in options.items() if k not in run_only},
                     options.get("config"))
@@ -71,7 +75,7 @@ class _Loop:
     def __init__(self, study: Any, fn: Callable[..., Any], space: dict[str, Any], *,
                  n_trials: int, metric: str, concurrency: int, workers_per_trial: int,
                  client: Any, cluster: Any, record: StudyRecord | None,
-                 train_options: dict[str, Any]) -> None:
+                 train_options: dict[str, Any], budget: Budget | None = None) -> None:
         self.study, self.fn, self.space = study, fn, space
         self.n_trials, self.metric = n_trials, metric
         self.concurrency, self.workers_per_trial = concurrency, workers_per_trial
@@ -85,6 +89,7 @@ class _Loop:
         self.ended_here = 0
         self.progress: Any = None
         self.recorders: list[Any] = []  # the trials' MLflow recorders, to wait for at the end
+        self.budget = budget
 
     # ------------------------------------------------------------ the loop
 
@@ -124,6 +129,8 @@ class _Loop:
         """Start trials until ``concurrency`` run or ``n_trials`` are counted or running."""
         while (len(self.slots) < self.concurrency and not self.study._stop_flag
                and self._counted() + len(self.slots) < self.n_trials):
+            if not self._budget_covers_one_more():
+                return
             if not self._have_workers():
                 return
             self._start()
@@ -144,12 +151,25 @@ class _Loop:
                     " and call tune again (with storage= it goes on where it stopped).")
             time.sleep(WAIT_S)
 
+    def _options(self, trial: Any) -> dict[str, Any]:
+        """The run options of ``trial``: with ``checkpoint_dir``, a folder of its own in it
+        (``trial-N``); a trial asked again after a restart goes on from its stale trial's."""
+        options = dict(self.train_options)
+        root = options.get("checkpoint_dir")
+        if root:
+            inherited = trial.user_attrs.get(stored.CHECKPOINTS)
+            folder = inherited or f"{str(root).rstrip('/')}/trial-{trial.number}"
+            trial.set_user_attr(stored.CHECKPOINTS, folder)
+            options["checkpoint_dir"] = folder
+            options["resume"] = bool(inherited) or bool(options.get("resume"))
+        return options
+
     def _start(self) -> None:
         trial = self.study.ask(self.space)
         params = dict(trial.params)
         try:
             run = train(WithParams(self.fn, params), cluster=self.cluster,
-                        workers=self.workers_per_trial, **self.train_options)
+                        workers=self.workers_per_trial, **self._options(trial))
         except BaseException:
             stored.requeue(self.study, trial)  # its values are tried when the study goes on
             raise
@@ -163,6 +183,28 @@ class _Loop:
         run.add_listener(lambda kind, items: self.inbox.put(("metrics", number, items))
                          if kind == "metrics" else None, replay=True)
         run.add_done_callback(lambda _: self.inbox.put(("done", number, None)))
+
+    # ------------------------------------------------------------ cost and budget
+
+    def _budget_covers_one_more(self) -> bool:
+        """Whether the budget can pay for one more trial: what the study's ended trials and
+        its running ones have used, plus the mean of an ended trial (none ended: yes)."""
+        if self.budget is None:
+            return True
+        ended = [trial_cost(t) for t in self.study.get_trials(deepcopy=False)
+                 if t.user_attrs.get(COST_ATTR)]
+        spent = sum(ended, Cost())
+        spent = sum((slot.run.cost for slot in self.slots.values()), spent)
+        used = self.budget.spent(spent) or 0.0
+        each = [self.budget.spent(c) or 0.0 for c in ended]
+        mean = sum(each) / len(each) if each else 0.0
+        return used + mean <= self.budget.amount and used < self.budget.amount
+
+    def _note_cost(self, trial: Any, run: Run) -> None:
+        """The trial's cost in its user attrs; the study's (the sum over its trials) in
+        ``study.user_attrs["cost"]``."""
+        trial.set_user_attr(COST_ATTR, run.cost.as_dict())
+        self.study.set_user_attr("cost", study_cost(self.study).as_dict())
 
     # ------------------------------------------------------------ reports and pruning
 
@@ -192,6 +234,7 @@ class _Loop:
         state = optuna.trial.TrialState
         run, trial = slot.run, slot.trial
         trial.set_user_attr("mlcloud.run_status", run.status)
+        self._note_cost(trial, run)
         # Waits (10 s at most) only where the store is slower than the whole trial was.
         child = run.mlflow_run_id
         if run.tracking is not None:
@@ -294,6 +337,7 @@ def tune(
     cluster: Any = None,
     storage: Any = None,
     study_name: str | None = None,
+    budget: float | str | None = None,
     **train_options: Any,
 ) -> optuna.Study:
     """Tune ``fn``'s hyperparameters on the cluster; return the ``optuna.Study``.
@@ -316,7 +360,9 @@ def tune(
     ``cluster``: as for ``mlc.train``. Every other keyword is an ``mlc.train`` option
     (``strategy``, ``max_failures``, ``epochs``, ``config``, ``track`` ...), the same for every
     trial: a trial on several workers is an ordinary distributed run, and a lost worker is
-    survived as a run survives it (``max_failures``).
+    survived as a run survives it (``max_failures``). With ``checkpoint_dir``, each trial
+    writes its checkpoints to a folder of its own there (``trial-N``); a trial asked again
+    after a restart (see ``storage``) goes on from its stale trial's newest checkpoint.
 
     ``storage`` (``sqlite:///study.db``, any database URL, or a journal file path) with
     ``study_name`` keeps the study on disk: calling tune again, after a kernel restart say,
@@ -331,6 +377,12 @@ def tune(
     with the trial's values as params and, where ``fn`` returns a model, that model: when
     tune returns, every trial's record is complete, so ``mlc.register(f"runs:/{id}/model",
     ...)`` works at once.
+
+    Cost: each trial's worker-seconds, GPU-seconds and cost (see :mod:`jupyter_mlcloud.cost`)
+    are in ``trial.user_attrs["mlcloud.cost"]``, their sum over the study's trials in
+    ``study.user_attrs["cost"]``. ``budget`` (a cost, or worker time as ``"2h"``, ``"30m"``,
+    ``"90s"``) bounds the study: no new trial starts once what its trials used, plus the mean
+    of an ended trial, would exceed it (trials already running end as they would).
     """
     if not callable(fn):
         raise ValueError(f"tune needs a function taking ctx, got {type(fn).__name__}.")
@@ -345,6 +397,7 @@ def tune(
         raise ValueError("storage= needs study_name= too: the name finds the study again after"
                          " a kernel restart.")
     _check_train_options(fn, train_options)
+    limit = parse_budget(budget)
     pruner, sampler = make_pruner(pruner), make_sampler(sampler)
     client, _ = clusters.resolve(cluster)
     if concurrency is None:
@@ -362,7 +415,7 @@ def tune(
             **{k: v for k, v in train_options.items() if k != "config"}})
     loop = _Loop(study, fn, distributions, n_trials=n_trials, metric=metric,
                  concurrency=concurrency, workers_per_trial=workers_per_trial, client=client,
-                 cluster=cluster, record=record, train_options=train_options)
+                 cluster=cluster, record=record, train_options=train_options, budget=limit)
     try:
         loop.run()
     except KeyboardInterrupt:
@@ -380,6 +433,24 @@ def tune(
     for recorder in loop.recorders:
         recorder.wait(RECORD_WAIT_S)
     return study
+
+
+COST_ATTR = "mlcloud.cost"  # a trial's cost, as Cost.as_dict()
+
+
+def trial_cost(trial: Any) -> Cost:
+    """What a trial's run used (zero if it has not ended)."""
+    figures = trial.user_attrs.get(COST_ATTR) or {}
+    return Cost(float(figures.get("worker_seconds", 0.0)), float(figures.get("gpu_seconds", 0.0)),
+                figures.get("cost"))
+
+
+def study_cost(study: Any) -> Cost:
+    """The sum over the study's ended trials."""
+    total = Cost()
+    for trial in study.get_trials(deepcopy=False):
+        total = total + trial_cost(trial)
+    return total
 
 
 def describe(study: Any) -> str:

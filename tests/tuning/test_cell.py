@@ -11,8 +11,9 @@ from jupyter_mlcloud.train.launch import train
 from jupyter_mlcloud.tuning.study import tune
 
 #: %%distributed_train options a trial has no use for: its size is --workers-per-trial, a
-#: study always blocks, and the study (not names from rank 0) is what comes back.
-NOT_PER_TRIAL = {"workers", "out", "noblock"}
+#: study always blocks, and the study (not names from rank 0) is what comes back. A budget
+#: would bound the whole study, which tune does not support yet.
+NOT_PER_TRIAL = {"workers", "out", "noblock", "budget"}
 
 
 def _dests(magic: str) -> set[str]:

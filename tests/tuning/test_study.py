@@ -18,7 +18,7 @@ from optuna.storages.journal import JournalFileBackend
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.train import TrainingError
-from jupyter_mlcloud.tuning.storage import REQUEUED, RETRY_OF
+from jupyter_mlcloud.tuning.storage import CHECKPOINTS, REQUEUED, RETRY_OF
 from tests.conftest import wait_for
 
 CLUSTER = {"name": "tuning", "workers": 2}
@@ -53,7 +53,8 @@ def test_best_params_of_a_toy_problem_with_each_trial_a_child_run(
     uri = sqlite(tmp_path / "mlruns.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     study = mlc.tune(quadratic, space="x=int(-2,2)", n_trials=5, cluster=cluster,
-                     sampler=optuna.samplers.BruteForceSampler(seed=0))
+                     sampler=optuna.samplers.BruteForceSampler(seed=0),
+                     checkpoint_dir=str(tmp_path / "ckpt"))
 
     assert isinstance(study, optuna.Study)
     assert study.best_params == {"x": 1}
@@ -63,6 +64,8 @@ def test_best_params_of_a_toy_problem_with_each_trial_a_child_run(
         assert trial.intermediate_values == {
             s: pytest.approx((trial.params["x"] - 1) ** 2 + 1 / s) for s in (1, 2, 3)}
         assert trial.user_attrs["mlcloud.run_status"] == "finished"
+        # A folder of its own: trials never find each other's checkpoints.
+        assert trial.user_attrs[CHECKPOINTS] == str(tmp_path / "ckpt" / f"trial-{trial.number}")
 
     from mlflow import MlflowClient
 
@@ -126,10 +129,13 @@ def test_a_resumed_study_asks_again_the_trial_left_running(cluster: Any, tmp_pat
     before.tell(before.ask(space), 1.333)
     left = before.ask(space)
     assert left.params == {"x": 2}
+    # Its checkpoints went to its own folder, as tune sets up with checkpoint_dir.
+    folder = str(tmp_path / "ckpt" / f"trial-{left.number}")
+    left.set_user_attr(CHECKPOINTS, folder)
     del before
 
     study = mlc.tune(quadratic, space=space, n_trials=2, cluster=cluster, storage=storage,
-                     study_name="resume", track=False)
+                     study_name="resume", track=False, checkpoint_dir=str(tmp_path / "ckpt"))
 
     old, stale, again = study.trials
     assert old.state == State.COMPLETE
@@ -137,6 +143,7 @@ def test_a_resumed_study_asks_again_the_trial_left_running(cluster: Any, tmp_pat
     assert (again.params, again.state) == ({"x": 2}, State.COMPLETE)
     assert again.user_attrs[RETRY_OF] == stale.number
     assert again.value == pytest.approx(1 + 1 / 3)
+    assert again.user_attrs[CHECKPOINTS] == folder  # it goes on from the stale trial's folder
     # n_trials counts the study's ended trials (the requeued one aside): nothing more ran.
     assert len(study.trials) == 3
 
