@@ -107,9 +107,13 @@ class PipelineRecord:
                 self.experiment_id, run_name=step, start_time=int(started * 1000),
                 tags={k: v for k, v in tags.items() if v is not None})
             child = str(run.info.run_id)
-            self._params(child, params)
-            self._client.log_batch(child, metrics=[
+            # One batch for the params and the duration: each write is a commit of the store.
+            values = [entities.Param(k, param_value(v)) for k, v in params.items()
+                      if v is not None]
+            self._client.log_batch(child, params=values[:100], metrics=[
                 entities.Metric("duration_s", float(duration), int(time.time() * 1000), 0)])
+            for i in range(100, len(values), 100):  # at most 100 params per batch
+                self._client.log_batch(child, params=values[i:i + 100])
             self._client.set_terminated(child, STATUS[state],
                                         end_time=int((started + duration) * 1000))
             return child
