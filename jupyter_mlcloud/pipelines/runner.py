@@ -56,7 +56,7 @@ class StepResult:
     mlflow_run_id: str | None = None
 
 
-@dataclass
+@dataclass(repr=False)
 class PipelineResult:
     """A pipeline run: each step's result in run order, and the MLflow parent run."""
 
@@ -99,6 +99,8 @@ class PipelineResult:
         lines.append(f"pipeline {self.pipeline!r} {verdict} in {self.duration:.2f} s"
                      + (f" (MLflow run {self.mlflow_run_id})" if self.mlflow_run_id else ""))
         return "\n".join(lines)
+
+    __repr__ = __str__  # the step table, in a terminal too
 
     def _repr_html_(self) -> str:
         return str(self.table().to_html(index=False))

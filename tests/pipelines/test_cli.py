@@ -71,3 +71,18 @@ def test_bad_arguments_are_refused_in_one_sentence(tmp_path: Path,
     (tmp_path / "empty.py").write_text("x = 1\n")
     assert cli.main(["pipeline", "run", str(tmp_path / "empty.py")]) == cli.EXIT_USAGE
     assert "defines no pipeline" in capsys.readouterr().err
+
+
+def test_a_cluster_that_cannot_be_had_exits_3(tmp_path: Path, name: str,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "flow.py").write_text(PIPELINES)
+    monkeypatch.setenv("PIPELINE_NAME", name)
+    spec = f"{tmp_path / 'flow.py'}:other"
+    (tmp_path / "dask.yaml").write_text("mlcloud: [unclosed\n")
+    assert cli.main(["pipeline", "run", spec, "--cluster-config",
+                     str(tmp_path / "dask.yaml")]) == cli.EXIT_CLUSTER
+    assert "cannot be read as YAML" in capsys.readouterr().err
+    assert cli.main(["pipeline", "run", spec, "--scheduler", "tcp://x:1", "--cluster-config",
+                     str(tmp_path / "dask.yaml")]) == cli.EXIT_CLUSTER
+    assert "give --scheduler or --cluster-config, not both." in capsys.readouterr().err
