@@ -88,6 +88,14 @@ def _float(text: str) -> float:
     return value
 
 
+def _budget(text: str) -> float | str:
+    """``--budget``: a number is a cost, anything else worker time (checked by the API)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 #: The run options of each %%tune trial: those of %%distributed_train but --workers, --out
 #: and --noblock (a trial's size is --workers-per-trial; a study always blocks).
 TRAIN_OPTIONS: list[OptionSpec] = [
@@ -339,6 +347,9 @@ class MLCloudMagics(Magics):
               help="go on from the newest checkpoint in --checkpoint-dir")
     @argument("--no-track", dest="track", action="store_false",
               help="do not record the run in MLflow")
+    @argument("--budget", type=_budget,
+              help="a hard stop: a cost (a number, priced by mlcloud.cost.prices) or worker"
+                   " time as 2h, 30m or 90s")
     def distributed_train(self, line: str, cell: str) -> Any:
         """Run the cell data-parallel on the cluster's workers, one rank per worker.
 
@@ -369,6 +380,7 @@ class MLCloudMagics(Magics):
                 compression=args.compression,
                 faults=FaultOptions.from_options(vars(args)),
                 track=args.track,
+                budget=args.budget,
             )
         except SyntaxError as e:
             raise UsageError(
@@ -398,6 +410,9 @@ class MLCloudMagics(Magics):
                 monitor.refresh()
             print(f"Run {run.id} cancelled: every rank stopped and the workers are free.")
             return None
+        if run.stop_reason:  # a planned stop (its budget reached): the sentence says it all
+            print(f"Run {run.id}: {run.stop_reason}")
+            return None
         result = run.result()  # TrainingError shows the failing rank's traceback
         for name in out:
             self.shell.user_ns[name] = result[name]
@@ -423,6 +438,9 @@ class MLCloudMagics(Magics):
     @argument("--study-name", help="the study's name (needed with --storage)")
     @argument("--out", help="notebook name for the study (default: the cell's result)")
     @argument("--cluster", help="cluster name (default: the current one)")
+    @argument("--budget", type=_budget,
+              help="the study's budget: no new trial once it cannot cover one more; a cost"
+                   " or worker time as 2h, 30m or 90s")
     @_arguments(TRAIN_OPTIONS)
     def tune(self, line: str, cell: str) -> Any:
         """Tune the cell's hyperparameters with Optuna, each trial a run on the cluster.

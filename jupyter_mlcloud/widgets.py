@@ -149,6 +149,11 @@ class RunMonitor:
                 parts.append(f"loss {p['loss']:.4g}")
             if self._rate:
                 parts.append(f"{self._rate:.1f} steps/s")
+        cost = getattr(self.run, "cost", None)
+        if cost is not None:
+            parts.append(html.escape(cost.describe()))
+        if getattr(self.run, "stop_reason", None):
+            parts.append(html.escape(self.run.stop_reason))
         self.label.value = " &middot; ".join(parts)
 
     def drain(self, to_widget: bool = False) -> None:

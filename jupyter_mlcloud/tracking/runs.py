@@ -63,6 +63,9 @@ def _system_sampler(run: Any) -> Any:
                              float(gpu.get("utilization") or 0)))
                 out.append((prefix + "gpu_memory_usage_megabytes",
                              float(gpu.get("memory-used") or 0) / 2**20))
+        cost = getattr(run, "cost", None)  # worker_seconds, gpu_seconds (and cost), live
+        if cost is not None:
+            out.extend(cost.as_dict().items())
         return out
 
     return sample
@@ -220,6 +223,12 @@ class TrainingRecord:
                 reference = run.reference
                 recorder.then("model", lambda run_id: self._log_model(run_id, model, example,
                                                                       reference))
+        cost = getattr(run, "cost", None)
+        if cost is not None:  # the final figures, the last point of each
+            now = int(time.time() * 1000)
+            recorder.log_metrics([(k, float(v), 0, now) for k, v in cost.as_dict().items()])
+        if getattr(run, "stop_reason", None):
+            recorder.set_tags({"mlcloud.stop_reason": run.stop_reason})
         recorder.end(END_STATUS.get(run.status, "FAILED"))
 
 

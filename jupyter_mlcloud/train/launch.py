@@ -19,6 +19,7 @@ from typing import Any
 
 from ..cluster import api as clusters
 from ..cluster import info as cluster_info
+from ..cost import parse_budget
 from ..telemetry import events
 from . import registry
 from .checkpoint import CheckpointDir, Meta, Resume
@@ -250,6 +251,7 @@ def launch(
     faults: FaultOptions = FaultOptions(),
     track: bool = True,
     config: Mapping[str, Any] | None = None,
+    budget: float | str | None = None,
 ) -> Run:
     """Start ``payload`` (a function or cell payload) as one rank per worker; see :func:`train`.
 
@@ -260,6 +262,7 @@ def launch(
         strategy = StrategyOptions(name=str(strategy))
     spec = _check_options(strategy, compression, backend, seed, timeout, epochs)
     faults.check(workers)
+    limit = parse_budget(budget)
     client, kind = clusters.resolve(cluster)
     directory, snap = _open_checkpoints(faults)
     try:
@@ -284,7 +287,7 @@ def launch(
                      if faults.commits.every or directory else None)
             run = Run(run_id, client, chosen, starter=starter, store=store,
                       checkpoints=directory, max_failures=faults.max_failures,
-                      min_workers=faults.min_workers)
+                      min_workers=faults.min_workers, budget=limit)
             registry.add(run)
     except BaseException:
         if directory is not None:
@@ -299,7 +302,8 @@ def launch(
                        "timeout": timeout, "epochs": epochs, "compression": str(spec),
                        **{("strategy" if k == "name" else k): v
                           for k, v in dataclasses.asdict(strategy).items()},
-                       **dataclasses.asdict(faults)}
+                       **dataclasses.asdict(faults),
+                       **({"budget": limit.text} if limit is not None else {})}
             run.tracking = track_training(run, options, config, _cluster_name(cluster, client),
                                           kind)
         first = None
@@ -344,6 +348,7 @@ def train(
     max_staleness: int | None = None,
     config: Mapping[str, Any] | None = None,
     track: bool = True,
+    budget: float | str | None = None,
     **kwargs: Any,
 ) -> Run:
     """Run ``fn(ctx, *args, **config)`` on every selected worker, data-parallel; return a ``Run``.
@@ -381,6 +386,12 @@ def train(
     workers' system figures, each recovery and checkpoint, and a ``torch.nn.Module`` in the
     result as its model; ``run.mlflow_run_id`` names it.
 
+    ``budget`` is a hard stop: a cost (a number, priced by the Dask config
+    ``mlcloud.cost.prices``) or worker time as ``"2h"``, ``"30m"`` or ``"90s"``. A run that
+    reaches it commits one same step on every rank, writes that checkpoint if it has a
+    ``checkpoint_dir``, stops, and ends as ``cancelled`` with ``run.stop_reason`` saying so.
+    ``run.cost`` gives the worker-seconds, GPU-seconds and cost used so far.
+
     ``run.result()`` returns rank 0's return value (models unwrapped, whole, on CPU).
     """
     if not callable(fn):
@@ -403,6 +414,7 @@ def train(
                             resume=resume, elastic=elastic),
         track=track,
         config=config,
+        budget=budget,
     )
 
 

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..cluster import info as cluster_info
+from ..cost import Budget, Cost, Meter
 from ..telemetry import events
 from . import checkpoint, registry
 from .commits import CommitIndex
+from .rank import cancel as rank_cancel
 from .rank import ring
 from .rank.cancel import cancel_rank
 from .rank.worker import RankFailed
@@ -100,6 +102,13 @@ class Run:
     called and the ranks are being stopped. finished, error and cancelled are final: a run
     that reached one never leaves it, and ``cancel()`` is then a no-op. A cancel in any other
     state ends as cancelled, whatever the ranks did meanwhile.
+
+    ``cost`` is what the run has used so far (worker-seconds, GPU-seconds, and a cost with a
+    price table; see :mod:`jupyter_mlcloud.cost`). A run given a ``budget`` that reaches it
+    goes running -> cancelling -> cancelled as a planned stop: every rank commits one same
+    step and stops there (the checkpoint of that step is written if the run has a checkpoint
+    directory), and ``stop_reason`` (also the message ``result()`` raises) says that the
+    budget was reached and at which step. ``stop_reason`` is None for every other end.
     """
 
     def __init__(
@@ -113,6 +122,7 @@ class Run:
         checkpoints: checkpoint.CheckpointDir | None = None,
         max_failures: int = 0,
         min_workers: int | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.id = run_id
         self.client = client
@@ -143,6 +153,10 @@ class Run:
         self.attempt = 0
         self._pulled_at = 0.0
         self.tracking: Any = None  # the MLflow record (jupyter_mlcloud.tracking), if tracked
+        self.budget = budget
+        #: Why the run stopped when it was a planned stop (its budget reached); else None.
+        self.stop_reason: str | None = None
+        self._meter = Meter()
 
     # ------------------------------------------------------------ wiring (launcher)
 
@@ -155,6 +169,7 @@ class Run:
     def start(self, futures: list[Any]) -> None:
         """Watch the rank futures (in a thread) until every rank is done."""
         self._futures = futures
+        self._open_span(self.workers)
         self._transition("running")  # refused if cancelled meanwhile: the watcher stops them
         threading.Thread(target=self._watch, name=f"watch-{self.id}", daemon=True).start()
 
@@ -263,6 +278,10 @@ class Run:
         try:
             while True:
                 self._await_attempt()
+                if (self._over_budget() and not all(f.done() for f in self._futures)
+                        and self._transition("cancelling")):
+                    self._stop_for_budget()
+                    break
                 outcome, detail = self._outcome()
                 if (outcome == "lost" and self.attempt < self.max_failures
                         and self._transition("recovering")):
@@ -296,7 +315,8 @@ class Run:
             except TimeoutError:
                 pass
             failed = any(f.status == "error" for f in self._futures)
-            if failed or self._cancel_requested or self._missing_workers():
+            if (failed or self._cancel_requested or self._missing_workers()
+                    or self._over_budget()):
                 return
             self._pull()
 
@@ -343,6 +363,59 @@ class Run:
                 f" cancelled.{after}",
                 rank=rank,
             ))
+
+    # ------------------------------------------------------------ cost and budget
+
+    def _open_span(self, workers: list[str]) -> None:
+        """From now on, ``workers`` count towards the run's cost (an attempt started)."""
+        try:
+            info = cluster_info.workers(self.client)
+        except Exception:
+            info = {}
+        self._meter.open(self._meter.kinds_of(workers, info))
+
+    def _over_budget(self) -> bool:
+        return (self.budget is not None and self.stop_reason is None
+                and self._status == "running" and self.budget.reached(self.cost))
+
+    def _stop_for_budget(self) -> None:
+        """The budget is reached (the state is "cancelling"): every rank commits one same step
+        and stops there, the checkpoint is sealed, and the run ends as cancelled with a
+        sentence saying so (``stop_reason``)."""
+        assert self.budget is not None
+        spent = self.cost
+        alive = [w for w in self.workers if w not in set(self._missing_workers())]
+        stop_step = None
+        try:
+            replies = self.client.run(rank_cancel.request_stop, self.id, workers=alive,
+                                      on_error="return")
+            done = [v for v in replies.values() if isinstance(v, int)]
+            if done and max(done) > 0:  # ranks that draw batches from ctx.shard
+                stop_step = max(done) + 1
+                self.client.run(rank_cancel.set_stop_at, self.id, stop_step, workers=alive,
+                                on_error="return")
+        except Exception:
+            pass
+        if stop_step is not None:
+            self._wait_quietly(self._futures, CANCEL_GRACE_S, "ALL_COMPLETED")
+            self._pull(final=True)  # seals the checkpoint of the stop step
+        self._cancel_ranks()  # any rank that has not stopped (no step boundary reached)
+        where = f" at step {stop_step}" if stop_step is not None else ""
+        sentence = (f"the run reached its budget of {self.budget.describe()} after"
+                    f" {spent.describe()} and stopped on every rank{where}")
+        if self.store is not None and self.store.step >= 0:
+            sentence += f", with its state committed at step {self.store.step}"
+        if self.checkpoints is not None and (latest := self.checkpoints.latest()) is not None:
+            sentence += f" and checkpointed in {self.checkpoints.url} (step {latest.step})"
+        self.stop_reason = sentence + "."
+        self._end("cancelled", TrainingError(self.stop_reason))
+
+    @property
+    def cost(self) -> Cost:
+        """What the run has used so far, live: ``worker_seconds`` and ``gpu_seconds`` (each
+        attempt's ranks × its wall time, recoveries included) and ``cost`` (None without a
+        price table in the Dask config ``mlcloud.cost.prices``)."""
+        return self._meter.cost()
 
     # ------------------------------------------------------------ commits and recovery
 
@@ -393,6 +466,7 @@ class Run:
         phases = {"detected": time.time()}
         lost_ranks = [self.workers.index(w) for w in gone]
         self._cancel_ranks()
+        self._meter.close()  # the lost attempt's span ends; waiting for workers is not counted
         phases["cancelled"] = time.time()
         workers = self._wait_for_workers(gone)
         phases["workers ready"] = time.time()
@@ -404,6 +478,7 @@ class Run:
         self.events.append(record)
         if self.store is not None:
             self.store.reset(len(workers), self.attempt)
+        self._open_span(workers)
         try:
             futures = self._starter(workers, resume, self.attempt)
         except Exception as e:
@@ -542,6 +617,7 @@ class Run:
         if self._starter is not None:
             self._starter.release()
         self._release_ranks()
+        self._meter.close()
         self.finished = time.time()
         registry.forget(self)
         with self._lock:  # a callback added from now on is called at once, by its adder

@@ -9,6 +9,7 @@ its teardown.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ class _Active:
     thread_id: int
     cancelled: bool = False  # read by the rank at its safe points
     finishing: bool = False  # in teardown: too late to stop
+    steps: int = 0  # steps done so far (set by the rank's context at each step)
+    stop_requested: bool = False  # a planned stop (a budget) was asked for
+    stop_at: int | None = None  # ...at this step, once the launcher has agreed on one
 
     def check(self) -> None:
         """A safe point of the rank: stop here if the run was cancelled."""
@@ -60,6 +64,50 @@ def cancel_rank(run_id: str, attempt: int | None = None) -> bool:
             while len(_early_cancels) > EARLY_CANCELS_KEPT:
                 _early_cancels.popitem(last=False)
         return False
+
+
+def request_stop(run_id: str) -> int | None:
+    """Ask this worker's rank of ``run_id`` for a planned stop (called through ``Client.run``);
+    returns the steps it has done (None: no such rank here).
+
+    The rank pauses at its next step boundary until the launcher sets the step every rank
+    stops at (:func:`set_stop_at`), one past the most any rank had done when asked, so that
+    no rank has gone beyond it and every rank commits that same step before it stops.
+    """
+    with _lock:
+        active = _active.get(run_id)
+        if active is None or active.finishing:
+            return None
+        active.stop_requested = True
+        return active.steps
+
+
+def set_stop_at(run_id: str, step: int) -> None:
+    """The step at which the rank of ``run_id`` commits and stops (see :func:`request_stop`)."""
+    with _lock:
+        active = _active.get(run_id)
+        if active is not None:
+            active.stop_at = step
+
+
+STOP_AGREE_S = 30.0  # how long a rank waits for the launcher to name the stop step
+
+
+def stop_due(run_id: str, steps: int) -> bool:
+    """At a step boundary, with ``steps`` done: True if the rank should commit and stop here.
+
+    Cheap when no stop was asked for (one dict lookup)."""
+    active = _active.get(run_id)
+    if active is None:
+        return False
+    active.steps = steps
+    if not active.stop_requested:
+        return False
+    deadline = time.monotonic() + STOP_AGREE_S
+    while active.stop_at is None and time.monotonic() < deadline:
+        active.check()  # a plain cancel still wins
+        time.sleep(0.01)
+    return active.stop_at is None or steps >= active.stop_at
 
 
 def cancel_point() -> None:

@@ -13,7 +13,7 @@ from ..checkpoint import CommitPlan, Position, Resume
 from ..options import CompressionSpec, StrategyOptions
 from ..strategies.base import Strategy
 from ..strategies.compression import Compression
-from . import elastic, ring
+from . import cancel, elastic, ring
 from .sharding import Shard
 from .state import check_shapes, set_rng_state
 
@@ -339,7 +339,8 @@ class TrainContext:
             self._first_step_pending = False
             self._event("first step")
         commit, durable = self._commits.due(self._steps)
-        if self._asked:
+        stop = cancel.stop_due(self.run_id, self._steps)  # a planned stop (a budget)
+        if self._asked or (stop and (self._commits.every or self._commits.durable_every)):
             self._asked = False
             commit, durable = True, bool(self._commits.durable_every)
         if commit:
@@ -348,6 +349,9 @@ class TrainContext:
             local = {"hooks": [c.state_dict(copy=False) for c in self._compressions],
                      "slice": self._strategy.commit_slice()}
             ring.commit(self.run_id, self.rank, position, local, self._commit_state(), durable)
+        if stop:
+            raise cancel.RunCancelled(f"run {self.run_id} stopped as planned at step"
+                                      f" {self._steps} (its budget was reached).")
 
     def _commit_state(self) -> dict[str, Any] | None:
         """The whole state for a commit, on the ranks that hold it: every rank where it is
