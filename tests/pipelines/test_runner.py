@@ -263,3 +263,48 @@ def test_outputs_at_fsspec_urls_are_published_and_cached(tmp_path: Path, name: s
     # ETag on S3), not by reading them: the rewritten table counts as changed.
     assert states(pipe.run()) == {"write": "done", "count": "done"}
     assert calls == ["write", "write"]
+
+
+KILLED = """
+import os, signal
+import jupyter_mlcloud as mlc
+
+pipe = mlc.pipeline(os.environ["PIPE_NAME"], root=os.environ["PIPE_ROOT"])
+
+@pipe.step(outputs={"table": "out/table.csv"})
+def write(table):
+    with open(table, "w") as f:
+        f.write("a,b\\n1,")
+        f.flush()
+        if os.path.exists(os.path.join(os.environ["PIPE_ROOT"], "kill")):
+            os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write, as by the OOM killer
+        f.write("2\\n")
+
+if __name__ == "__main__":
+    pipe.run()
+"""
+
+
+def test_a_step_killed_mid_way_leaves_no_output_and_no_lock(
+        tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runpy
+    import subprocess
+    import sys
+
+    script = tmp_path / "flow.py"
+    script.write_text(KILLED)
+    (tmp_path / "kill").touch()
+    monkeypatch.setenv("PIPE_NAME", name)
+    monkeypatch.setenv("PIPE_ROOT", str(tmp_path))
+    killed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(left) == 1 and left[0].startswith("table.mlcloud-tmp-"), left  # no table.csv
+
+    (tmp_path / "kill").unlink()
+    pipe = runpy.run_path(str(script), run_name="flow")["pipe"]
+    assert states(pipe.run()) == {"write": "done"}  # the dead run's lock went with it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "table.csv", "table.csv.mlcloud-done"]
+    assert (tmp_path / "out" / "table.csv").read_text() == "a,b\n1,2\n"
