@@ -16,7 +16,6 @@ record, so the next run redoes only what failed. A false ``when=`` condition mak
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -118,6 +117,8 @@ def run_lock(pipeline: Pipeline) -> Iterator[str]:
     """Hold the pipeline's lock file for the run; a second run of the same pipeline (same
     name and root), in this process or another, is refused. ``flock`` goes with the process,
     so a killed run leaves no stale lock."""
+    import fcntl  # POSIX: here, not at import, so the package still imports elsewhere
+
     folder = os.path.join(pipeline.root, LOCK_DIR)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{pipeline.name}.lock")
