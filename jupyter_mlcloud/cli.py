@@ -9,9 +9,9 @@
     jupyter-mlcloud export model.pt digits.onnx [--example rows.npy | --features 64] \\
         [--no-check] [--quantize int8]
 
-    jupyter-mlcloud pipeline run FILE.py[:NAME] [--scheduler ADDR | --cluster-config C.yaml] \
+    jupyter-mlcloud pipeline run FILE.py[:NAME] [--scheduler ADDR | --cluster-config C.yaml] \\
         [--force [STEP,...]] [--param train.lr=0.05]
-    jupyter-mlcloud pipeline schedule FILE.py[:NAME] --cron "0 2 * * *" [--print] \
+    jupyter-mlcloud pipeline schedule FILE.py[:NAME] --cron "0 2 * * *" [--print] \\
         [--via cron|systemd] [--scheduler ADDR | --cluster-config C.yaml]
 
 `serve` prints the endpoint's URL and token (JSON) and writes the PEM that verifies it; the
