@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from ..cluster import api as clusters
+from ..cluster import info as cluster_info
+from ..cost import Budget, BudgetReached, Cost, meter_for, parse_budget
 from ..monitoring.reference import Reference
 from . import storage
 from .model import (
@@ -42,6 +44,8 @@ class ScoreReport:
     summary: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None  # the MLflow run recording the job (track=True)
     drift: Any = None  # with reference=: the inputs' and outputs' drift, one row a feature
+    #: What the job used: the cluster's workers × its wall time (and GPU-seconds, cost).
+    cost: Cost | None = None
 
     def open(self) -> Any:
         """The written scores, lazily: an xarray DataArray (zarr) or dask DataFrame (parquet)."""
@@ -144,6 +148,7 @@ def score(
     progress: bool = True,
     track: bool = True,
     reference: Any = None,
+    budget: float | str | None = None,
 ) -> Any:
     """Score ``data`` with ``model`` on the cluster's workers.
 
@@ -168,6 +173,13 @@ def score(
     the model was made for: an array, DataFrame, xarray object or dask collection), the
     report's ``drift`` compares a sample of ``data`` and its scores with it, one row per
     input feature and output (see :func:`jupyter_mlcloud.monitoring.drift.compare`).
+
+    A written job also records what it cost (``report.cost``, and ``worker_seconds``,
+    ``gpu_seconds`` and, with the Dask config ``mlcloud.cost.prices``, ``cost`` in its summary
+    and MLflow metrics): the cluster's workers × the job's wall time. ``budget`` (with
+    ``output``) is a hard stop, a cost or worker time as ``"2h"``, ``"30m"`` or ``"90s"``: once
+    reached, the blocks not yet written are cancelled and ``BudgetReached`` says how many were
+    written; the same call later resumes with the rest.
     """
     import dask.dataframe as dd
     import pandas as pd
@@ -184,6 +196,10 @@ def score(
         raise ValueError("reference= compares the job's inputs in its report: give output= too"
                          " (a .zarr store or .parquet dataset).")
     sample = Reference.of(reference) if reference is not None else None
+    limit = parse_budget(budget)
+    if limit is not None and output is None:
+        raise ValueError("budget= stops a job that writes its scores: give output= too (a"
+                         " .zarr store or .parquet dataset).")
     if isinstance(data, str):
         data = storage.open_input(data, features)
     if isinstance(data, pd.DataFrame):
@@ -227,7 +243,8 @@ def score(
         fingerprint = _fingerprint(blob.digest, frame, batch_size, device, dtype)
         _prepare(output, fingerprint, overwrite, init=None)
         return _with_drift(_recorded(track, params(), lambda: _write(
-            client, scores.to_delayed(), output, "parquet", fingerprint, progress)),
+            client, scores.to_delayed(), output, "parquet", fingerprint, progress,
+            budget=limit)),
             sample, frame, local_model, torch_dtype)
 
     array, template = _matrix(data, sample_dim, features)
@@ -249,7 +266,8 @@ def score(
              init=lambda: result.to_dataset().to_zarr(output, compute=False, mode="w"))
     return _with_drift(_recorded(track, params(), lambda: _write(
         client, scores.to_delayed().ravel(), output, "zarr", fingerprint, progress,
-        starts=np.cumsum((0,) + array.chunks[0][:-1]))), sample, array, local_model,
+        starts=np.cumsum((0,) + array.chunks[0][:-1]), budget=limit)), sample, array,
+        local_model,
         torch_dtype)
 
 
@@ -301,7 +319,7 @@ def _prepare(output: str, fingerprint: str, overwrite: bool, init: Any) -> None:
 
 
 def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fingerprint: str,
-           progress: bool, starts: Any = None) -> ScoreReport:
+           progress: bool, starts: Any = None, budget: Budget | None = None) -> ScoreReport:
     """Write every block not already written, with a progress bar; return the report."""
     from dask import delayed
     from distributed import wait
@@ -317,6 +335,7 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
         else:
             tasks.append(delayed(storage.write_parquet_part)(block, output, index))
     start = time.perf_counter()
+    meter = meter_for(client, list(cluster_info.workers(client)))
     futures = client.compute(tasks)
     if progress and futures:
         from distributed import progress as progress_bar
@@ -324,7 +343,21 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
         progress_bar(futures)
     # Let every block that can finish do so before reporting a failure: a re-run then
     # redoes only the blocks that failed.
-    wait(futures)
+    while True:
+        try:
+            wait(futures, timeout=0.25)
+            break
+        except TimeoutError:
+            pass
+        if budget is not None and budget.reached(meter.cost()):
+            spent = meter.cost()
+            client.cancel([f for f in futures if not f.done()])
+            written = sum(1 for f in futures if f.status == "finished")
+            raise BudgetReached(
+                f"the scoring job reached its budget of {budget.describe()} after"
+                f" {spent.describe()}: {written + len(done)} of {len(blocks)} blocks are written"
+                f" to {output}, and the same call resumes with the rest.")
+    meter.close()
     failed = next((f for f in futures if f.status == "error"), None)
     if failed is not None:
         failed.result()  # raises the block's own error
@@ -342,5 +375,6 @@ def _write(client: Any, blocks: Sequence[Any], output: str, out_format: str, fin
         "blocks_written": len(tasks),
         "blocks_skipped": len(done),
         "per_worker_share": {w: round(n / rows, 3) for w, n in per_worker.items()} if rows else {},
+        **meter.cost().as_dict(),
     }
-    return ScoreReport(output, out_format, summary)
+    return ScoreReport(output, out_format, summary, cost=meter.cost())

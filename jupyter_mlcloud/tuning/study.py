@@ -54,9 +54,6 @@ def _check_train_options(fn: Callable[..., Any], options: Mapping[str, Any]) -> 
     if own:
         raise ValueError(f"{own[0]!r} is set by tune for each trial; use workers_per_trial="
                          " and cluster= instead.")
-    if "budget" in options:  # a study's budget bounds the whole study, not each trial
-        raise ValueError("budget= is not supported by tune yet (a study's budget would bound"
-                         " the whole study, not each trial); leave it out.")
     run_only = set(run_options())
     function_kwargs(fn, {k: v for k, v in options.items() if k not in run_only},
                     options.get("config"))
