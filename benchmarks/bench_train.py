@@ -9,10 +9,10 @@
 Both run the same code (SCRIPT) on 2 CPU ranks with gloo, one thread each (OMP/MKL/OpenBLAS
 at 1 thread on both sides, as Dask sets them in its workers), and time each step the same way
 inside the loop. Our runs are not recorded in MLflow unless --track is given (torchrun records
-nothing; bench_tracking.py measures what recording costs). Repeats are interleaved (ours, torchrun, ours, torchrun, ...) so that load
-from elsewhere on the machine falls on both sides alike; each repeat starts a fresh warm
-cluster and closes it before torchrun runs. The tables give the median of each side, the
-median of the per-repeat ratios and their spread.
+nothing; bench_tracking.py measures what recording costs). Repeats are interleaved (ours,
+torchrun, ours, torchrun, ...) so that load from elsewhere on the machine falls on both sides
+alike; each repeat starts a fresh warm cluster and closes it before torchrun runs. The tables
+give the median of each side, the median of the per-repeat ratios and their spread.
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ def main() -> None:
     load_after = os.getloadavg()
 
     print(f"\n2 CPU ranks, gloo, {args.steps} steps ({WARMUP} warm-up), {args.repeats}"
-          f" interleaved repeats, our runs {'' if args.track else 'not '}tracked; load average (1/5/15 min) before"
+          f" interleaved repeats, our runs {'' if args.track else 'not '}tracked;"
+          f" load average (1/5/15 min) before"
           f" {' '.join(f'{v:.2f}' for v in load_before)}, after"
           f" {' '.join(f'{v:.2f}' for v in load_after)}")
     a = statistics.median(float(r["launch"]) for r in ours)  # type: ignore[arg-type]
