@@ -44,7 +44,7 @@ test: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	cd labextension && npm run --silent lint
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests --durations=25 $(PYTEST_ARGS)
 
 demo: install
 	$(BIN)/python notebooks/run.py notebooks/01-quickstart.ipynb
