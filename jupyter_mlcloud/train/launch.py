@@ -19,6 +19,7 @@ from typing import Any
 
 from ..cluster import api as clusters
 from ..cluster import info as cluster_info
+from ..cluster import preemption
 from ..cost import parse_budget
 from ..telemetry import events
 from . import registry
@@ -264,6 +265,10 @@ def launch(
     faults.check(workers)
     limit = parse_budget(budget)
     client, kind = clusters.resolve(cluster)
+    try:  # a worker told to go (SIGTERM) retires: the run moves as planned, not as a failure
+        preemption.install(client)
+    except Exception:
+        pass
     directory, snap = _open_checkpoints(faults)
     try:
         with _lock:  # two launches must not pick the same free workers
@@ -371,8 +376,11 @@ def train(
     same number of workers once replacements join, or with ``min_workers`` or more if none
     come within ``mlcloud.train.replace-timeout`` seconds (Dask config, default 30); how the
     batch and learning rate change then is the ``elastic`` rule (``global-batch`` or
-    ``linear-lr``). ``checkpoint_dir`` (any fsspec URL) also gets a checkpoint every
-    ``checkpoint_every`` steps (default 100), keeping the last ``checkpoint_keep``;
+    ``linear-lr``). A worker that retires instead (``Client.retire_workers``, or SIGTERM, which
+    makes workers retire gracefully) is a planned move: the run hands over to a replacement the
+    same way without using any of ``max_failures`` (``run.failures`` counts the others; its
+    record in ``run.events`` has ``planned``). ``checkpoint_dir`` (any fsspec URL) also gets a
+    checkpoint every ``checkpoint_every`` steps (default 100), keeping the last ``checkpoint_keep``;
     ``resume=True`` goes on from the newest one there (after a kernel restart, say).
     ``compression``: ``none``, ``fp16``, ``bf16`` or ``powersgd[:RANK[:START]]`` for the gradients.
 

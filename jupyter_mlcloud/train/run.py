@@ -57,7 +57,8 @@ def describe_recovery(record: dict[str, Any]) -> str:
     start = phases["detected"]
     steps = " · ".join(f"{name} +{phases[name] - start:.1f} s" for name in PHASES
                        if name in phases and name != "detected")
-    return (f"[mlcloud] lost rank(s) {record['lost_ranks']}; recovery {record['attempt']}"
+    how = "retired: planned move" if record.get("planned") else "lost"
+    return (f"[mlcloud] {how} rank(s) {record['lost_ranks']}; recovery {record['attempt']}"
             f" resumes from step {record['from_step']} on {record['world_size']} worker(s):"
             f" {steps}")
 
@@ -151,6 +152,9 @@ class Run:
         self.store, self.checkpoints = store, checkpoints
         self.max_failures, self.min_workers = max_failures, min_workers
         self.attempt = 0
+        #: Recoveries from workers lost unexpectedly: those ``max_failures`` counts. A worker
+        #: that retired (``retire_workers``, SIGTERM) is a planned move and not counted.
+        self.failures = 0
         self._pulled_at = 0.0
         self.tracking: Any = None  # the MLflow record (jupyter_mlcloud.tracking), if tracked
         self.budget = budget
@@ -283,10 +287,13 @@ class Run:
                     self._stop_for_budget()
                     break
                 outcome, detail = self._outcome()
-                if (outcome == "lost" and self.attempt < self.max_failures
+                planned = outcome == "lost" and self._planned(detail)
+                if (outcome == "lost" and (planned or self.failures < self.max_failures)
                         and self._transition("recovering")):
+                    if not planned:
+                        self.failures += 1
                     try:
-                        self._recover(detail)
+                        self._recover(detail, planned)
                         continue
                     except TrainingError as e:
                         self._cancel_ranks()
@@ -356,7 +363,7 @@ class Run:
             self._end("error", TrainingError(str(exc), rank=rank))
         else:
             rank = self.workers.index(detail[0])
-            after = (f" It had already recovered {self.attempt} time(s), the most"
+            after = (f" It had already recovered {self.failures} time(s), the most"
                      f" --max-failures {self.max_failures} allows." if self.max_failures else "")
             self._end("error", TrainingError(
                 f"[rank {rank}] worker {detail[0]} died during the run; every other rank was"
@@ -446,11 +453,15 @@ class Run:
         live worker holds, else the newest checkpoint in the directory (None: the start)."""
         if self.store is None:
             return None
-        try:
-            workers = list(cluster_info.workers(self.client))
-            best, _ = self.store.pull(self.client, workers, since=-1)
-        except Exception:
-            best = None
+        best = None
+        for _ in range(3):  # a departing worker may still be listed: ask again without it
+            try:
+                workers = list(cluster_info.workers(self.client))
+                best, _ = self.store.pull(self.client, workers, since=-1)
+                break
+            except Exception as e:
+                _log.warning("run %s: asking the workers for commits failed: %s", self.id, e)
+                time.sleep(0.2)
         if best is not None:
             return best
         if self.checkpoints is not None:
@@ -460,7 +471,13 @@ class Run:
                                          directory=self.checkpoints.url)
         return None
 
-    def _recover(self, gone: list[str]) -> None:
+    def _planned(self, gone: list[str]) -> bool:
+        """Whether every worker in ``gone`` retired (a planned move), none of them lost."""
+        from ..cluster.preemption import departed_as_planned
+
+        return bool(gone) and all(departed_as_planned(self.client, w) for w in gone)
+
+    def _recover(self, gone: list[str], planned: bool = False) -> None:
         """Cancel the survivors, wait for workers, start the next attempt from the last commit
         (the state is "recovering" already)."""
         phases = {"detected": time.time()}
@@ -472,7 +489,7 @@ class Run:
         phases["workers ready"] = time.time()
         resume = self._resume_source()
         self.attempt += 1
-        record = {"kind": "recovery", "attempt": self.attempt, "lost": gone,
+        record = {"kind": "recovery", "attempt": self.attempt, "lost": gone, "planned": planned,
                   "lost_ranks": lost_ranks, "from_step": resume[0].step if resume else 0,
                   "world_size": len(workers), "phases": phases}
         self.events.append(record)
