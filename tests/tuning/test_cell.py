@@ -11,8 +11,8 @@ from jupyter_mlcloud.train.launch import train
 from jupyter_mlcloud.tuning.study import tune
 
 #: %%distributed_train options a trial has no use for: its size is --workers-per-trial, a
-#: study always blocks, and the study (not names from rank 0) is what comes back. A budget
-#: would bound the whole study, which tune does not support yet.
+#: study always blocks, and the study (not names from rank 0) is what comes back. --budget
+#: bounds the whole study, not each trial (tune's own budget=).
 NOT_PER_TRIAL = {"workers", "out", "noblock", "budget"}
 
 

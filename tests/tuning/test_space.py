@@ -80,7 +80,6 @@ def test_pruners_and_samplers_by_name() -> None:
     ({"metric": "val loss"}, "'val loss'"),
     ({"workers": 2}, "'workers' is set by tune"),
     ({"noblok": True}, "'noblok' is neither an option of train"),
-    ({"budget": "2h"}, "budget= is not supported by tune yet"),
     ({"storage": "sqlite:///x.db"}, "storage= needs study_name="),
 ])
 def test_bad_options_are_refused_before_anything_starts(options: dict, named: str,
