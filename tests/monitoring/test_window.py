@@ -23,6 +23,20 @@ def test_the_window_slides_by_count_and_by_time() -> None:
     assert window.snapshot()[1].shape[0] == 0  # older than 0.5 s: gone
 
 
+def test_the_window_keeps_the_newest_rows_across_its_wrap_in_order() -> None:
+    window = Window(WindowOptions(rows=7))
+    sent: list[float] = []
+    for n in [3, 5, 1, 6, 2]:  # requests of several sizes wrap the ring
+        rows = np.arange(len(sent), len(sent) + n, dtype=np.float32).reshape(n, 1)
+        sent += rows[:, 0].tolist()
+        window.add(rows, -rows)
+    times, inputs, outputs = window.snapshot()
+    assert inputs[:, 0].tolist() == sent[-7:] and outputs[:, 0].tolist() == [-v for v in sent[-7:]]
+    assert np.all(np.diff(times) >= 0)
+    window.add(np.arange(20.0).reshape(10, 2), np.zeros((10, 1)))  # wider rows: it starts over
+    assert window.snapshot()[1].tolist() == np.arange(20.0).reshape(10, 2)[-7:].tolist()
+
+
 def test_labels_join_their_requests_into_accuracy() -> None:
     predictions = Predictions(WindowOptions())
     scores = np.eye(3)  # request i predicts class i
