@@ -37,10 +37,7 @@ class PipelineRecord:
         self.experiment_id: str | None = None
         self._warned = False
         try:
-            self.uri = store.tracking_uri()
-            if not store.reachable(self.uri):
-                raise ConnectionError(f"{self.uri} does not answer")
-            self._client = store.client(self.uri)
+            self.uri, self._client = store.open_client()
             self.experiment_id = store.experiment_id(self._client, store.experiment_name())
             run = self._client.create_run(
                 self.experiment_id, run_name=f"pipeline-{pipeline}",

@@ -75,6 +75,15 @@ def client(uri: str | None = None) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def open_client() -> tuple[str, Any]:
+    """The store in force (:func:`tracking_uri`) and an ``MlflowClient`` on it;
+    ConnectionError if it is a server that does not answer (see :func:`reachable`)."""
+    uri = tracking_uri()
+    if not reachable(uri):
+        raise ConnectionError(f"{uri} does not answer")
+    return uri, client(uri)
+
+
 def reachable(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
     """Whether the store answers: an HTTP server's ``/health`` within ``timeout``; local
     stores (SQLite, files) always do. MLflow's own client retries a dead server for minutes,

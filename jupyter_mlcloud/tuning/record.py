@@ -40,10 +40,7 @@ class StudyRecord:
         self.run_id: str | None = None
         self._warned = False
         try:
-            self.uri = store.tracking_uri()
-            if not store.reachable(self.uri):
-                raise ConnectionError(f"{self.uri} does not answer")
-            self._client = store.client(self.uri)
+            self.uri, self._client = store.open_client()
             self.run_id = self._reopen(study.user_attrs.get(PARENT_ATTR)) or self._create(params)
             study.set_user_attr(PARENT_ATTR, self.run_id)
         except Exception as e:  # noqa: BLE001 - tuning goes on without a record
