@@ -95,6 +95,18 @@ def _loss_panel(run: Any) -> Any:
         return None
 
 
+class _MonitorBox(w.VBox):  # type: ignore[misc]
+    """The monitor's box. Its plain-text form (what a notebook saved without widget state, or
+    a terminal, shows; ipywidgets cuts it at 110 characters) names the run and its loss panel,
+    not the progress line, whose text grows."""
+
+    run_id = ""
+
+    def __repr__(self) -> str:
+        panels = [repr(c) for c in self.children if not isinstance(c, (w.HTML, w.Output))]
+        return f"RunMonitor(run={self.run_id!r}{''.join(f', {p}' for p in panels)})"
+
+
 class RunMonitor:
     """Progress of a training run: step, epoch, last loss, steps/s and status, live, above
     the run's loss panel (every reported metric against step, steps/s).
@@ -110,7 +122,9 @@ class RunMonitor:
         self.label = w.HTML()
         self.output = w.Output()
         self.panel = _loss_panel(run)
-        self.widget = w.VBox([self.label, *([self.panel] if self.panel else []), self.output])
+        self.widget = _MonitorBox([self.label, *([self.panel] if self.panel else []),
+                                   self.output])
+        self.widget.run_id = run.id
         self.widget.add_class("mlcloud-run-monitor")
         self._lines: queue.Queue[str] = queue.Queue()
         self._last: dict[str, Any] = {}
