@@ -19,7 +19,7 @@ from typing import Any
 
 from ..cluster import api as clusters
 from ..cluster import info as cluster_info
-from ..cluster import preemption
+from ..cluster import preemption, timers
 from ..cost import parse_budget
 from ..telemetry import events
 from . import registry
@@ -325,6 +325,10 @@ def launch(
     client.log_event(events.RUNS_TOPIC, {"run": run.id, "state": "started",
                                           "workers": chosen, "pid": os.getpid()})
     run.start(futures)
+    # The scheduler and nannies of an mlc.up cluster share the notebook's process and the
+    # ranks' cores: their system monitors slow down until the run ends.
+    restore = timers.quiet_local_cluster(client)
+    run.add_done_callback(lambda _run: restore())
     return run
 
 

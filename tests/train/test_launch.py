@@ -21,6 +21,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import api as clusters
+from jupyter_mlcloud.cluster.timers import RANK_WORKER as QUIET_TIMERS
 from tests.conftest import wait_for
 
 SCRIPT = textwrap.dedent(
@@ -255,7 +256,7 @@ def _timers(cluster: mlc.ClusterHandle) -> dict[str, dict[str, tuple[bool, float
     def probe(dask_worker: Any) -> dict[str, tuple[bool, float]]:
         return {name: (pc.is_running(), pc.callback_time)
                 for name, pc in dask_worker.periodic_callbacks.items()
-                if name in ("profile", "tick")}
+                if name in QUIET_TIMERS}
 
     return cluster.client.run(probe)
 
@@ -264,9 +265,9 @@ def test_a_rank_quiets_the_workers_timers_and_teardown_restores_them(
     cluster: mlc.ClusterHandle,
 ) -> None:
     before = _timers(cluster)
-    assert all(t["profile"][0] and t["tick"][0] for t in before.values()), before
+    assert all(t[name][0] for t in before.values() for name in QUIET_TIMERS), before
 
-    def fn(ctx: Any, fail: bool) -> tuple[bool, float]:
+    def fn(ctx: Any, fail: bool) -> dict[str, tuple[bool, float]]:
         import time
 
         from distributed import get_worker
@@ -277,10 +278,14 @@ def test_a_rank_quiets_the_workers_timers_and_teardown_restores_them(
             time.sleep(0.01)
         if fail:
             raise RuntimeError("failing after the timers were quiet")
-        return callbacks["profile"].is_running(), callbacks["tick"].callback_time
+        return {name: (pc.is_running(), pc.callback_time) for name, pc in callbacks.items()}
 
-    profiling, tick_ms = mlc.train(fn, False, cluster=cluster).result(timeout=120)
-    assert not profiling and tick_ms >= 500
+    during = mlc.train(fn, False, cluster=cluster).result(timeout=120)
+    for name, interval in QUIET_TIMERS.items():
+        if interval is None:
+            assert not during[name][0], name
+        else:
+            assert during[name][0] and during[name][1] >= interval * 1000, (name, during[name])
     wait_for(lambda: _timers(cluster) == before, timeout=30, what="the timers restored")
     with pytest.raises(mlc.TrainingError, match="failing after the timers were quiet"):
         mlc.train(fn, True, cluster=cluster).result(timeout=120)

@@ -26,11 +26,12 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...cluster import timers
 from ...telemetry import events
 from .. import checkpoint
 from ..options import StrategyOptions, parse_compression
@@ -182,47 +183,6 @@ class _LineSink:
         for stream, rest in self.partial.items():
             if rest:
                 self.batcher.add({"rank": self.rank, "stream": stream, "line": rest})
-
-
-# ---------------------------------------------------------------- the worker's own timers
-
-# The worker's event loop shares the GIL with the rank: each periodic callback it runs (an
-# asyncio task per run) takes the GIL from the training thread. While a rank runs, the
-# statistical profiler (100 samples a second, each walking the rank's stack) is stopped and
-# the loop-health tick (50 a second) slowed; heartbeats and the memory monitor are untouched.
-QUIET_TIMERS: dict[str, float | None] = {"profile": None, "tick": 0.5}  # None: stopped; s
-
-
-def _quiet_timers(worker: Any) -> Callable[[], None]:
-    """Stop or slow the worker's chattiest periodic callbacks; returns what restores them."""
-    from distributed.worker import WORKER_ANY_RUNNING
-
-    saved: dict[str, float] = {}  # name: its callback_time before
-
-    def quiet() -> None:  # on the event loop: PeriodicCallback is not thread-safe
-        for name, interval in QUIET_TIMERS.items():
-            pc = worker.periodic_callbacks.get(name)
-            if pc is None or not pc.is_running():
-                continue
-            saved[name] = pc.callback_time
-            if interval is None:
-                pc.stop()
-            else:
-                pc.callback_time = max(pc.callback_time, interval * 1000)
-
-    def restore() -> None:
-        for name, callback_time in saved.items():
-            pc = worker.periodic_callbacks.get(name)
-            if pc is None:
-                continue
-            pc.callback_time = callback_time
-            # A worker that is closing has stopped its callbacks for good.
-            if not pc.is_running() and worker.status in WORKER_ANY_RUNNING:
-                pc.start()
-        saved.clear()
-
-    worker.loop.add_callback(quiet)
-    return lambda: worker.loop.add_callback(restore)  # runs after quiet: callbacks are FIFO
 
 
 # ---------------------------------------------------------------- the rank
@@ -399,7 +359,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     # The newest commit's background copies must end before the weights change.
     settle_hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: ring.settle(spec.run_id))
-    restore_timers = _quiet_timers(worker)
+    restore_timers = timers.quiet(worker, timers.RANK_WORKER)
     try:
         from .context import TrainContext
 
