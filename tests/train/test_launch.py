@@ -413,3 +413,29 @@ def test_noblock_magic_returns_a_run_at_once(shell: InteractiveShell, tmp_path: 
     wait_for(lambda: shell.user_ns.get("seen") == [0, 1], what="--out names in the notebook")
     frame = run.metrics
     assert sorted(frame[frame["rank"] == 0]["epoch_seen"]) == [0.0, 1.0]
+
+
+def test_long_lived_objects_are_frozen_and_a_runs_cycles_still_collected(
+    cluster: mlc.ClusterHandle,
+) -> None:
+    def fn(ctx: Any) -> None:
+        import weakref
+
+        from distributed import get_worker
+
+        class Node:
+            pass
+
+        node = Node()
+        node.me = node  # type: ignore[attr-defined]  # a cycle: only the collector frees it
+        get_worker()._mlc_cycle = weakref.ref(node)  # type: ignore[attr-defined]
+
+    mlc.train(fn, cluster=cluster, track=False).result(timeout=120)
+
+    def probe(dask_worker: Any) -> tuple[int, bool]:
+        import gc
+
+        return gc.get_freeze_count(), dask_worker._mlc_cycle() is None
+
+    for frozen, collected in cluster.client.run(probe).values():
+        assert frozen > 10_000 and collected

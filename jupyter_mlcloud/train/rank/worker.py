@@ -188,6 +188,19 @@ class _LineSink:
 # ---------------------------------------------------------------- the rank
 
 
+_frozen = threading.Lock()  # held for good once this process froze its long-lived objects
+
+
+def _freeze_long_lived() -> None:
+    """Once per worker process: collect, then move every object alive now (Dask's, torch's
+    modules) out of the collector's sight. Each rank's teardown collects its own cycles (DDP
+    reducers); without this, that collection walked ~225,000 objects: 0.14 s of every run,
+    most of a one-second trial's overhead in a study."""
+    if _frozen.acquire(blocking=False):
+        gc.collect()
+        gc.freeze()
+
+
 @contextlib.contextmanager
 def _scoped_env(values: dict[str, str]) -> Iterator[None]:
     """Set ``values`` in the environment while the rank runs; the warm worker gets its own back."""
@@ -334,6 +347,7 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     from ..strategies import make_strategy  # imports torch: only on the worker
 
     worker = get_worker()
+    _freeze_long_lived()
     active = cancel.begin(spec.run_id, spec.rank, spec.attempt, worker.address)
     ring.open_ring(spec.run_id, spec.attempt, ring.Config(
         buddy=spec.buddy, send_state=spec.send_state, checkpoint_url=spec.checkpoint_url,
