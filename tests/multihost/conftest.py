@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,28 +36,74 @@ class DaskHosts:
         return "\n".join(f"--- {log.name}\n{log.read_text()[-chars:]}" for log in self.logs)
 
 
-def start_dask(network: netns.Network, logs: Path, timeout: float = 60.0) -> DaskHosts:
-    """Start the scheduler on ``network.hosts[0]`` and a worker on each other host; return
-    once the scheduler accepts connections (the workers join on their own, see
-    ``Client.wait_for_workers``). They stop with the network."""
+def _env() -> dict[str, str]:
     path = [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]  # this checkout first
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
+
+
+def start_dask(network: netns.Network, logs: Path, timeout: float = 60.0, *,
+               workers: int | None = None, tls_args: Sequence[str] = ()) -> DaskHosts:
+    """Start the scheduler on ``network.hosts[0]`` and a worker on each other host (the first
+    ``workers`` of them, when given); return once the scheduler accepts connections (the
+    workers join on their own, see ``Client.wait_for_workers``). They stop with the network.
+
+    ``tls_args`` (``--tls-ca-file F --tls-cert F --tls-key F``) makes every listener TLS."""
     head, *others = network.hosts
     scheduler_log = logs / "scheduler.log"
+    protocol = ["--protocol", "tls"] if tls_args else []
     scheduler = network.start(head, dask_command(
         "scheduler", "--host", head.address, "--port", str(SCHEDULER_PORT), "--no-dashboard",
-        "--no-show"), log=scheduler_log, env=env)
+        "--no-show", *protocol, *tls_args), log=scheduler_log, env=_env())
     netns.wait_for_port(head.address, SCHEDULER_PORT, timeout, watch=[scheduler],
                         log=scheduler_log)
-    address = f"tcp://{head.address}:{SCHEDULER_PORT}"
-    worker_logs = []
-    for host in others:
-        log = logs / f"worker-{host.address}.log"
-        network.start(host, dask_command(
-            "worker", address, "--host", host.address, "--nthreads", "1", "--nworkers", "1",
-            "--no-dashboard", "--name", host.address, "--death-timeout", "120"), log=log, env=env)
-        worker_logs.append(log)
-    return DaskHosts(network, address, others, [scheduler_log, *worker_logs])
+    address = f"{'tls' if tls_args else 'tcp'}://{head.address}:{SCHEDULER_PORT}"
+    hosts = others if workers is None else others[:workers]
+    worker_logs = [start_worker(network, host, address, logs, tls_args) for host in hosts]
+    return DaskHosts(network, address, hosts, [scheduler_log, *worker_logs])
+
+
+def start_worker(network: netns.Network, host: netns.Host, address: str, logs: Path,
+                 tls_args: Sequence[str] = ()) -> Path:
+    """Start one worker process on ``host`` for the scheduler at ``address``; its log."""
+    log = logs / f"worker-{host.address}.log"
+    network.start(host, dask_command(
+        "worker", address, "--host", host.address, "--nthreads", "1", "--nworkers", "1",
+        "--no-dashboard", "--name", host.address, "--death-timeout", "120", *tls_args),
+        log=log, env=_env())
+    return log
+
+
+class NamespaceCluster:
+    """A cluster class for ``mlcloud.cluster.factory``: the scheduler on the network's first
+    host at once, and ``scale(n)`` starts workers on the next ``n`` hosts (never fewer: a
+    worker once started stays until ``close``). Dask config may hold the live ``network``."""
+
+    def __init__(self, *, network: netns.Network, logs: str | Path,
+                 tls_args: Sequence[str] = ()) -> None:
+        from distributed.core import Status
+
+        self._tls_args = list(tls_args)
+        self.hosts = start_dask(network, Path(logs), workers=0, tls_args=self._tls_args)
+        self.scheduler_address = self.hosts.address
+        self.dashboard_link = ""
+        self.status = Status.running
+
+    def scale(self, n: int) -> None:
+        """Start workers until ``n`` run (at most one per spare host)."""
+        head, *others = self.hosts.network.hosts
+        if n > len(others):
+            raise ValueError(f"scale({n}): this network has room for {len(others)} workers.")
+        for host in others[len(self.hosts.workers):n]:
+            self.hosts.logs.append(start_worker(self.hosts.network, host, self.hosts.address,
+                                                self.hosts.logs[0].parent, self._tls_args))
+            self.hosts.workers.append(host)
+
+    def close(self) -> None:
+        """Stop every process started on the network (this cluster's, and any others')."""
+        from distributed.core import Status
+
+        self.hosts.network.stop()
+        self.status = Status.closed
 
 
 @pytest.fixture
