@@ -262,7 +262,7 @@ class _Loop:
         self.ended_here += 1
         self._note_failure(frozen, error)
         if self.record is not None:
-            self.record.tag_trial(run, trial.number, frozen.state.name)
+            self.record.tag_trial(run, trial.number, frozen.state.name, frozen.value)
             self.record.trial_ended(self._counts(), self._best())
         self._show(frozen)
 

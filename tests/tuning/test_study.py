@@ -91,6 +91,18 @@ def test_best_params_of_a_toy_problem_with_each_trial_a_child_run(
         assert child.data.tags["mlcloud.trial_state"] == "COMPLETE"
         assert child.data.metrics["loss"] == pytest.approx(trial.value)
 
+    # The sidebar's listing reads back what tune wrote.
+    from jupyter_mlcloud.tuning import record
+
+    [listed] = record.studies()
+    assert (listed["mlflow_run_id"], listed["state"]) == (parent_id, "finished")
+    assert listed["counts"] == {"complete": 5, "pruned": 0, "failed": 0, "running": 0}
+    assert listed["best_value"] == pytest.approx(1 / 3)
+    trials = record.study(parent_id)["trials"]
+    assert [(t["number"], t["params"], t["state"]) for t in trials] == [
+        (t.number, {"x": str(t.params["x"])}, "complete") for t in study.trials]
+    assert [t["value"] for t in trials] == [pytest.approx(t.value) for t in study.trials]
+
 
 def test_a_pruned_trial_is_cancelled_and_its_worker_takes_the_next(cluster: Any,
                                                                     tmp_path: Path) -> None:
