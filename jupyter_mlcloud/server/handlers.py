@@ -338,6 +338,64 @@ class EndpointStatsHandler(_EndpointHandler):
         await self.answer(_board(self).stats(cluster, name))
 
 
+class _StoreHandler(_Handler):
+    """Answers a listing read from the MLflow store in force (MLflow is imported by the first
+    request, never when the extension loads): a malformed value of the request is a 400, an
+    unknown one a 404, a store that does not answer a 503, each with one sentence."""
+
+    async def answer(self, fn: Any, *args: Any) -> None:
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        except ValueError as e:
+            return self.refuse(400, str(e))
+        except LookupError as e:
+            return self.refuse(404, str(e))
+        except Exception as e:  # noqa: BLE001 - MLflow's own errors carry a message
+            message = _first_line(getattr(e, "message", None) or str(e) or type(e).__name__)
+            return self.refuse(503, f"the MLflow store did not answer: {message}")
+        self.finish(json.dumps(found))
+
+    def count_argument(self, name: str, default: int) -> int | None:
+        """The query argument ``name`` as a whole number from 1 to 100 (None: refused)."""
+        text = self.get_argument(name, str(default))
+        if not text.isdigit() or not 1 <= int(text) <= 100:
+            self.refuse(400, f"{name} must be a whole number from 1 to 100, got {text!r}.")
+            return None
+        return int(text)
+
+
+def _studies(max_studies: int) -> dict[str, Any]:
+    from ..tuning import record
+
+    return {"studies": record.studies(max_studies)}
+
+
+def _study(run_id: str) -> dict[str, Any]:
+    from ..tuning import record
+
+    return record.study(run_id)
+
+
+class StudiesHandler(_StoreHandler):
+    """``GET /mlcloud/studies[?max=N]``: the newest tuning studies of the tracking store, with
+    their trials counted by state, the best value so far, direction, metric and cost."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        limit = self.count_argument("max", 20)
+        if limit is not None:
+            await self.answer(_studies, limit)
+
+
+class StudyHandler(_StoreHandler):
+    """``GET /mlcloud/studies/<mlflow-run-id>``: one study as listed, with its trials (MLflow
+    and training run ids, params, value, state)."""
+
+    @tornado.web.authenticated
+    async def get(self, run_id: str) -> None:
+        await self.answer(_study, run_id)
+
+
 def _board(handler: Any) -> board.Board:
     return handler.settings[ENDPOINTS_KEY]  # type: ignore[no-any-return]
 
@@ -369,6 +427,8 @@ def route_table(base_url: str) -> list[tuple[Any, ...]]:
         (url_path_join(root, "models", part, "aliases", part), ModelAliasHandler),
         (url_path_join(root, "events"), EventsHandler),
         (url_path_join(root, "runs", r"([0-9a-f]{1,32})", "metrics"), RunMetricsHandler),
+        (url_path_join(root, "studies"), StudiesHandler),
+        (url_path_join(root, "studies", part), StudyHandler),
         (url_path_join(root, "endpoints"), EndpointsHandler),
         (url_path_join(endpoint, "scale"), EndpointScaleHandler),
         (url_path_join(endpoint, "promote"), EndpointActionHandler, {"action": "promote"}),
