@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from tests.conftest import SHARED, ModuleCluster
 
 from . import netns
 
@@ -120,3 +125,116 @@ def network() -> Iterator[netns.Network]:
 @pytest.fixture
 def dask_hosts(network: netns.Network, tmp_path: Path) -> DaskHosts:
     return start_dask(network, tmp_path)
+
+
+# ---------------------------------------------------------------- one cluster for the package
+
+# A worker cut off the network is noticed by the scheduler's heartbeat check (worker-ttl; Dask's
+# default is 5 minutes) and removed once its nanny cannot be reached either (the connect timeout).
+FAULT_TIMEOUTS = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "5s",
+                  "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "5s"}
+WHOLE_S = 90.0  # a nanny restarting its worker on a loaded 2-core machine
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """``os.environ`` holds ``values`` inside the block (processes started there inherit
+    them); each variable is restored on the way out."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def runtime_dir(path: Path) -> contextlib.AbstractContextManager[None]:
+    """``JUPYTER_RUNTIME_DIR`` is ``path`` inside the block: discovery files of clusters that
+    outlive one test go there, never to the user's runtime dir."""
+    return environ({"JUPYTER_RUNTIME_DIR": str(path)})
+
+
+@dataclass
+class SharedHosts:
+    """The namespace cluster the package's tests share, and this process's handle on it."""
+
+    dask: DaskHosts
+    handle: Any  # a jupyter_mlcloud ClusterHandle attached by address
+
+    def worker_count(self) -> int:
+        """How many workers the scheduler has now."""
+        from jupyter_mlcloud.cluster import info
+
+        return len(info.workers(self.handle.client))
+
+    def whole(self, timeout: float = WHOLE_S) -> Any:
+        """The handle, once every host's worker is in the cluster; fail with the logs if not."""
+        deadline = time.monotonic() + timeout
+        while self.worker_count() < len(self.dask.workers):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{self.worker_count()} of {len(self.dask.workers)} workers after"
+                            f" {timeout:g} s\n{self.dask.log_tails()}")
+            time.sleep(0.1)
+        return self.handle
+
+    def worker_on(self, host: netns.Host) -> str:
+        """The address of the worker listening on ``host`` (fails if there is none)."""
+        from jupyter_mlcloud.cluster import info
+
+        found = [w for w in info.workers(self.handle.client)
+                 if w.split("//")[-1].rsplit(":", 1)[0] == host.address]
+        assert len(found) == 1, (host.address, found)
+        return found[0]
+
+
+@pytest.fixture(scope="package")
+def shared_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedHosts]:
+    """Three hosts (a scheduler, two workers) started once for every test that can share them;
+    tests that break a worker wait, before they end, until it is back (``whole``)."""
+    import jupyter_mlcloud as mlc
+
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    netns.remove_stale()
+    logs = tmp_path_factory.mktemp("shared-hosts")
+    runtime = tmp_path_factory.mktemp("shared-hosts-runtime")
+    with netns.hosts(3) as network:
+        with environ(FAULT_TIMEOUTS):  # the scheduler's (and workers') Dask config
+            dask_hosts = start_dask(network, logs)
+        with runtime_dir(runtime):
+            handle = mlc.connect(dask_hosts.address, name="netns-shared", timeout=60)
+        SHARED.add(handle)
+        try:
+            shared = SharedHosts(dask_hosts, handle)
+            shared.whole()
+            yield shared
+        finally:
+            SHARED.discard(handle)
+            with runtime_dir(runtime):
+                handle.close()
+
+
+@pytest.fixture
+def across(shared_hosts: SharedHosts) -> SharedHosts:
+    """The shared namespace cluster with both workers in it, at the start of each test."""
+    shared_hosts.whole()
+    return shared_hosts
+
+
+@pytest.fixture(scope="package")
+def one_host_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleCluster]:
+    """Two workers of one LocalCluster: the one-host run that runs across hosts must equal."""
+    box = ModuleCluster("one-host-reference", 2, {}, tmp_path_factory.mktemp("one-host"))
+    yield box
+    box.close()
+
+
+@pytest.fixture
+def one_host(one_host_cluster: ModuleCluster) -> Any:
+    """The one-host cluster with both workers up."""
+    return one_host_cluster.whole()
