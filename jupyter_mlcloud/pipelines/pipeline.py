@@ -1,10 +1,11 @@
 """A pipeline's definition: its steps and the graph their named inputs and outputs make.
 
-A step is a function. Its parameters are bound by name when it runs: an input gets the
-upstream output's value (for a file output, its final path or URL), a param its value, a file
-output the temporary path to write to (moved into place only if the step succeeds), and
-``cluster`` the cluster the pipeline runs with. Outputs declared without a location are what
-the step returns: a dict by output name, or the bare value of a single output.
+A step is a function, or a notebook (:mod:`.notebook`). Its parameters are bound by name when
+it runs: an input gets the upstream output's value (for a file output, its final path or URL),
+a param its value, a file output the temporary path to write to (moved into place only if the
+step succeeds), and ``cluster`` the cluster the pipeline runs with. Outputs declared without a
+location are what the step returns: a dict by output name, or the bare value of a single
+output.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .notebook import NotebookStep
 
 if TYPE_CHECKING:
     from .runner import PipelineResult
@@ -134,7 +137,8 @@ class Pipeline:
         self.sources[name] = os.fspath(location)
         return name
 
-    def step(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+    def step(self, fn: Callable[..., Any] | str | os.PathLike[str] | None = None, *,
+             name: str | None = None,
              inputs: Sequence[str] | Mapping[str, str] | None = None,
              params: Mapping[str, Any] | None = None,
              outputs: Sequence[str] | Mapping[str, str | None] | None = None,
@@ -148,6 +152,12 @@ class Pipeline:
         name -> path or fsspec URL for files the step writes (None: returned). ``when``: a
         condition called with upstream outputs (by parameter name) and this step's params; a
         false answer skips the step and its dependants. Returns the function unchanged.
+
+        ``fn`` may be the path of a notebook instead (``pipe.step("prepare.ipynb",
+        outputs={"data": "work/data.npz"})``, relative to the pipeline's root): it runs in a
+        kernel of its own with its inputs, params and file outputs set after its cell tagged
+        ``parameters`` (see :mod:`.notebook`); its step is named after the file unless
+        ``name=`` says otherwise. Returns the notebook step.
         """
         def add(function: Callable[..., Any]) -> Callable[..., Any]:
             self._add(function, name=name, inputs=inputs, params=params, outputs=outputs,
@@ -156,6 +166,8 @@ class Pipeline:
 
         if fn is None:
             return add
+        if isinstance(fn, (str, os.PathLike)):
+            return add(NotebookStep(fn, root=self.root))
         if not callable(fn):
             raise ValueError(f"a step must be a function, got {fn!r}.")
         return add(fn)
@@ -166,6 +178,8 @@ class Pipeline:
         files, returns = _outputs(outputs)
         step = Step(step_name, fn, _names("inputs", inputs),
                     _check_params(step_name, params or {}), files, returns, when)
+        if isinstance(fn, NotebookStep):
+            fn.check(step, self.name)
         names, var_kw, required = _bindable(fn)
         given = set(step.inputs) | set(step.params) | set(step.files) | set(RESERVED)
         clash = set(step.inputs) & (set(step.params) | set(step.files))

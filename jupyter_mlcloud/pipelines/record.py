@@ -1,10 +1,13 @@
 """A pipeline run in MLflow: one parent run, a child run per step, and the cache in their tags.
 
-Each step's child carries ``mlcloud.cache_key`` and ``mlcloud.outputs`` (JSON: every output's
-value and digest); a step that ran to the end is tagged ``mlcloud.step_state=done``. A later
-run looks its key up among those children: that is the whole cache, beside the run records.
-Writes are synchronous (a handful per step): the cache lookup must see what the last step
-wrote. When the store does not answer, the pipeline runs with nothing cached and warns once.
+A step that runs gets its child before it is called (:meth:`PipelineRecord.open_step`), so the
+runs it starts can be that child's children; cached, skipped and not-run steps get theirs when
+they are recorded. Each step's child carries ``mlcloud.cache_key`` and ``mlcloud.outputs``
+(JSON: every output's value and digest); a step that ran to the end is tagged
+``mlcloud.step_state=done``. A later run looks its key up among those children: that is the
+whole cache, beside the run records. Writes are synchronous (a handful per step): the cache
+lookup must see what the last step wrote. When the store does not answer, the pipeline runs
+with nothing cached and warns once.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..lazy import LazyModule
-from ..tracking import store
+from ..tracking import context, store
 from ..tracking.recorder import TrackingWarning, param_value, source_tags
 
 entities = LazyModule("mlflow.entities")
 _log = logging.getLogger(__name__)
 MAX_TAG = 8000  # MLflow's limit on a tag value
+CREATED_WAIT_S = 10.0  # how long a step's end waits for the MLflow runs it started to exist
 #: A step's state -> the MLflow status of its child run.
 STATUS = {"done": "FINISHED", "cached": "FINISHED", "skipped": "FINISHED",
           "not-run": "KILLED", "failed": "FAILED"}
@@ -83,10 +87,50 @@ class PipelineRecord:
             return None
         return {"run_id": run.info.run_id, "outputs": outputs}
 
+    def _step_tags(self, step: str) -> dict[str, str]:
+        assert self.run_id is not None
+        return {"mlflow.parentRunId": self.run_id, "mlcloud.kind": "pipeline-step",
+                "mlcloud.pipeline": self.pipeline, "mlcloud.step": step}
+
+    def open_step(self, step: str, started: float) -> str | None:
+        """Create the child run of a step about to run (RUNNING until :meth:`step`)."""
+        if self.run_id is None:
+            return None
+        try:
+            run = self._client.create_run(self.experiment_id, run_name=step,
+                                          start_time=int(started * 1000),
+                                          tags=self._step_tags(step))
+            return str(run.info.run_id)
+        except Exception as e:  # noqa: BLE001
+            self._warn(f"MLflow refused the record of step {step!r} ({e}).")
+            return None
+
+    def started_in(self, step: context.StepContext) -> list[str]:
+        """The MLflow runs started while ``step`` ran: those noted in this process, and the
+        children of its run made elsewhere (a notebook step's kernel)."""
+        found: list[str] = []
+        for run in step.started:
+            run_id = run if isinstance(run, str) else run.created(CREATED_WAIT_S)
+            if run_id and run_id not in found:
+                found.append(str(run_id))
+        if step.step_run is not None:
+            try:
+                children = self._client.search_runs(
+                    [self.experiment_id], f"tags.`mlflow.parentRunId` = '{step.step_run}'",
+                    order_by=["attributes.start_time ASC"])
+                found += [str(r.info.run_id) for r in children
+                          if str(r.info.run_id) not in found]
+            except Exception as e:  # noqa: BLE001
+                self._warn(f"the runs of step {step.step!r} could not be listed ({e}).")
+        return found
+
     def step(self, step: str, *, state: str, key: str | None, params: Mapping[str, Any],
              outputs: Mapping[str, Any], duration: float, started: float,
-             error: str | None = None, cached_from: str | None = None) -> str | None:
-        """Record a step as a child run of the pipeline's run; returns its run id."""
+             error: str | None = None, cached_from: str | None = None,
+             run_id: str | None = None, runs: list[str] | None = None) -> str | None:
+        """Record a step as a child run of the pipeline's run (``run_id``: the one
+        :meth:`open_step` made for it); returns its run id. ``runs``: the MLflow runs the
+        step started."""
         if self.run_id is None:
             return None
         text = json.dumps(outputs, sort_keys=True, default=str)
@@ -94,20 +138,24 @@ class PipelineRecord:
             text, state_tag = "{}", ("done-uncacheable" if state == "done" else state)
         else:
             state_tag = state
-        tags = {"mlflow.parentRunId": self.run_id, "mlcloud.kind": "pipeline-step",
-                "mlcloud.pipeline": self.pipeline, "mlcloud.step": step,
+        tags = {**self._step_tags(step),
                 "mlcloud.step_state": state_tag, "mlcloud.outputs": text,
                 "mlcloud.cache_key": key, "mlcloud.cached_from": cached_from,
-                "mlcloud.error": error[-MAX_TAG:] if error else None}
+                "mlcloud.error": error[-MAX_TAG:] if error else None,
+                "mlcloud.step_runs": json.dumps(runs)[:MAX_TAG] if runs else None}
+        tags = {k: v for k, v in tags.items() if v is not None}
         try:
-            run = self._client.create_run(
-                self.experiment_id, run_name=step, start_time=int(started * 1000),
-                tags={k: v for k, v in tags.items() if v is not None})
-            child = str(run.info.run_id)
-            # One batch for the params and the duration: each write is a commit of the store.
+            if run_id is None:
+                child = str(self._client.create_run(
+                    self.experiment_id, run_name=step, start_time=int(started * 1000),
+                    tags=tags).info.run_id)
+                late = []
+            else:  # opened before the step ran: its tags now, in the batch below
+                child, late = run_id, [entities.RunTag(k, v) for k, v in tags.items()]
+            # One batch for the params, the duration and the tags: each write is a commit.
             values = [entities.Param(k, param_value(v)) for k, v in params.items()
                       if v is not None]
-            self._client.log_batch(child, params=values[:100], metrics=[
+            self._client.log_batch(child, params=values[:100], tags=late, metrics=[
                 entities.Metric("duration_s", float(duration), int(time.time() * 1000), 0)])
             for i in range(100, len(values), 100):  # at most 100 params per batch
                 self._client.log_batch(child, params=values[i:i + 100])

@@ -11,6 +11,10 @@ there and unchanged is not called: its recorded outputs are reused. A step that 
 ``failed``; its dependants are ``not-run``, and every step that finished keeps its outputs and
 record, so the next run redoes only what failed. A false ``when=`` condition makes the step
 ``skipped``, and its dependants too.
+
+While a step runs, runs it starts with ``mlc.train``, ``mlc.tune`` or ``mlc.score`` (in this
+process, or in a notebook step's kernel) are children of the step's MLflow run
+(:mod:`..tracking.context`), and the step's record lists them (``mlcloud.step_runs``).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..tracking import context
 from . import artifacts, cache
+from .notebook import STATE_DIR, NotebookFailed, NotebookStep
 from .pipeline import RESERVED, Pipeline, Step
 from .record import PipelineRecord
 
 STATES = ("done", "cached", "failed", "skipped", "not-run")
-LOCK_DIR = ".mlcloud-pipelines"
+LOCK_DIR = STATE_DIR
 
 
 class PipelineBusy(RuntimeError):
@@ -53,6 +59,7 @@ class StepResult:
     cache_key: str | None = None
     cached_from: str | None = None  # the MLflow run of the step whose outputs were reused
     mlflow_run_id: str | None = None
+    runs: list[str] = field(default_factory=list)  # MLflow runs started while the step ran
 
 
 @dataclass(repr=False)
@@ -208,11 +215,13 @@ class _Runner:
         return None
 
     def run_step(self, step: Step) -> StepResult:
+        started = time.time()
         t0 = time.perf_counter()
         params = self.params[step.name]
         files = {k: artifacts.resolve(v, self.pipeline.root) for k, v in step.files.items()}
         key = None
         temporary: dict[str, str] = {}
+        opened: tuple[str | None, list[str]] = (None, [])  # the step's MLflow run, its runs
         try:
             result = self.blocked(step)
             if result is not None:
@@ -223,7 +232,9 @@ class _Runner:
                 if not step.when(**_bind(step.when, bound)):
                     return StepResult(step.name, "skipped", time.perf_counter() - t0,
                                       reason="when= was false")
-            key = cache.cache_key(cache.code_hash(step.fn), params,
+            code = (step.fn.code_hash() if isinstance(step.fn, NotebookStep)
+                    else cache.code_hash(step.fn))
+            key = cache.cache_key(code, params,
                                   {ref: self.digests.get(ref) for ref in step.upstream()}, files)
             if step.name not in self.forced:
                 reused = self.reuse(step, key, files)
@@ -231,8 +242,15 @@ class _Runner:
                     reused.duration = time.perf_counter() - t0
                     return reused
             temporary = {k: artifacts.staging(v) for k, v in files.items()}
-            returned = step.fn(**_bind(step.fn, {**inputs, **params, **temporary,
-                                                 RESERVED[0]: self.cluster}))
+            assert self.record is not None
+            here = context.StepContext(self.pipeline.name, step.name, self.record.run_id,
+                                       self.record.open_step(step.name, started))
+            try:
+                with context.in_step(here):
+                    returned = step.fn(**_bind(step.fn, {**inputs, **params, **temporary,
+                                                         RESERVED[0]: self.cluster}))
+            finally:
+                opened = (here.step_run, self.record.started_in(here))
             outputs = self.collect(step, returned)
             for name, tmp in temporary.items():
                 if not artifacts.written(tmp):
@@ -244,11 +262,16 @@ class _Runner:
             temporary = {}
             self.take(outputs)
             return StepResult(step.name, "done", time.perf_counter() - t0,
-                              {k: v["value"] for k, v in outputs.items()}, cache_key=key)
+                              {k: v["value"] for k, v in outputs.items()}, cache_key=key,
+                              mlflow_run_id=opened[0], runs=opened[1])
         except Exception as e:  # noqa: BLE001 - the step's own error, kept in its result
-            last = (traceback.format_exception_only(type(e), e)[-1]).strip()
+            last = (str(e) if isinstance(e, NotebookFailed)  # a sentence of its own
+                    else traceback.format_exception_only(type(e), e)[-1].strip())
+            # A notebook's error is its cell's traceback, not the runner's frames.
+            error = getattr(e, "details", None) or traceback.format_exc()
             return StepResult(step.name, "failed", time.perf_counter() - t0, reason=last,
-                              error=traceback.format_exc(), cache_key=key)
+                              error=error, cache_key=key, mlflow_run_id=opened[0],
+                              runs=opened[1])
         finally:
             for tmp in temporary.values():  # failed or interrupted: nothing half-written stays
                 with contextlib.suppress(OSError):
@@ -345,7 +368,8 @@ def run(pipeline: Pipeline, *, cluster: Any = None, force: bool | Sequence[str] 
                     started=started,
                     outputs={k: {"value": v, "digest": runner.digests.get(k)}
                              for k, v in result.outputs.items()},
-                    error=result.error, cached_from=result.cached_from)
+                    error=result.error, cached_from=result.cached_from,
+                    run_id=result.mlflow_run_id, runs=result.runs)
                 runner.results[step.name] = result
             status = "FINISHED" if all(r.state not in ("failed", "not-run")
                                        for r in runner.results.values()) else "FAILED"

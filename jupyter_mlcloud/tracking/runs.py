@@ -22,7 +22,7 @@ import numpy as np
 from ..cluster import info as cluster_info
 from ..lazy import LazyModule
 from ..telemetry import events
-from . import store
+from . import context, store
 from .recorder import Point, Recorder
 
 mlflow_pytorch = LazyModule("mlflow.pytorch")
@@ -171,11 +171,12 @@ class TrainingRecord:
         self.example: Any = None
         self.model_uri: str | None = None  # the logged model, once the run finished
         tags = {"mlcloud.run_id": run.id, "mlcloud.kind": "train", "mlcloud.cluster": cluster,
-                "mlcloud.cluster_kind": cluster_kind}
+                "mlcloud.cluster_kind": cluster_kind, **context.run_tags()}
         self.recorder = Recorder(
             f"train-{run.id}", params=params, tags=tags,
             sample=_system_sampler(run),
             on_created=self._announce)
+        context.started(self.recorder)
         run.add_listener(self._on_items)
         run.add_done_callback(self._on_done)
 
@@ -243,8 +244,9 @@ def track_training(run: Any, options: Mapping[str, Any], config: Mapping[str, An
 def record_scoring(params: Mapping[str, Any], summary: Mapping[str, Any] | None,
                    status: str) -> Recorder:
     """Record a finished (or failed) scoring job: its options, and its summary as metrics."""
-    tags = {"mlcloud.kind": "score"}
+    tags = {"mlcloud.kind": "score", **context.run_tags()}
     recorder = Recorder(f"score-{time.strftime('%Y%m%d-%H%M%S')}", params=params, tags=tags)
+    context.started(recorder)
     now = int(time.time() * 1000)
     recorder.log_metrics([(k, float(v), 0, now) for k, v in (summary or {}).items()
                           if isinstance(v, (int, float)) and not isinstance(v, bool)])
