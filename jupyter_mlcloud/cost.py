@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,18 @@ def price_of(kind: str, prices: Mapping[str, float]) -> float | None:
     return lowered[max(parts, key=len)] if parts else None
 
 
+def held_cost(held: Iterable[tuple[str, float]], prices: Mapping[str, float]) -> Cost:
+    """What workers cost, given as (kind, seconds held) pairs, priced by ``prices`` (None
+    without a price table)."""
+    worker_s = gpu_s = priced = 0.0
+    for kind, seconds in held:
+        worker_s += seconds
+        if kind not in (cpu_kind(), CPU_KIND):
+            gpu_s += seconds
+        priced += seconds * (price_of(kind, prices) or 0.0) / 3600.0 if prices else 0.0
+    return Cost(worker_s, gpu_s, priced if prices else None)
+
+
 class Meter:
     """Spans of held workers, measured live; thread-safe. ``open`` a span when a set of workers
     starts working, ``close`` it when they stop; ``cost()`` adds the open span up to now."""
@@ -198,11 +210,7 @@ class Meter:
     def _span(self, span: tuple[float, list[str]], until: float) -> Cost:
         start, kinds = span
         seconds = max(0.0, until - start)
-        gpus = sum(1 for k in kinds if k != cpu_kind() and k != CPU_KIND)
-        cost = None
-        if self.prices:
-            cost = sum(seconds * (price_of(k, self.prices) or 0.0) / 3600.0 for k in kinds)
-        return Cost(seconds * len(kinds), seconds * gpus, cost)
+        return held_cost([(k, seconds) for k in kinds], self.prices)
 
     def cost(self) -> Cost:
         with self._lock:

@@ -28,7 +28,7 @@ import numpy as np
 from ..cluster import api as clusters
 from ..monitoring.reference import Reference
 from ..scoring.model import ModelBlob
-from . import control, launch
+from . import control, launch, usage
 from . import router as router_side
 from .batching import BatchOptions
 from .protocol import DATATYPES, HEADER_LENGTH
@@ -126,6 +126,14 @@ class Endpoint:
         return (bounds["min"], bounds["max"]) if bounds else None
 
     @property
+    def cost(self) -> Any:
+        """What the endpoint's replicas have held so far (a :class:`~jupyter_mlcloud.cost.Cost`:
+        ``worker_seconds``, ``gpu_seconds`` and, with ``mlcloud.cost.prices``, ``cost``):
+        every replica counts from its start to its stop, whatever stopped it."""
+        self._refresh_quietly()
+        return usage.cost(self._desc)
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` ran here."""
         return self._closed
@@ -220,6 +228,7 @@ class Endpoint:
             values.pop("kind", None)
             versions[number].update(values)
         figures["versions"] = versions
+        figures["cost"] = usage.cost(self._desc).as_dict()
         return figures
 
     # ----------------------------------------------------------------- watching it

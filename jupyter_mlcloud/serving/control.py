@@ -27,8 +27,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..cluster import info as cluster_info
+from ..cost import cpu_kind, worker_kind
 from . import host as worker_side
-from . import launch
+from . import launch, usage
 from . import router as router_side
 
 PREFIX = "mlcloud-endpoint-"
@@ -125,9 +127,11 @@ def editing(client: Any, name: str, endpoint_id: str | None = None
         state = read(client, name)
         if endpoint_id is not None and state["id"] != endpoint_id:
             raise LookupError(f"endpoint {name!r} was replaced by another.")
+        before = {r["id"]: dict(r) for r in all_replicas(state)}
         try:
             yield state
         finally:
+            usage.settle(before, state)  # the seconds of the replicas this edit stopped
             if state.get("closed"):
                 unpublish(client, name)
             else:
@@ -207,6 +211,10 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
     sample = reference(client, state["name"]) if monitor else None
     window = WindowOptions(**monitor["window"]) if monitor else WindowOptions()
     started = []
+    try:
+        kinds = {w: worker_kind(i) for w, i in cluster_info.workers(client).items()}
+    except Exception:  # the cost only: a replica starts without it
+        kinds = {}
     for _ in range(n):
         alive = workers(client)
         if not alive:
@@ -227,6 +235,7 @@ def start_replicas(client: Any, state: dict[str, Any], version: dict[str, Any], 
         replica.tls.remove()  # this client's copy: clients verify with the endpoint's PEM
         state["inputs"] = replica.inputs
         entry = {"id": replica.id, "worker": replica.worker, "url": replica.url}
+        usage.started(entry, kinds.get(replica.worker, cpu_kind()))
         version["replicas"].append(entry)
         started.append(entry)
     return started
