@@ -371,3 +371,58 @@ export async function promoteEndpoint(cluster: string, name: string): Promise<IE
 export async function rollbackEndpoint(cluster: string, name: string): Promise<IEndpoint> {
   return requestAPI<IEndpoint>(endpointPath(cluster, name, 'rollback'), jsonRequest('POST', {}));
 }
+
+/** A tuning study as the server lists it (see jupyter_mlcloud.tuning.record.studies). */
+export interface IStudy {
+  name: string;
+  mlflow_run_id: string;
+  experiment_id: string;
+  /** running, finished, failed or killed (its MLflow run's status). */
+  state: string;
+  direction: string;
+  metric: string;
+  n_trials: number | null;
+  counts: { complete: number; pruned: number; failed: number; running: number };
+  best_value: number | null;
+  best_trial: string | null;
+  cost: number | null;
+  worker_seconds: number | null;
+  started: number;
+  ended: number | null;
+}
+
+/** One trial of a study (see jupyter_mlcloud.tuning.record.study). */
+export interface ITrial {
+  number: number;
+  mlflow_run_id: string;
+  /** The training run's id (what loss panels show), when it was tracked. */
+  run_id: string | null;
+  /** complete, pruned, failed or running. */
+  state: string;
+  value: number | null;
+  params: { [name: string]: string };
+}
+
+/** A study with its trials, by number. */
+export interface IStudyDetail extends IStudy {
+  space: string[];
+  trials: ITrial[];
+}
+
+/** The newest tuning studies of the tracking store. */
+export async function listStudies(): Promise<IStudy[]> {
+  const body = await requestAPI<{ studies?: IStudy[] }>('studies');
+  if (!body || !Array.isArray(body.studies)) {
+    throw new APIError('the server answered without a study list');
+  }
+  return body.studies;
+}
+
+/** One study, by its MLflow run id, with its trials. */
+export async function getStudy(runId: string): Promise<IStudyDetail> {
+  const body = await requestAPI<IStudyDetail>(`studies/${encodeURIComponent(runId)}`);
+  if (!body || !Array.isArray(body.trials)) {
+    throw new APIError('the server answered without the study’s trials');
+  }
+  return body;
+}

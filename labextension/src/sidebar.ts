@@ -10,12 +10,15 @@ import {
   IModelVersion,
   IRun,
   IStartOptions,
+  IStudy,
   adaptCluster,
   errorText,
+  getStudy,
   listClusters,
   listEndpoints,
   listModels,
   listRuns,
+  listStudies,
   mlflowRunUrl,
   mlflowUrl,
   mlflowVersionUrl,
@@ -48,6 +51,9 @@ export const EMPTY_MESSAGE = 'No clusters yet. Start one in a notebook with %mlc
 export const NO_RUNS_MESSAGE = 'No runs yet. Train with %%distributed_train';
 export const NO_MODELS_MESSAGE = 'No registered models yet. Register one with mlc.register';
 export const NO_ENDPOINTS_MESSAGE = 'No endpoints yet. Serve a model with mlc.serve';
+export const NO_STUDIES_MESSAGE = 'No tuning studies yet. Tune with mlc.tune or %%tune';
+/** How often studies and pipelines are read from the tracking store while the panel is shown. */
+export const STORE_REFRESH_MS = 5000;
 
 const GIB = 2 ** 30;
 
@@ -153,6 +159,24 @@ function formatEndpointFigures(figures: {
   ].join(' · ');
 }
 
+/** "3 complete · 1 pruned · 0 failed · 1 running · best loss 0.2500 (minimize) · cost 0.75". */
+export function formatStudy(study: IStudy): string {
+  const { complete, pruned, failed, running } = study.counts;
+  const parts = [
+    `${complete}${study.n_trials ? `/${study.n_trials}` : ''} complete`,
+    `${pruned} pruned`,
+    `${failed} failed`,
+    `${running} running`
+  ];
+  if (study.best_value !== null) {
+    parts.push(`best ${study.metric} ${study.best_value.toPrecision(4)} (${study.direction})`);
+  }
+  if (study.cost !== null) {
+    parts.push(`cost ${study.cost.toFixed(2)}`);
+  }
+  return parts.join(' · ');
+}
+
 function plural(n: number, word: string): string {
   return `${n} ${word}${n === 1 ? '' : 's'}`;
 }
@@ -174,10 +198,16 @@ export class MLCloudSidebar extends Widget {
   private readonly runs: HTMLElement;
   private readonly models: HTMLElement;
   private readonly endpoints: HTMLElement;
+  private readonly studies: HTMLElement;
   private readonly message: HTMLElement;
   private timer: number | undefined;
   private modelsTimer: number | undefined;
   private endpointsTimer: number | undefined;
+  private storeTimer: number | undefined;
+  private studiesPending: Promise<void> | null = null;
+  private shownStudies = '';
+  /** The study whose trials are shown (its MLflow run id). */
+  private selectedStudy: string | null = null;
   private endpointsPending: Promise<void> | null = null;
   /** Bumped by every endpoint change: a list fetched before it is stale. */
   private endpointsGeneration = 0;
@@ -251,6 +281,10 @@ export class MLCloudSidebar extends Widget {
     this.runs = element('div', 'jp-mlcloud-runs');
     this.node.appendChild(this.runs);
 
+    this.node.appendChild(element('div', 'jp-mlcloud-section', 'Studies'));
+    this.studies = element('div', 'jp-mlcloud-studies');
+    this.node.appendChild(this.studies);
+
     this.node.appendChild(element('div', 'jp-mlcloud-section', 'Models'));
     const tracking = element('div', 'jp-mlcloud-actions jp-mlcloud-model-actions');
     tracking.appendChild(
@@ -288,9 +322,130 @@ export class MLCloudSidebar extends Widget {
         this.pending = null;
       });
     }
-    return Promise.all([this.pending, this.refreshModels(), this.refreshEndpoints()]).then(
-      () => undefined
+    return Promise.all([
+      this.pending,
+      this.refreshModels(),
+      this.refreshEndpoints(),
+      this.refreshStudies()
+    ]).then(() => undefined);
+  }
+
+  /** Fetch the tuning studies and redraw them if they changed; one request at a time. */
+  refreshStudies(): Promise<void> {
+    if (!this.studiesPending) {
+      this.studiesPending = listStudies()
+        .then(
+          (value): PromiseSettledResult<IStudy[]> => ({ status: 'fulfilled', value }),
+          (reason): PromiseSettledResult<IStudy[]> => ({ status: 'rejected', reason })
+        )
+        .then(result => {
+          if (!this.isDisposed) {
+            this.renderStudies(result);
+          }
+        })
+        .finally(() => {
+          this.studiesPending = null;
+        });
+    }
+    return this.studiesPending;
+  }
+
+  private renderStudies(result: PromiseSettledResult<IStudy[]>): void {
+    const state =
+      result.status === 'fulfilled'
+        ? JSON.stringify([result.value, this.selectedStudy])
+        : `error:${errorText(result.reason)}`;
+    if (state === this.shownStudies) {
+      return;
+    }
+    this.shownStudies = state;
+    if (result.status === 'rejected') {
+      this.studies.replaceChildren(
+        element(
+          'div',
+          'jp-mlcloud-studies-error',
+          `Cannot list studies: ${errorText(result.reason)}`
+        )
+      );
+      return;
+    }
+    if (result.value.length === 0) {
+      this.studies.replaceChildren(element('div', 'jp-mlcloud-studies-empty', NO_STUDIES_MESSAGE));
+      return;
+    }
+    this.studies.replaceChildren(...result.value.map(study => this.renderStudy(study)));
+  }
+
+  /** A study's row: name, state, trials by state, best value; selecting it overlays its
+   * trials' loss curves and lists them. */
+  private renderStudy(study: IStudy): HTMLElement {
+    const card = element('div', 'jp-mlcloud-study');
+    card.dataset.studyId = study.mlflow_run_id;
+    card.dataset.studyState = study.state;
+    const title = element('div', 'jp-mlcloud-study-title');
+    title.appendChild(element('span', 'jp-mlcloud-study-name', study.name));
+    title.appendChild(element('span', 'jp-mlcloud-study-state', study.state));
+    title.appendChild(
+      button('jp-mlcloud-study-overlay', 'Loss', () => void this.selectStudy(study))
     );
+    card.appendChild(title);
+    card.appendChild(element('div', 'jp-mlcloud-study-detail', formatStudy(study)));
+    if (this.selectedStudy === study.mlflow_run_id) {
+      card.classList.add('jp-mlcloud-study-selected');
+      card.appendChild(element('div', 'jp-mlcloud-study-trials'));
+      void this.showTrials(study.mlflow_run_id, card);
+    }
+    return card;
+  }
+
+  /** Select `study`: its trials' loss curves overlaid in one panel, its trials listed. */
+  private async selectStudy(study: IStudy): Promise<void> {
+    this.selectedStudy = study.mlflow_run_id;
+    this.message.className = 'jp-mlcloud-message';
+    this.message.textContent = '';
+    this.shownStudies = ''; // redraw: the selection changed
+    await this.refreshStudies();
+    try {
+      const detail = await getStudy(study.mlflow_run_id);
+      const runs = detail.trials.map(t => t.run_id).filter((r): r is string => !!r);
+      if (runs.length === 0) {
+        throw new Error(`no trial of ${study.name} has a tracked training run yet`);
+      }
+      // The newest trials, as many as one panel overlays.
+      this.openPanel('loss', runs.slice(-MAX_OVERLAY).join(','));
+    } catch (reason) {
+      this.message.className = 'jp-mlcloud-message jp-mlcloud-message-error';
+      this.message.textContent = `Cannot overlay study ${study.name}: ${errorText(reason)}`;
+    }
+  }
+
+  /** Fill the selected study's card with its trials (number, state, value, params). */
+  private async showTrials(runId: string, card: HTMLElement): Promise<void> {
+    const list = card.querySelector('.jp-mlcloud-study-trials');
+    if (!list) {
+      return;
+    }
+    try {
+      const detail = await getStudy(runId);
+      list.replaceChildren(
+        ...detail.trials.map(trial => {
+          const row = element('div', `jp-mlcloud-trial jp-mlcloud-trial-${trial.state}`);
+          row.dataset.trialState = trial.state;
+          row.dataset.runId = trial.run_id ?? '';
+          const params = Object.entries(trial.params)
+            .map(([k, v]) => `${k}=${v}`)
+            .join(' ');
+          const value =
+            trial.value === null ? '' : ` · ${detail.metric} ${trial.value.toPrecision(4)}`;
+          row.textContent = `#${trial.number} ${trial.state}${value}${params ? ` · ${params}` : ''}`;
+          return row;
+        })
+      );
+    } catch (reason) {
+      list.replaceChildren(
+        element('div', 'jp-mlcloud-studies-error', `Cannot list trials: ${errorText(reason)}`)
+      );
+    }
   }
 
   /** Fetch the endpoints and redraw them if they changed; one request at a time. */
@@ -364,6 +519,12 @@ export class MLCloudSidebar extends Widget {
         void this.refreshEndpoints();
       }
     }, ENDPOINTS_REFRESH_MS);
+    // Studies and pipelines live in the tracking store, which pushes nothing: poll it.
+    this.storeTimer = window.setInterval(() => {
+      if (this.isVisible) {
+        void this.refreshStudies();
+      }
+    }, STORE_REFRESH_MS);
     this.openSocket();
     void this.refresh();
   }
@@ -445,6 +606,10 @@ export class MLCloudSidebar extends Widget {
     if (this.endpointsTimer !== undefined) {
       window.clearInterval(this.endpointsTimer);
       this.endpointsTimer = undefined;
+    }
+    if (this.storeTimer !== undefined) {
+      window.clearInterval(this.storeTimer);
+      this.storeTimer = undefined;
     }
   }
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from tests import held_cluster
 from tests.conftest import wait_for
+from tests.tuning.conftest import make_study
 from tests.ui.conftest import ARTIFACTS, Lab, bokeh_model, iframe_of, open_sidebar
 
 CELL = "%load_ext jupyter_mlcloud\n%mlcloud up --workers 1 --name from-notebook"
@@ -150,6 +152,39 @@ def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
     card.wait_for(state="detached", timeout=60_000)
 
 
+def _study_overlays_its_trials(page: Any, runs: list[str]) -> None:
+    """A study whose trials are ``runs`` (written to the store the server reads, as mlc.tune
+    lays it out) is listed with its trials by state; selecting it overlays their losses."""
+    from mlflow import MlflowClient
+
+    parent, _ = make_study(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), "lr-search", [
+        {"state": "COMPLETE", "value": 0.5, "x": 0.5, "run_id": runs[0]},
+        {"state": "PRUNED", "x": 7.5, "run_id": runs[1]},
+        {"state": None, "x": 2.5}])  # running, its training run not tracked yet
+    sidebar = page.locator("#mlcloud-sidebar")
+    study = sidebar.locator(f'.jp-mlcloud-study[data-study-id="{parent}"]')
+    study.wait_for(timeout=30_000)  # the store is read every 5 s
+    assert study.locator(".jp-mlcloud-study-detail").inner_text() == (
+        "1/3 complete · 1 pruned · 0 failed · 1 running · best loss 0.5000 (minimize)")
+
+    study.locator(".jp-mlcloud-study-overlay").click()
+    page.wait_for_function("() => document.querySelectorAll("
+                           "'#mlcloud-sidebar .jp-mlcloud-study-selected .jp-mlcloud-trial')"
+                           ".length === 3")
+    trials = sidebar.locator(".jp-mlcloud-study-selected .jp-mlcloud-trial")
+    assert [trials.nth(i).get_attribute("data-trial-state") for i in range(3)] == [
+        "complete", "pruned", "running"]
+    assert "x=7.5" in trials.nth(1).inner_text()
+    page.locator(".jp-mlcloud-panel iframe >> nth=-1").wait_for()
+    frame = page.locator(".jp-mlcloud-panel iframe").last.element_handle().content_frame()
+    frame.wait_for_load_state()
+    assert frame.url.endswith("/mlcloud/panels/loss/" + "%2C".join(runs))
+    for run_id in runs:  # both trials' curves, in one panel
+        frame.wait_for_function(bokeh_model(f"metrics-{run_id}", "m.data.step.length === 6"),
+                                timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "sidebar-study.png"))
+
+
 def test_overlay_two_runs_and_the_scheduler_gone_notice(lab: Lab, page: Any) -> None:
     held = held_cluster.start("held-ui", runs=2)
     try:
@@ -173,6 +208,7 @@ def test_overlay_two_runs_and_the_scheduler_gone_notice(lab: Lab, page: Any) -> 
         frame.wait_for_function(bokeh_model("rates", "m.text.includes('step 6')"))
         assert frame.evaluate(bokeh_model("notice", "!m.visible"))
         page.screenshot(path=str(ARTIFACTS / "loss-overlay.png"))
+        _study_overlays_its_trials(page, held.runs)
 
         held.pause()  # the scheduler stops answering
         frame.wait_for_function(bokeh_model(
