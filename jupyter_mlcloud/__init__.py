@@ -24,6 +24,7 @@ from .cluster.api import (
     up,
 )
 from .cluster.hardware import gpu_count
+from .cluster.tls import ClusterCertificates, cluster_certificates
 
 # Eager, like ``train`` below: ``export`` is also a subpackage. It loads no torch or onnx.
 from .export import ExportError, ExportResult, export
@@ -38,6 +39,7 @@ from .train import Run, TrainingError, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClusterCertificates",
     "ClusterHandle",
     "Endpoint",
     "ExportError",
@@ -46,6 +48,7 @@ __all__ = [
     "TrainContext",
     "TrainingError",
     "adapt",
+    "cluster_certificates",
     "connect",
     "current",
     "down",

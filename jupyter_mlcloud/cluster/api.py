@@ -26,6 +26,7 @@ from . import discovery, revive
 from . import info as cluster_info
 from .discovery import ClusterRecord
 from .hardware import gpu_count
+from .tls import ClusterCertificates
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -315,7 +316,7 @@ def up(
     gpu: bool | None = None,
     name: str | None = None,
     adapt: str | tuple[int, int] | None = None,
-    tls: bool = False,
+    tls: bool | str | os.PathLike[str] | ClusterCertificates = False,
     address: str | None = None,
     scheduler_file: str | None = None,
     cluster: Any = None,
@@ -328,8 +329,10 @@ def up(
     ``gpu=False`` forces CPU workers. When the Dask config ``mlcloud.cluster.factory`` is set
     (``{module, class, args, kwargs}``) and ``gpu`` is not given, that class is built instead.
     ``adapt="MIN:MAX"`` turns on adaptive scaling; ``tls=True`` secures every connection with
-    ``Security.temporary()``. ``address``, ``scheduler_file`` or ``cluster`` (a ``Cluster`` or
-    ``Client``) attach instead of starting (see :func:`connect`).
+    ``Security.temporary()`` (one machine), and ``tls=`` a directory or
+    :class:`ClusterCertificates` (see :func:`cluster_certificates`) with those files, which
+    workers on other hosts can share. ``address``, ``scheduler_file`` or ``cluster`` (a
+    ``Cluster`` or ``Client``) attach instead of starting (see :func:`connect`).
 
     Raises ``ValueError`` with one sentence for bad input; nothing is left running then.
     """
@@ -361,6 +364,10 @@ def up(
         raise ValueError(f"gpu must be True, False or None (auto), got {gpu!r}.")
     if name is not None:
         _check_free_name(name)
+    security = None
+    if tls is not True and tls is not False:
+        security = _security_from(tls, "tls")
+    tls = tls is not False
 
     spec = _factory_spec() if gpu is None else None
     gpus = 0 if gpu is False or spec is not None else gpu_count()
@@ -389,8 +396,7 @@ def up(
 
     dask_cluster = client = None
     try:
-        security = None
-        if tls:
+        if tls and security is None:
             from distributed.security import Security
 
             security = Security.temporary()
@@ -425,18 +431,34 @@ def up(
     return handle
 
 
-def connect(target: Any, *, name: str | None = None, timeout: float = 10.0) -> ClusterHandle:
+def connect(
+    target: Any,
+    *,
+    name: str | None = None,
+    timeout: float = 10.0,
+    security: Any = None,
+) -> ClusterHandle:
     """Attach to a running cluster and make it current.
 
     ``target`` is a scheduler address (``tcp://host:8786``), a scheduler file (JSON path), the
     name of a discovered cluster (see :func:`list_clusters`), a Dask ``Cluster`` or a
     ``Client``. The cluster is not closed when the handle is; only our connection is.
+    A ``tls://`` scheduler needs ``security``: a ``distributed.Security``, a
+    :class:`ClusterCertificates` or the directory :func:`cluster_certificates` wrote (or the
+    same in Dask config, ``distributed.comm.tls.*``).
     """
     from distributed import Client
     from distributed.deploy import Cluster
 
     if name is not None:
         _check_free_name(name)
+    if security is not None:
+        if isinstance(target, Client):
+            raise ValueError(
+                "security= applies when connecting by address, scheduler file or Cluster; a"
+                " Client given to connect() already has its own."
+            )
+        security = _security_from(security, "security")
     known = {r.name: r for r in discovery.list_records()}
     client_given = False
     dask_cluster = None
@@ -444,10 +466,10 @@ def connect(target: Any, *, name: str | None = None, timeout: float = 10.0) -> C
         client, client_given = target, True
     elif isinstance(target, Cluster):
         dask_cluster = target
-        client = Client(target, timeout=timeout)
+        client = Client(target, timeout=timeout, security=security)
     elif isinstance(target, str) and target in known and known[target].address:
         name = name or target
-        client = _client_for_address(known[target].address or "", timeout)
+        client = _client_for_address(known[target].address or "", timeout, security)
     elif isinstance(target, str) and target.endswith(".json"):
         if not os.path.isfile(target):
             raise ValueError(
@@ -455,13 +477,13 @@ def connect(target: Any, *, name: str | None = None, timeout: float = 10.0) -> C
                 " with --scheduler-file."
             )
         try:
-            client = Client(scheduler_file=target, timeout=timeout)
+            client = Client(scheduler_file=target, timeout=timeout, security=security)
         except Exception as e:
             raise ValueError(
                 f"could not reach the scheduler named in {target!r} within {timeout:g} s ({e})."
             ) from None
     elif isinstance(target, str) and target:
-        client = _client_for_address(target, timeout)
+        client = _client_for_address(target, timeout, security)
     else:
         raise ValueError(
             f"cannot connect to {target!r}; pass a scheduler address such as tcp://host:8786, a"
@@ -485,6 +507,7 @@ def connect(target: Any, *, name: str | None = None, timeout: float = 10.0) -> C
                     dashboard=_safe_dashboard(client),
                     status="running",
                     owner=_owner(),
+                    tls=address.startswith("tls://"),
                 )
                 discovery.reserve(record)
     except BaseException:
@@ -498,11 +521,37 @@ def connect(target: Any, *, name: str | None = None, timeout: float = 10.0) -> C
     return handle
 
 
-def _client_for_address(address: str, timeout: float) -> Any:
+def _security_from(value: Any, option: str) -> Any:
+    """A ``distributed.Security`` from one, a :class:`ClusterCertificates` or a directory."""
+    from distributed.security import Security
+
+    if isinstance(value, Security):
+        return value
+    if isinstance(value, ClusterCertificates):
+        value.check_key_permissions()
+        return value.security()
+    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+        return ClusterCertificates.from_directory(value).security()
+    raise ValueError(
+        f"{option}={value!r} is not understood; give a distributed.Security, a"
+        " ClusterCertificates, or an existing directory holding ca.pem, cert.pem and key.pem"
+        + (" (or True for a certificate of this machine only)." if option == "tls" else ".")
+    )
+
+
+def _client_for_address(address: str, timeout: float, security: Any = None) -> Any:
     from distributed import Client
 
+    if address.startswith("tls://") and security is None and not dask.config.get(
+        "distributed.comm.tls.ca-file", default=None
+    ):
+        raise ValueError(
+            f"the scheduler at {address!r} speaks TLS: pass security= (the directory"
+            " mlc.cluster_certificates wrote, a ClusterCertificates or a distributed.Security),"
+            " or set distributed.comm.tls.* in Dask config."
+        )
     try:
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, security=security)
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
