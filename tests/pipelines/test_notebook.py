@@ -17,6 +17,7 @@ PARAMETERS = """\
 data = "data.json"
 scale = 1
 model = "model.json"
+cluster = None
 """
 
 TRAIN = """\
@@ -76,7 +77,7 @@ def test_a_notebook_step_runs_with_its_values_and_is_cached_by_its_code(
         calls.append("evaluate")
         return float(json.loads(Path(model).read_text())["w"])
 
-    first = pipe.run()
+    first = pipe.run(cluster="tcp://127.0.0.1:8786")  # a notebook gets the scheduler address
     assert first.ok, first["train"].error
     assert {s: r.state for s, r in first.steps.items()} == dict.fromkeys(first.steps, "done")
     assert first.outputs["w"] == 12.0
@@ -86,7 +87,7 @@ def test_a_notebook_step_runs_with_its_values_and_is_cached_by_its_code(
     cells = nbformat.read(executed, as_version=4).cells
     assert cells[1].metadata["tags"] == ["parameters"]
     assert cells[2].metadata["tags"] == ["injected-parameters"]
-    assert "scale = 2" in cells[2].source
+    assert "scale = 2" in cells[2].source and "cluster = 'tcp://127.0.0.1:8786'" in cells[2].source
     assert f"data = {str(tmp_path / 'work' / 'data.json')!r}" in cells[2].source
     assert all(c.execution_count for c in cells if c.cell_type == "code")
 
@@ -114,11 +115,12 @@ def test_a_notebook_step_runs_with_its_values_and_is_cached_by_its_code(
 
     # A changed code cell reruns the notebook, and what reads its changed output.
     saved.cells[2].source = TRAIN.replace("* scale", "* scale + 1")
+    del saved.cells[3]  # a removed cell is a change too (and spares importing MLflow again)
     nbformat.write(saved, book)
     changed = pipe.run()
     assert {s: r.state for s, r in changed.steps.items()} == {
         "prepare": "cached", "train": "done", "evaluate": "done"}
-    assert changed.outputs["w"] == 13.0
+    assert changed.outputs["w"] == 13.0 and changed["train"].runs == []
 
 
 def test_a_failing_cell_fails_the_step_with_its_error_and_writes_nothing(
