@@ -1,5 +1,6 @@
 """A pipeline run in MLflow: one parent run, a child run per step, and the cache in their tags.
 
+The parent carries the step graph (``mlcloud.graph``, JSON: step -> the steps it reads from).
 A step that runs gets its child before it is called (:meth:`PipelineRecord.open_step`), so the
 runs it starts can be that child's children; cached, skipped and not-run steps get theirs when
 they are recorded. Each step's child carries ``mlcloud.cache_key`` and ``mlcloud.outputs``
@@ -35,8 +36,11 @@ STATUS = {"done": "FINISHED", "cached": "FINISHED", "skipped": "FINISHED",
 class PipelineRecord:
     """The parent run of one pipeline run; :meth:`lookup` and :meth:`step` for its steps."""
 
-    def __init__(self, pipeline: str, params: Mapping[str, Any]) -> None:
+    def __init__(self, pipeline: str, params: Mapping[str, Any],
+                 graph: Mapping[str, list[str]] | None = None) -> None:
         self.pipeline = pipeline
+        # The step graph (step -> the steps it reads from), for the run's page.
+        edges = json.dumps(dict(graph or {}))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._warned = False
@@ -45,7 +49,8 @@ class PipelineRecord:
             self.experiment_id = store.experiment_id(self._client, store.experiment_name())
             run = self._client.create_run(
                 self.experiment_id, run_name=f"pipeline-{pipeline}",
-                tags={**source_tags(), "mlcloud.kind": "pipeline", "mlcloud.pipeline": pipeline})
+                tags={**source_tags(), "mlcloud.kind": "pipeline", "mlcloud.pipeline": pipeline,
+                      **({"mlcloud.graph": edges} if len(edges) <= MAX_TAG else {})})
             self.run_id = str(run.info.run_id)
             self._params(self.run_id, params)
         except Exception as e:  # noqa: BLE001 - the pipeline runs, uncached and unrecorded
@@ -194,3 +199,128 @@ def history(pipeline: str, max_runs: int = 10) -> Any:
                                                                      unit="ms"),
                      "status": run.info.status, **steps})
     return pd.DataFrame(rows)
+
+
+MAX_PARENTS = 200  # pipeline runs read per listing, newest first
+MAX_STEPS = 1000  # step runs read per pipeline
+#: A step's child run with no state tag yet (made when it started) -> its state, by status.
+UNTAGGED = {"RUNNING": "running", "SCHEDULED": "running", "FINISHED": "done",
+            "FAILED": "failed", "KILLED": "not-run"}
+_PENDING = {"state": "pending", "duration": None, "mlflow_run_id": None, "started": None,
+            "ended": None, "cached_from": None, "error": None}
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise ValueError(f"{name} must be a whole number from 1 to 100, got {value!r}.")
+    return value
+
+
+def _graph(parent: Any) -> dict[str, list[str]]:
+    try:
+        graph = json.loads(parent.data.tags.get("mlcloud.graph", "{}"))
+    except ValueError:
+        return {}
+    return graph if isinstance(graph, dict) else {}
+
+
+def _step_entry(run: Any, now_ms: int) -> dict[str, Any]:
+    state = run.data.tags.get("mlcloud.step_state") or UNTAGGED.get(run.info.status, "done")
+    state = "done" if state == "done-uncacheable" else state
+    duration = run.data.metrics.get("duration_s")
+    if duration is None and state == "running":  # so far
+        duration = max(0.0, (now_ms - run.info.start_time) / 1000)
+    error = (run.data.tags.get("mlcloud.error") or "").strip()
+    return {"name": run.data.tags.get("mlcloud.step", run.info.run_name), "state": state,
+            "duration": duration, "mlflow_run_id": run.info.run_id,
+            "started": run.info.start_time, "ended": run.info.end_time,
+            "cached_from": run.data.tags.get("mlcloud.cached_from"),
+            "error": error.splitlines()[-1] if error else None}
+
+
+def _run_entry(parent: Any, children: list[Any], now_ms: int) -> dict[str, Any]:
+    """A pipeline run as listed: its steps in graph order, those not started yet pending."""
+    graph = _graph(parent)
+    recorded: dict[str, dict[str, Any]] = {}
+    for child in sorted(children, key=lambda r: r.info.start_time):
+        entry = _step_entry(child, now_ms)
+        recorded[entry["name"]] = entry
+    names = list(graph) + [n for n in recorded if n not in graph]
+    end = parent.info.end_time
+    return {"pipeline": parent.data.tags.get("mlcloud.pipeline"),
+            "mlflow_run_id": parent.info.run_id, "experiment_id": parent.info.experiment_id,
+            "status": parent.info.status.lower(), "started": parent.info.start_time,
+            "ended": end, "duration": ((end or now_ms) - parent.info.start_time) / 1000,
+            "steps": [recorded.get(n) or {"name": n, **_PENDING} for n in names],
+            "graph": graph}
+
+
+def runs(max_pipelines: int = 20, max_runs: int = 5) -> list[dict[str, Any]]:
+    """The pipelines of the store in force, the most recently run first, each with its last
+    ``max_runs`` runs (newest first): status, start, duration and each step's state (pending,
+    running, done, cached, skipped, failed, not-run) and duration in seconds.
+    ConnectionError when the store does not answer."""
+    _count("max_pipelines", max_pipelines)
+    _count("max_runs", max_runs)
+    _, client = store.open_client()
+    experiment = client.get_experiment_by_name(store.experiment_name())
+    if experiment is None:
+        return []
+    experiment_id = str(experiment.experiment_id)
+    parents: dict[str, list[Any]] = {}
+    for run in client.search_runs([experiment_id], "tags.`mlcloud.kind` = 'pipeline'",
+                                  max_results=MAX_PARENTS,
+                                  order_by=["attributes.start_time DESC"]):
+        name = run.data.tags.get("mlcloud.pipeline", "")
+        if name not in parents and len(parents) == max_pipelines:
+            continue
+        kept = parents.setdefault(name, [])
+        if len(kept) < max_runs:
+            kept.append(run)
+    now_ms = int(time.time() * 1000)
+    out = []
+    for name, kept in parents.items():
+        # One search per pipeline: the steps of its kept runs (none older than the oldest).
+        oldest = min(r.info.start_time for r in kept)
+        by_parent: dict[str, list[Any]] = {}
+        for step in client.search_runs(
+                [experiment_id], f"tags.`mlcloud.kind` = 'pipeline-step' and"
+                f" tags.`mlcloud.pipeline` = '{name}' and attributes.start_time >= {oldest}",
+                max_results=MAX_STEPS):
+            by_parent.setdefault(step.data.tags.get("mlflow.parentRunId", ""), []).append(step)
+        out.append({"name": name, "runs": [
+            _run_entry(r, by_parent.get(r.info.run_id, []), now_ms) for r in kept]})
+    return out
+
+
+def run_graph(run_id: str) -> dict[str, Any]:
+    """One pipeline run (as :func:`runs` lists it) with its step graph laid out: each step's
+    ``deps`` and ``depth`` (the longest chain of steps it reads from), and the ``edges``
+    ``[from, to]``. ValueError for a malformed id, LookupError for one of no pipeline run."""
+    if not (isinstance(run_id, str) and 1 <= len(run_id) <= 32
+            and all(c in "0123456789abcdef" for c in run_id)):
+        raise ValueError(f"pipeline run {run_id!r} is not an MLflow run id (up to 32 hex"
+                         " digits).")
+    _, client = store.open_client()
+    try:
+        parent = client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - MLflow's "not found" is a generic exception
+        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise LookupError(f"no pipeline run with MLflow run id {run_id!r}.") from None
+        raise
+    if parent.data.tags.get("mlcloud.kind") != "pipeline":
+        raise LookupError(f"MLflow run {run_id!r} is not a pipeline run.")
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{run_id}' and"
+                                  " tags.`mlcloud.kind` = 'pipeline-step'",
+                                  max_results=MAX_STEPS)
+    found = _run_entry(parent, children, int(time.time() * 1000))
+    graph = found["graph"]
+    depth: dict[str, int] = {}
+    for step in graph:  # the graph came from Pipeline.order(): dependencies come first
+        depth[step] = 1 + max((depth.get(d, 0) for d in graph[step] if d in graph), default=-1)
+    for step in found["steps"]:
+        step["deps"] = [d for d in graph.get(step["name"], []) if d in graph]
+        step["depth"] = depth.get(step["name"], 0)
+    found["edges"] = [[d, s["name"]] for s in found["steps"] for d in s["deps"]]
+    return found

@@ -355,7 +355,8 @@ def run(pipeline: Pipeline, *, cluster: Any = None, force: bool | Sequence[str] 
     t0 = time.perf_counter()
     with run_lock(pipeline):
         runner.record = record = PipelineRecord(pipeline.name, {
-            f"{s}.{k}": v for s, values in step_params.items() for k, v in values.items()})
+            f"{s}.{k}": v for s, values in step_params.items() for k, v in values.items()},
+            graph=pipeline.dependencies())
         status = "KILLED"
         try:
             runner.sources()
