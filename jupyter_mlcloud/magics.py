@@ -161,7 +161,9 @@ def _subcommand_parsers() -> dict[str, _Parser]:
                         help="CPU worker processes even when GPUs are present")
     p.add_argument("--name", help="cluster name (default cluster-N)")
     p.add_argument("--adapt", metavar="MIN:MAX", help="adaptive scaling between MIN and MAX")
-    p.add_argument("--tls", action="store_true", help="secure with Security.temporary()")
+    p.add_argument("--tls", nargs="?", const=True, default=False, metavar="DIR",
+                   help="secure every connection: with Security.temporary(), or with the"
+                        " certificates in DIR (mlc.cluster_certificates)")
     p.add_argument("--address", help="attach to the scheduler at this address instead")
     p.add_argument("--scheduler-file", help="attach to the scheduler in this file instead")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
@@ -185,6 +187,8 @@ def _subcommand_parsers() -> dict[str, _Parser]:
     p = sub("connect", "Attach to a running cluster.")
     p.add_argument("address", help="scheduler address, scheduler file or discovered name")
     p.add_argument("--name", help="name to use here")
+    p.add_argument("--tls", metavar="DIR",
+                   help="certificates for a tls:// scheduler (mlc.cluster_certificates)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (10)")
 
     sub("models", "List the registered MLflow models, their versions and aliases.")
@@ -585,7 +589,8 @@ class MLCloudMagics(Magics):
     def _connect(self, args: argparse.Namespace) -> None:
         from .widgets import cluster_card
 
-        handle = clusters.connect(args.address, name=args.name, timeout=args.timeout)
+        handle = clusters.connect(args.address, name=args.name, timeout=args.timeout,
+                                  security=args.tls)
         display(cluster_card(handle))
 
     def _models(self, args: argparse.Namespace) -> Any:

@@ -64,3 +64,27 @@ def test_tls_addresses_without_certificates_and_bad_security_are_refused(
     with pytest.raises(ValueError, match=f"tls={missing!r} is not understood"):
         mlc.up(workers=1, tls=missing)
     assert discovery_files() == []
+
+
+def test_magics_start_and_attach_with_a_certificate_directory(tmp_path: Path) -> None:
+    from IPython.core.error import UsageError
+    from IPython.core.interactiveshell import InteractiveShell
+
+    folder = tmp_path / "certs"
+    mlc.cluster_certificates(folder)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "jupyter_mlcloud")
+    try:
+        shell.run_line_magic("mlcloud", f"up --workers 1 --cpu --name tls-dir --tls {folder}")
+        owner = mlc.current()
+        assert owner.address.startswith("tls://127.0.0.1:")
+        with pytest.raises(UsageError, match="speaks TLS: pass security="):
+            shell.run_line_magic("mlcloud", f"connect {owner.address} --name bare")
+        shell.run_line_magic("mlcloud", f"connect {owner.address} --name viewer --tls {folder}")
+        viewer = mlc.current()
+        assert viewer.name == "viewer" and viewer.address == owner.address
+        assert viewer.client.submit(lambda: 6 * 7, pure=False).result(timeout=30) == 42
+    finally:
+        mlc.down(all=True)
+        InteractiveShell.clear_instance()
+    assert discovery_files() == []
