@@ -17,6 +17,7 @@ from ..cluster import api as clusters
 from ..cluster import discovery
 from ..cluster import info as cluster_info
 from ..panels import endpoint as endpoint_panel
+from ..panels import pipeline as pipeline_panel
 from ..serving import board
 from ..telemetry import fold
 from . import feeds
@@ -176,6 +177,30 @@ class PanelHandler(JupyterHandler):
             page = panels.resources_page(target, root)
         self.set_header("Content-Type", "text/html")
         self.finish(page)
+
+
+class PipelinePageHandler(JupyterHandler):
+    """``GET /mlcloud/panels/pipeline/<mlflow-run-id>``: one pipeline run's step graph as a
+    page, for a sidebar tab; a bad or unknown run gets a page that says so."""
+
+    def message(self, status: int, text: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html")
+        self.finish(panels.message_page("ML Cloud pipeline", text))
+
+    @tornado.web.authenticated
+    async def get(self, run_id: str) -> None:
+        try:
+            run = await asyncio.get_running_loop().run_in_executor(None, _pipeline_run, run_id)
+        except ValueError as e:
+            return self.message(400, str(e))
+        except LookupError as e:
+            return self.message(404, str(e))
+        except Exception as e:  # noqa: BLE001 - MLflow's own errors carry a message
+            message = _first_line(getattr(e, "message", None) or str(e) or type(e).__name__)
+            return self.message(503, f"the MLflow store did not answer: {message}")
+        self.set_header("Content-Type", "text/html")
+        self.finish(pipeline_panel.pipeline_page(run))
 
 
 class BokehStaticHandler(AuthenticatedFileHandler):
@@ -376,6 +401,39 @@ def _study(run_id: str) -> dict[str, Any]:
     return record.study(run_id)
 
 
+def _pipelines(max_runs: int) -> dict[str, Any]:
+    from ..pipelines import record
+
+    return {"pipelines": record.runs(max_runs=max_runs)}
+
+
+def _pipeline_run(run_id: str) -> dict[str, Any]:
+    from ..pipelines import record
+
+    return record.run_graph(run_id)
+
+
+class PipelinesHandler(_StoreHandler):
+    """``GET /mlcloud/pipelines[?max_runs=N]``: the pipelines of the tracking store with their
+    last runs, each step's state (pending, running, done, cached, skipped, failed, not-run)
+    and duration."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        limit = self.count_argument("max_runs", 5)
+        if limit is not None:
+            await self.answer(_pipelines, limit)
+
+
+class PipelineRunHandler(_StoreHandler):
+    """``GET /mlcloud/pipelines/runs/<mlflow-run-id>``: one pipeline run with its step graph
+    (each step's dependencies and depth, and the edges)."""
+
+    @tornado.web.authenticated
+    async def get(self, run_id: str) -> None:
+        await self.answer(_pipeline_run, run_id)
+
+
 class StudiesHandler(_StoreHandler):
     """``GET /mlcloud/studies[?max=N]``: the newest tuning studies of the tracking store, with
     their trials counted by state, the best value so far, direction, metric and cost."""
@@ -429,6 +487,9 @@ def route_table(base_url: str) -> list[tuple[Any, ...]]:
         (url_path_join(root, "runs", r"([0-9a-f]{1,32})", "metrics"), RunMetricsHandler),
         (url_path_join(root, "studies"), StudiesHandler),
         (url_path_join(root, "studies", part), StudyHandler),
+        (url_path_join(root, "pipelines"), PipelinesHandler),
+        (url_path_join(root, "pipelines", "runs", part), PipelineRunHandler),
+        (url_path_join(root, "panels", "pipeline", part), PipelinePageHandler),
         (url_path_join(root, "endpoints"), EndpointsHandler),
         (url_path_join(endpoint, "scale"), EndpointScaleHandler),
         (url_path_join(endpoint, "promote"), EndpointActionHandler, {"action": "promote"}),
