@@ -3,7 +3,8 @@ feature.
 
 For each feature, three figures:
 
-- ``ks_stat`` and ``p_value``: the two-sample Kolmogorov–Smirnov test (scipy); the p-values
+- ``ks_stat`` and ``p_value``: the two-sample Kolmogorov–Smirnov test (its asymptotic
+  p-value, as scipy's ``ks_2samp(method="asymp")``); the p-values
   are adjusted across features with Benjamini–Hochberg (``p_adjusted``), so many features do
   not flag by chance;
 - ``psi``: the population stability index over the reference's deciles (0.1: some shift,
@@ -49,11 +50,20 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int = BINS) -> float:
 def effect(reference: np.ndarray, current: np.ndarray) -> float:
     """The Wasserstein distance between the samples over the reference's standard deviation
     (the plain distance for a constant reference)."""
-    from scipy.stats import wasserstein_distance
-
+    _, distance = _ks_and_distance(np.sort(reference), np.sort(current))
     scale = float(np.std(reference))
-    distance = float(wasserstein_distance(reference, current))
     return distance / scale if scale > 0 else distance
+
+
+def _ks_and_distance(ref: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
+    """Both samples' (sorted) empirical CDFs compared at every value: their largest gap (the
+    KS statistic) and the area between them (the Wasserstein distance). What scipy's
+    ``ks_2samp`` and ``wasserstein_distance`` compute, from one merge instead of a sort each
+    and, for the KS test, the exact p-value's O(n·m) work (4 ms a feature at 2,000 × 5,000)."""
+    both = np.sort(np.concatenate([ref, cur]), kind="mergesort")
+    gap = np.abs(np.searchsorted(ref, both, side="right") / len(ref)
+                 - np.searchsorted(cur, both, side="right") / len(cur))
+    return float(gap.max()), float(np.sum(gap[:-1] * np.diff(both)))
 
 
 def compare(reference: np.ndarray, current: np.ndarray, names: Sequence[str], *,
@@ -62,7 +72,7 @@ def compare(reference: np.ndarray, current: np.ndarray, names: Sequence[str], *,
     :data:`COLUMNS`. Features with fewer than 2 current values get NaN figures, never
     ``drifted``."""
     import pandas as pd
-    from scipy.stats import false_discovery_control, ks_2samp
+    from scipy.stats import false_discovery_control, kstwo
 
     reference = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
     current = np.asarray(current, dtype=np.float64).reshape(len(current), -1)
@@ -77,9 +87,14 @@ def compare(reference: np.ndarray, current: np.ndarray, names: Sequence[str], *,
             rows.append({"feature": name, "psi": np.nan, "ks_stat": np.nan, "p_value": np.nan,
                          "effect": np.nan, "n_reference": len(ref), "n_current": len(cur)})
             continue
-        test = ks_2samp(ref, cur)
-        rows.append({"feature": name, "psi": psi(ref, cur), "ks_stat": float(test.statistic),
-                     "p_value": float(test.pvalue), "effect": effect(ref, cur),
+        ref, cur = np.sort(ref), np.sort(cur)
+        stat, distance = _ks_and_distance(ref, cur)
+        scale = float(np.std(ref))
+        # The asymptotic two-sided p-value, as ks_2samp(method="asymp") gives it.
+        p_value = float(kstwo.sf(stat, np.round(len(ref) * len(cur) / (len(ref) + len(cur)))))
+        rows.append({"feature": name, "psi": psi(ref, cur), "ks_stat": stat,
+                     "p_value": min(max(p_value, 0.0), 1.0),
+                     "effect": distance / scale if scale > 0 else distance,
                      "n_reference": len(ref), "n_current": len(cur)})
     frame = pd.DataFrame(rows).set_index("feature")
     tested = frame["p_value"].notna()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import ks_2samp, wasserstein_distance
 
 from jupyter_mlcloud.monitoring.drift import COLUMNS, compare, effect, psi
 
@@ -48,3 +49,17 @@ def test_samples_of_other_widths_are_refused_in_one_sentence() -> None:
     with pytest.raises(ValueError, match=r"drift needs 3 feature\(s\) in both samples; got 3"
                                          r" in the reference and 2 now\."):
         compare(REFERENCE, REFERENCE[:, :2], ["a", "b", "c"])
+
+
+def test_the_figures_are_scipys_two_sample_ks_test_and_wasserstein_distance() -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=(700, 3))
+    current = np.column_stack([rng.normal(size=900), rng.normal(0.3, 1.0, size=900),
+                               rng.integers(0, 4, size=900)])  # ties, which the merge must keep
+    frame = compare(reference, current, ["a", "b", "c"])
+    for j, name in enumerate("abc"):
+        test = ks_2samp(reference[:, j], current[:, j], method="asymp")
+        assert frame.loc[name, "ks_stat"] == pytest.approx(test.statistic, abs=1e-12)
+        assert frame.loc[name, "p_value"] == pytest.approx(test.pvalue, rel=1e-9, abs=1e-300)
+        distance = wasserstein_distance(reference[:, j], current[:, j])
+        assert frame.loc[name, "effect"] == pytest.approx(distance / reference[:, j].std())
