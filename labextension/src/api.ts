@@ -426,3 +426,41 @@ export async function getStudy(runId: string): Promise<IStudyDetail> {
   }
   return body;
 }
+
+/** One step of a pipeline run (see jupyter_mlcloud.pipelines.record.runs). */
+export interface IPipelineStep {
+  name: string;
+  /** pending, running, done, cached, skipped, failed or not-run. */
+  state: string;
+  /** Seconds (so far, while running); null when it has not started. */
+  duration: number | null;
+  mlflow_run_id: string | null;
+  error: string | null;
+}
+
+/** One run of a pipeline. */
+export interface IPipelineRun {
+  pipeline: string;
+  mlflow_run_id: string;
+  experiment_id: string;
+  /** running, finished, failed or killed. */
+  status: string;
+  started: number;
+  duration: number;
+  steps: IPipelineStep[];
+}
+
+/** A pipeline with its last runs, newest first. */
+export interface IPipeline {
+  name: string;
+  runs: IPipelineRun[];
+}
+
+/** The pipelines of the tracking store, the most recently run first. */
+export async function listPipelines(): Promise<IPipeline[]> {
+  const body = await requestAPI<{ pipelines?: IPipeline[] }>('pipelines');
+  if (!body || !Array.isArray(body.pipelines)) {
+    throw new APIError('the server answered without a pipeline list');
+  }
+  return body.pipelines;
+}

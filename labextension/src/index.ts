@@ -57,7 +57,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const labels: { [kind in PanelKind]: string } = {
       loss: 'Loss',
       resources: 'Resources',
-      endpoint: 'Endpoint'
+      endpoint: 'Endpoint',
+      pipeline: 'Pipeline'
     };
     const openPanel = (kind: PanelKind, target: string): void => {
       const key = `${kind}:${target}`;

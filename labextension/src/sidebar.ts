@@ -9,6 +9,8 @@ import {
   IModel,
   IModelVersion,
   IRun,
+  IPipeline,
+  IPipelineRun,
   IStartOptions,
   IStudy,
   adaptCluster,
@@ -18,6 +20,7 @@ import {
   listEndpoints,
   listModels,
   listRuns,
+  listPipelines,
   listStudies,
   mlflowRunUrl,
   mlflowUrl,
@@ -52,6 +55,7 @@ export const NO_RUNS_MESSAGE = 'No runs yet. Train with %%distributed_train';
 export const NO_MODELS_MESSAGE = 'No registered models yet. Register one with mlc.register';
 export const NO_ENDPOINTS_MESSAGE = 'No endpoints yet. Serve a model with mlc.serve';
 export const NO_STUDIES_MESSAGE = 'No tuning studies yet. Tune with mlc.tune or %%tune';
+export const NO_PIPELINES_MESSAGE = 'No pipeline runs yet. Run one with pipe.run()';
 /** How often studies and pipelines are read from the tracking store while the panel is shown. */
 export const STORE_REFRESH_MS = 5000;
 
@@ -177,12 +181,63 @@ export function formatStudy(study: IStudy): string {
   return parts.join(' · ');
 }
 
+/** The step states whose duration means something (not-run and skipped steps did no work). */
+const TIMED_STATES = new Set(['running', 'done', 'cached', 'failed']);
+
+/** A duration in seconds as "0.4 s", "12 s" or "3.2 min" ("" when unknown). */
+export function formatSeconds(seconds: number | null): string {
+  if (seconds === null || !Number.isFinite(seconds)) {
+    return '';
+  }
+  if (seconds < 10) {
+    return `${seconds.toFixed(1)} s`;
+  }
+  return seconds < 120 ? `${Math.round(seconds)} s` : `${(seconds / 60).toFixed(1)} min`;
+}
+
+/** One pipeline run: status, start, duration, a "Graph" button (its page), and each step's
+ * state and duration. */
+function renderPipelineRun(run: IPipelineRun, openPanel: PanelOpener): HTMLElement {
+  const row = element('div', 'jp-mlcloud-pipeline-run');
+  row.dataset.runId = run.mlflow_run_id;
+  row.dataset.runStatus = run.status;
+  const title = element('div', 'jp-mlcloud-pipeline-title');
+  const started = new Date(run.started).toLocaleString();
+  title.appendChild(
+    element(
+      'span',
+      'jp-mlcloud-pipeline-run-status',
+      `${run.status} · ${started} · ${formatSeconds(run.duration)}`
+    )
+  );
+  title.appendChild(
+    button('jp-mlcloud-pipeline-graph', 'Graph', () => openPanel('pipeline', run.mlflow_run_id))
+  );
+  row.appendChild(title);
+  const steps = element('div', 'jp-mlcloud-steps');
+  for (const step of run.steps) {
+    const chip = element(
+      'span',
+      `jp-mlcloud-step jp-mlcloud-step-${step.state.replace(/[^a-z-]/g, '')}`,
+      `${step.name} ${step.state}${TIMED_STATES.has(step.state) ? ` ${formatSeconds(step.duration)}` : ''}`
+    );
+    chip.dataset.step = step.name;
+    chip.dataset.stepState = step.state;
+    if (step.error) {
+      chip.title = step.error;
+    }
+    steps.appendChild(chip);
+  }
+  row.appendChild(steps);
+  return row;
+}
+
 function plural(n: number, word: string): string {
   return `${n} ${word}${n === 1 ? '' : 's'}`;
 }
 
 /** Opens a Bokeh panel (served by the Jupyter server) as a main-area tab. */
-export type PanelKind = 'loss' | 'resources' | 'endpoint';
+export type PanelKind = 'loss' | 'resources' | 'endpoint' | 'pipeline';
 export type PanelOpener = (kind: PanelKind, target: string) => void;
 
 /** Puts code that attaches to a cluster into the active notebook (throws if there is none). */
@@ -199,6 +254,7 @@ export class MLCloudSidebar extends Widget {
   private readonly models: HTMLElement;
   private readonly endpoints: HTMLElement;
   private readonly studies: HTMLElement;
+  private readonly pipelines: HTMLElement;
   private readonly message: HTMLElement;
   private timer: number | undefined;
   private modelsTimer: number | undefined;
@@ -206,6 +262,8 @@ export class MLCloudSidebar extends Widget {
   private storeTimer: number | undefined;
   private studiesPending: Promise<void> | null = null;
   private shownStudies = '';
+  private pipelinesPending: Promise<void> | null = null;
+  private shownPipelines = '';
   /** The study whose trials are shown (its MLflow run id). */
   private selectedStudy: string | null = null;
   private endpointsPending: Promise<void> | null = null;
@@ -285,6 +343,10 @@ export class MLCloudSidebar extends Widget {
     this.studies = element('div', 'jp-mlcloud-studies');
     this.node.appendChild(this.studies);
 
+    this.node.appendChild(element('div', 'jp-mlcloud-section', 'Pipelines'));
+    this.pipelines = element('div', 'jp-mlcloud-pipelines');
+    this.node.appendChild(this.pipelines);
+
     this.node.appendChild(element('div', 'jp-mlcloud-section', 'Models'));
     const tracking = element('div', 'jp-mlcloud-actions jp-mlcloud-model-actions');
     tracking.appendChild(
@@ -326,8 +388,67 @@ export class MLCloudSidebar extends Widget {
       this.pending,
       this.refreshModels(),
       this.refreshEndpoints(),
-      this.refreshStudies()
+      this.refreshStudies(),
+      this.refreshPipelines()
     ]).then(() => undefined);
+  }
+
+  /** Fetch the pipelines and their last runs and redraw them if they changed. */
+  refreshPipelines(): Promise<void> {
+    if (!this.pipelinesPending) {
+      this.pipelinesPending = listPipelines()
+        .then(
+          (value): PromiseSettledResult<IPipeline[]> => ({ status: 'fulfilled', value }),
+          (reason): PromiseSettledResult<IPipeline[]> => ({ status: 'rejected', reason })
+        )
+        .then(result => {
+          if (!this.isDisposed) {
+            this.renderPipelines(result);
+          }
+        })
+        .finally(() => {
+          this.pipelinesPending = null;
+        });
+    }
+    return this.pipelinesPending;
+  }
+
+  private renderPipelines(result: PromiseSettledResult<IPipeline[]>): void {
+    const state =
+      result.status === 'fulfilled'
+        ? JSON.stringify(result.value)
+        : `error:${errorText(result.reason)}`;
+    if (state === this.shownPipelines) {
+      return;
+    }
+    this.shownPipelines = state;
+    if (result.status === 'rejected') {
+      this.pipelines.replaceChildren(
+        element(
+          'div',
+          'jp-mlcloud-pipelines-error',
+          `Cannot list pipelines: ${errorText(result.reason)}`
+        )
+      );
+      return;
+    }
+    if (result.value.length === 0) {
+      this.pipelines.replaceChildren(
+        element('div', 'jp-mlcloud-pipelines-empty', NO_PIPELINES_MESSAGE)
+      );
+      return;
+    }
+    this.pipelines.replaceChildren(
+      ...result.value.map(pipeline => {
+        const card = element('div', 'jp-mlcloud-pipeline');
+        card.dataset.pipeline = pipeline.name;
+        card.appendChild(element('div', 'jp-mlcloud-pipeline-name', pipeline.name));
+        for (const run of pipeline.runs) {
+          card.appendChild(renderPipelineRun(run, this.openPanel));
+        }
+        return card;
+      })
+    );
   }
 
   /** Fetch the tuning studies and redraw them if they changed; one request at a time. */
@@ -523,6 +644,7 @@ export class MLCloudSidebar extends Widget {
     this.storeTimer = window.setInterval(() => {
       if (this.isVisible) {
         void this.refreshStudies();
+        void this.refreshPipelines();
       }
     }, STORE_REFRESH_MS);
     this.openSocket();

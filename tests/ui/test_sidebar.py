@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 from tests import held_cluster
 from tests.conftest import wait_for
+from tests.pipelines.conftest import nightly
 from tests.tuning.conftest import make_study
 from tests.ui.conftest import ARTIFACTS, Lab, bokeh_model, iframe_of, open_sidebar
 
@@ -70,7 +73,15 @@ def test_sidebar_lists_a_cluster_started_in_a_notebook(lab: Lab, page: Any) -> N
     page.locator("#mlcloud-sidebar .jp-mlcloud-empty").wait_for(timeout=60_000)
 
 
-def test_sidebar_restores_after_reload(lab: Lab, page: Any) -> None:
+def test_sidebar_restores_after_reload(lab: Lab, page: Any, tmp_path: Path) -> None:
+    # A real pipeline's runs, recorded in the store the server reads: one failed, one whose
+    # unchanged first step is cached.
+    name = f"nightly-{uuid.uuid4().hex[:6]}"
+    fail = tmp_path / "fail"
+    fail.touch()
+    nightly(tmp_path, name, [], fail=fail).run()
+    fail.unlink()
+    result = nightly(tmp_path, name, []).run()
     page.goto(f"{lab.url}/lab?token={lab.token}")
     open_sidebar(page)
     # JupyterLab saves the layout to the workspace shortly after it changes.
@@ -79,6 +90,28 @@ def test_sidebar_restores_after_reload(lab: Lab, page: Any) -> None:
     page.reload()
     page.locator("#mlcloud-sidebar .jp-mlcloud-header").wait_for()
     assert page.locator("#mlcloud-sidebar").is_visible()
+    _pipeline_runs_and_their_graph(page, name, result.mlflow_run_id)
+
+
+def _pipeline_runs_and_their_graph(page: Any, name: str, last: str) -> None:
+    """The Pipelines section lists ``name``'s two runs, newest first, with each step's state
+    and duration; Graph opens the last run's step graph."""
+    card = page.locator(f'#mlcloud-sidebar .jp-mlcloud-pipeline[data-pipeline="{name}"]')
+    card.wait_for(timeout=30_000)
+    runs = card.locator(".jp-mlcloud-pipeline-run")
+    assert [runs.nth(i).get_attribute("data-run-status") for i in range(2)] == [
+        "finished", "failed"]
+    states = [[step.get_attribute("data-step-state")
+               for step in runs.nth(i).locator(".jp-mlcloud-step").all()] for i in range(2)]
+    assert states == [["cached", "done", "done", "done"], ["done", "failed", "not-run", "not-run"]]
+    assert " s" in runs.nth(0).locator('[data-step="train"]').inner_text()  # its duration
+
+    runs.nth(0).locator(".jp-mlcloud-pipeline-graph").click()
+    frame = iframe_of(page, f'.jp-mlcloud-panel iframe[src*="{last}"]')
+    frame.locator("svg .step[data-step='register'][data-state='done']").wait_for()
+    assert frame.locator("svg .step[data-step='prepare']").get_attribute("data-state") == "cached"
+    assert frame.locator("svg line.edge").count() == 3
+    page.screenshot(path=str(ARTIFACTS / "sidebar-pipeline.png"))
 
 
 def test_sidebar_form_run_list_scale_and_shut_down(lab: Lab, page: Any) -> None:
