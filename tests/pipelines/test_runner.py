@@ -308,3 +308,35 @@ def test_a_step_killed_mid_way_leaves_no_output_and_no_lock(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "table.csv", "table.csv.mlcloud-done"]
     assert (tmp_path / "out" / "table.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_a_study_started_in_a_step_is_a_child_of_the_steps_run(tmp_path: Path,
+                                                                name: str) -> None:
+    import optuna
+
+    from jupyter_mlcloud.tuning.record import StudyRecord
+
+    pipe = pipeline(name, root=tmp_path)
+
+    @pipe.step(outputs=["study"])
+    def tune() -> str:
+        study = optuna.create_study(study_name=f"{name}-study")
+        parent = StudyRecord(study, {"n_trials": 0})
+        parent.end("FINISHED")
+        assert parent.run_id is not None
+        return parent.run_id
+
+    result = pipe.run()
+    step = result["tune"]
+    assert result.ok, step.error
+    assert step.runs == [result.outputs["study"]]
+    client = store.client()
+    tags = client.get_run(step.runs[0]).data.tags
+    assert tags["mlflow.parentRunId"] == step.mlflow_run_id
+    assert (tags["mlcloud.kind"], tags["mlcloud.pipeline.step"]) == ("study", "tune")
+    assert tags["mlcloud.pipeline.run"] == result.mlflow_run_id
+    assert json.loads(client.get_run(step.mlflow_run_id).data.tags["mlcloud.step_runs"]) \
+        == step.runs
+    # A cached rerun starts nothing, and lists nothing.
+    again = pipe.run()
+    assert again["tune"].state == "cached" and again["tune"].runs == []
