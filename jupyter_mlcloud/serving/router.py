@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import logging
+import re
 import ssl
 import threading
 import time
@@ -46,7 +48,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .host import Served, serve_app, stop_served
 from .replica import BATCH_HEADER, VERSION_HEADER, BearerAuth, Problem, read_body
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 # Idle connections to replicas are closed before uvicorn's own 5 s keep-alive ends, so a
 # request is never sent on a connection the replica is closing.
 KEEPALIVE_S = 4.0
+_INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")  # the hot path (see build_app)
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "content-length",
@@ -297,21 +300,21 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    async def forward(request: Request) -> Response:
-        counted = request.method == "POST"
-        try:
-            body = await read_body(request, spec.max_body_bytes)
-        except Problem as p:
-            return error(p.status, p.message, p.headers)
-        wanted = request.path_params.get("version")
+    def failed(status: int, message: str, headers: dict[str, str] | None = None) -> _Answer:
+        return _Answer(status, {"content-type": "application/json", **(headers or {})},
+                       json.dumps({"error": message}).encode())
+
+    async def relay(method: str, path: str, headers: list[tuple[str, str]], body: bytes,
+                    wanted: str | None) -> _Answer:
+        """Send one request to a replica (another on a connection error or a 503, up to
+        ``spec.retries`` more), counting it; the answer to give the client."""
+        counted = method == "POST"
         if wanted is not None and not any(s.backend.version == wanted for s in state.slots):
             live = ", ".join(sorted({s.backend.version for s in state.slots}, key=_order))
-            return error(404, f"version {wanted!r} of model {spec.name!r} is not served;"
-                         f" the endpoint serves version(s) {live or 'none'}.")
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return failed(404, f"version {wanted!r} of model {spec.name!r} is not served;"
+                          f" the endpoint serves version(s) {live or 'none'}.")
         tried: set[str] = set()
-        last: Response | None = None
+        last: _Answer | None = None
         started = time.perf_counter()
         figures: list[_Figures] = [state.total] if counted else []
         for f in figures:
@@ -334,12 +337,11 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
             slot.requests += 1
             try:
                 async with holder["client"].request(
-                        request.method, slot.backend.url + path, data=body,
-                        headers=headers) as answer:
+                        method, slot.backend.url + path, data=body, headers=headers) as answer:
                     content = await answer.read()
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 slot.errors += 1
-                last = error(504, f"the replica did not answer within {spec.timeout_s:g} s.")
+                last = failed(504, f"the replica did not answer within {spec.timeout_s:g} s.")
                 break
             except gone as e:
                 slot.errors += 1
@@ -348,9 +350,8 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
                 continue
             finally:
                 slot.outstanding -= 1
-            out_headers = {k: v for k, v in answer.headers.items()
-                           if k.lower() not in HOP_BY_HOP}
-            last = Response(content, status_code=answer.status, headers=out_headers)
+            last = _Answer(answer.status, {k: v for k, v in answer.headers.items()
+                                           if k.lower() not in HOP_BY_HOP}, content)
             if answer.status == 503 and counted:  # overloaded or stopping: try another
                 slot.errors += 1
                 continue
@@ -358,15 +359,52 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
             batch = int(size) if size and size.isdigit() else None
             break
         if last is None:
-            last = error(503, f"no replica of {spec.name!r} could take the request; retry"
-                         " later.", {"Retry-After": "1"})
+            last = failed(503, f"no replica of {spec.name!r} could take the request; retry"
+                          " later.", {"Retry-After": "1"})
         if counted:
             seconds = time.perf_counter() - started
             for f in figures:
-                f.leave(last.status_code, seconds, batch)
+                f.leave(last.status, seconds, batch)
             answered = last.headers.get(VERSION_HEADER) or version or "none"
-            metrics.answered(answered, last.status_code, seconds)
+            metrics.answered(answered, last.status, seconds)
         return last
+
+    async def forward(request: Request) -> Response:
+        try:
+            body = await read_body(request, spec.max_body_bytes)
+        except Problem as p:
+            return error(p.status, p.message, p.headers)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        answer = await relay(request.method, path, headers, body,
+                             request.path_params.get("version"))
+        return Response(answer.content, status_code=answer.status, headers=answer.headers)
+
+    async def infer_fast(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v2/models/{name}/infer``, the hot path, straight on ASGI: the same relay
+        as :func:`forward`, without Starlette's request, routing and response objects."""
+        headers, declared = [], None
+        for key, value in scope["headers"]:
+            name = key.decode("latin-1").lower()
+            if name == "content-length":
+                declared = value
+            if name not in HOP_BY_HOP:
+                headers.append((name, value.decode("latin-1")))
+        try:
+            body = await _receive_body(receive, declared, spec.max_body_bytes)
+            query = scope.get("query_string", b"")
+            path = scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
+            answer = await relay("POST", path, headers, body, None)
+        except Problem as p:
+            answer = failed(p.status, p.message, p.headers)
+        except Exception:  # as Starlette's routes do: a sentence, never a traceback
+            log.exception("the router failed to answer a request")
+            answer = failed(500, "the router failed to answer this request.")
+        raw = [(k.encode("latin-1"), str(v).encode("latin-1"))
+               for k, v in answer.headers.items() if k.lower() != "content-length"]
+        raw.append((b"content-length", str(len(answer.content)).encode()))
+        await send({"type": "http.response.start", "status": answer.status, "headers": raw})
+        await send({"type": "http.response.body", "body": answer.content})
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -420,7 +458,46 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found})
-    return BearerAuth(app, spec.token)
+
+    async def router_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" \
+                and _INFER_PATH.match(scope["path"]):
+            await infer_fast(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return BearerAuth(router_app, spec.token)
+
+
+@dataclass
+class _Answer:
+    """What the router answers: status, headers, body."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+
+async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """An ASGI request's body, refused with 413 as soon as it is known to exceed ``limit``
+    bytes (by its Content-Length, or while it streams in), like :func:`.replica.read_body`."""
+    too_big = Problem(413, f"the request body is larger than this endpoint's limit of"
+                      f" {limit} bytes; send fewer rows per request.")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client went away before sending the whole body.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- on the worker

@@ -17,6 +17,7 @@ import torch
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import host as worker_side
 from jupyter_mlcloud.serving.api import Endpoint
+from jupyter_mlcloud.serving.router import RouterSpec
 from tests.conftest import ModuleCluster
 from tests.serving.conftest import expected, make_model, metric, v2_body
 
@@ -118,3 +119,27 @@ def test_an_infer_is_retried_when_a_replica_is_gone(cluster: Any,
         assert stats["replicas"][victim["id"]]["errors"] >= 1
     finally:
         ep.close()
+
+
+def test_the_infer_fast_path_answers_as_the_other_routes(cluster: Any, endpoint: Endpoint,
+                                                        model: torch.nn.Module) -> None:
+    body = v2_body(X)
+    with http(endpoint.url, endpoint.ca_file, endpoint.token) as client:
+        fast = client.post("/v2/models/mlp/infer", json=body)  # raw ASGI
+        version = endpoint.versions[0]["version"]
+        routed = client.post(f"/v2/models/mlp/versions/{version}/infer", json=body)  # Starlette
+        for got in (fast, routed):
+            assert got.status_code == 200, got.text
+            assert got.headers["x-mlcloud-model-version"] == str(version)
+            assert got.headers["content-type"].startswith("application/json")
+            np.testing.assert_array_equal(
+                np.asarray(got.json()["outputs"][0]["data"], np.float32).reshape(len(X), -1),
+                expected(model, X))
+        # The replica's own refusal passes through unchanged.
+        wrong = client.post("/v2/models/other/infer", json=body)
+        assert wrong.status_code == 404 and "serves 'mlp'" in wrong.json()["error"]
+        # An oversize body is refused at the router, before any replica sees it.
+        limit = RouterSpec.max_body_bytes
+        too_big = client.post("/v2/models/mlp/infer", content=b"0" * (limit + 1),
+                              headers={"content-type": "application/json"})
+        assert too_big.status_code == 413 and "larger than" in too_big.json()["error"]
