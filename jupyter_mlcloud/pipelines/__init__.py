@@ -10,6 +10,9 @@
     def train(data, lr, model, cluster):     # cluster: the one pipe.run(cluster=...) got
         ...
 
+    pipe.step("report.ipynb", inputs=["model"], outputs={"report": "work/report.md"})
+    # a notebook step: values set after its cell tagged "parameters"
+
     result = pipe.run(cluster=cluster)       # unchanged steps are "cached"
 
 Nothing here imports mlflow or torch until a pipeline runs.

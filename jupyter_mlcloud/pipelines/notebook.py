@@ -10,7 +10,8 @@ address of the cluster the pipeline runs with.
 
 The executed notebook is an output of the step too, ``STEP.ipynb``, published beside the
 pipeline's lock (``.mlcloud-pipelines/PIPELINE/STEP.ipynb``). The step's code hash, for the
-cache, is that of the notebook's code cells: outputs, counts and metadata left out.
+cache, is that of the notebook's code cells and kernel name: outputs, counts, markdown and
+other metadata left out.
 """
 
 from __future__ import annotations
@@ -80,9 +81,11 @@ def assigned(source: str) -> set[str]:
 
 
 def code_hash_of(notebook: dict[str, Any]) -> str:
-    """The hash of a notebook's code cells' sources, in order."""
+    """The hash of a notebook's code cells' sources, in order, and of the kernel it names
+    (another language or environment may compute something else)."""
     sources = [_source(c) for c in notebook["cells"] if c.get("cell_type") == "code"]
-    return hashlib.sha256(json.dumps(sources).encode()).hexdigest()
+    kernel = (notebook.get("metadata", {}).get("kernelspec") or {}).get("name")
+    return hashlib.sha256(json.dumps([kernel, sources]).encode()).hexdigest()
 
 
 def _address(cluster: Any) -> str | None:
