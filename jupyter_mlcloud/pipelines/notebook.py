@@ -84,8 +84,23 @@ def code_hash_of(notebook: dict[str, Any]) -> str:
     """The hash of a notebook's code cells' sources, in order, and of the kernel it names
     (another language or environment may compute something else)."""
     sources = [_source(c) for c in notebook["cells"] if c.get("cell_type") == "code"]
-    kernel = (notebook.get("metadata", {}).get("kernelspec") or {}).get("name")
+    kernel = kernel_of(notebook)
     return hashlib.sha256(json.dumps([kernel, sources]).encode()).hexdigest()
+
+
+def kernel_of(notebook: Any) -> str:
+    """The kernel a notebook names in its metadata (``python3`` if none)."""
+    return str((notebook.get("metadata", {}).get("kernelspec") or {}).get("name") or "python3")
+
+
+def check_kernel(kernel: str, notebook: str) -> None:
+    """ValueError naming the installed kernels, if ``kernel`` is not one of them."""
+    from jupyter_client.kernelspec import find_kernel_specs
+
+    installed = sorted(find_kernel_specs())
+    if kernel not in installed:
+        raise ValueError(f"notebook {notebook!r} asks for kernel {kernel!r}, which is not"
+                         f" installed; installed: {installed}.")
 
 
 def _address(cluster: Any) -> str | None:
@@ -117,6 +132,7 @@ class NotebookStep:
             notebook = _read(self.path)
         except (OSError, ValueError) as e:
             raise ValueError(f"{given!r} is not a readable notebook ({e}).") from None
+        check_kernel(kernel_of(notebook), given)
         self.__name__ = os.path.splitext(os.path.basename(self.path))[0]
         # The runner binds by signature: one that takes every value it is given.
         self.__signature__ = inspect.Signature(
@@ -189,7 +205,7 @@ class NotebookStep:
             cell = nbformat.v4.new_code_cell("\n".join(lines))
             cell.metadata["tags"] = [INJECTED]
             notebook.cells.insert(0 if index is None else index + 1, cell)
-        kernel = (notebook.metadata.get("kernelspec") or {}).get("name") or "python3"
+        kernel = kernel_of(notebook)
         client = NotebookClient(notebook, kernel_name=kernel, timeout=None,
                                 resources={"metadata": {"path": os.path.dirname(self.path)}})
         step = context.active()
@@ -201,11 +217,9 @@ class NotebookStep:
             raise NotebookFailed(
                 f"notebook {self.given!r} failed in cell {number}: {e.ename}: {e.evalue}",
                 _ANSI.sub("", e.traceback)) from None
-        except NoSuchKernel:
-            from jupyter_client.kernelspec import find_kernel_specs
-
-            raise ValueError(f"notebook {self.given!r} asks for kernel {kernel!r}, which is not"
-                             f" installed; installed: {sorted(find_kernel_specs())}.") from None
+        except NoSuchKernel:  # uninstalled since the step was added
+            check_kernel(kernel, self.given)
+            raise
         nbformat.write(notebook, executed_to)
 
     @staticmethod

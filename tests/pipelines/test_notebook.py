@@ -160,6 +160,8 @@ def test_a_failing_cell_fails_the_step_with_its_error_and_writes_nothing(
     ("tagged.ipynb", {"params": {"lr": 0.1, "momentum": 0.9}},
      "sets \\['momentum'\\], which the parameters cell of 'tagged.ipynb' does not assign; it"
      " assigns \\['epochs', 'lr', 'out'\\]"),
+    ("julia.ipynb", {}, "notebook 'julia.ipynb' asks for kernel 'julia-1.11', which is not"
+                        " installed; installed: \\[.*'python3'.*\\]"),
     ("tagged.ipynb", {"outputs": ["score"]}, "notebook step 'tagged' declares returned outputs"
                                              " \\['score'\\]; a notebook's outputs are files"),
 ])
@@ -168,6 +170,10 @@ def test_bad_notebook_steps_are_refused_with_one_sentence(
     write_notebook(tmp_path / "plain.ipynb", [("", "x = 1")])
     write_notebook(tmp_path / "tagged.ipynb", [
         ("parameters", "lr = 0.5\nepochs: int = 3\nout = 'model.json'"), ("", "print(lr)")])
+    julia = write_notebook(tmp_path / "julia.ipynb", [("", "x = 1")])
+    book = nbformat.read(julia, as_version=4)
+    book.metadata["kernelspec"]["name"] = "julia-1.11"
+    nbformat.write(book, julia)
     before = files_under(tmp_path)
     pipe = pipeline(name, root=tmp_path)
     with pytest.raises(ValueError, match=message):
