@@ -44,6 +44,7 @@ class PipelineRecord:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._warned = False
+        self._open: set[str] = set()  # steps' runs opened and not yet recorded
         try:
             self.uri, self._client = store.open_client()
             self.experiment_id = store.experiment_id(self._client, store.experiment_name())
@@ -105,6 +106,7 @@ class PipelineRecord:
             run = self._client.create_run(self.experiment_id, run_name=step,
                                           start_time=int(started * 1000),
                                           tags=self._step_tags(step))
+            self._open.add(str(run.info.run_id))
             return str(run.info.run_id)
         except Exception as e:  # noqa: BLE001
             self._warn(f"MLflow refused the record of step {step!r} ({e}).")
@@ -157,6 +159,7 @@ class PipelineRecord:
                 late = []
             else:  # opened before the step ran: its tags now, in the batch below
                 child, late = run_id, [entities.RunTag(k, v) for k, v in tags.items()]
+                self._open.discard(run_id)
             # One batch for the params, the duration and the tags: each write is a commit.
             values = [entities.Param(k, param_value(v)) for k, v in params.items()
                       if v is not None]
@@ -176,6 +179,9 @@ class PipelineRecord:
         if self.run_id is None:
             return
         try:
+            for child in self._open:  # a step interrupted mid-way (Ctrl-C)
+                self._client.set_terminated(child, "KILLED")
+            self._open.clear()
             self._client.set_tag(self.run_id, "mlcloud.steps", json.dumps(dict(states)))
             self._client.set_terminated(self.run_id, status)
         except Exception as e:  # noqa: BLE001

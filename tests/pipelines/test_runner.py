@@ -340,3 +340,23 @@ def test_a_study_started_in_a_step_is_a_child_of_the_steps_run(tmp_path: Path,
     # A cached rerun starts nothing, and lists nothing.
     again = pipe.run()
     assert again["tune"].state == "cached" and again["tune"].runs == []
+
+
+def test_an_interrupted_step_leaves_its_run_and_the_pipelines_killed(tmp_path: Path,
+                                                                     name: str) -> None:
+    pipe = pipeline(name, root=tmp_path)
+
+    @pipe.step(outputs={"table": "out/table.csv"})
+    def slow(table: str) -> None:
+        Path(table).write_text("a,b\n")
+        raise KeyboardInterrupt  # Ctrl-C in the kernel, mid-step
+
+    with pytest.raises(KeyboardInterrupt):
+        pipe.run()
+    client = store.client()
+    experiment = store.experiment_id(client, store.experiment_name())
+    runs = client.search_runs([experiment], f"tags.`mlcloud.pipeline` = '{name}'")
+    assert sorted((r.data.tags["mlcloud.kind"], r.info.status) for r in runs) == [
+        ("pipeline", "KILLED"), ("pipeline-step", "KILLED")]
+    assert not (tmp_path / "out" / "table.csv").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == []
