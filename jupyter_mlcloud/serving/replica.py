@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -100,20 +101,55 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+#: The hot path, answered on ASGI directly (see the apps' ``*_fast`` handlers).
+INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")
+HEADER_LENGTH_KEY = protocol.HEADER_LENGTH.lower().encode("latin-1")
+
+
+def error_body(message: str, headers: dict[str, str] | None = None
+                ) -> tuple[bytes, dict[str, str]]:
+    """An error answer's JSON body and headers (what :func:`_error` sends)."""
+    return (json.dumps({"error": message}, ensure_ascii=False, separators=(",", ":")).encode(),
+            {"content-type": "application/json", **(headers or {})})
+
+
+def _too_big(limit: int) -> Problem:
+    return Problem(413, f"the request body is larger than this endpoint's limit of {limit}"
+                   " bytes; send fewer rows per request.")
+
+
+async def receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """An ASGI request's body, refused with 413 as soon as it is known to exceed ``limit``
+    bytes (by its Content-Length ``declared``, or while it streams in)."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_big(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client went away before sending the whole body.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_big(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes
     (by its Content-Length, or while it streams in)."""
-    too_big = Problem(413, f"the request body is larger than this endpoint's limit of"
-                      f" {limit} bytes; send fewer rows per request.")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
+        raise _too_big(limit)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_big
+            raise _too_big(limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -127,11 +163,12 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
     state = {"ready": False}
 
     def check_model(request: Request) -> None:
-        asked = request.path_params["name"]
+        check_names(request.path_params["name"], request.path_params.get("version"))
+
+    def check_names(asked: str, asked_version: str | None) -> None:
         if asked != name:
             raise Problem(404, f"model {asked!r} is not served here; this endpoint serves"
                           f" {name!r}.")
-        asked_version = request.path_params.get("version")
         if asked_version is not None and asked_version != version:
             raise Problem(404, f"version {asked_version!r} of model {name!r} is not served"
                           f" here; this replica serves version {version}.")
@@ -219,12 +256,11 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
         check_model(request)
         return JSONResponse({"name": name, "ready": state["ready"]})
 
-    @guarded(counted=True)
-    async def infer(request: Request) -> Response:
-        started = time.perf_counter()
-        check_model(request)
-        body = await read_body(request, max_body_bytes)
-        decoded = protocol.decode_infer(body, request.headers.get(protocol.HEADER_LENGTH))
+    async def answer_infer(body: bytes, header_length: str | None, started: float
+                           ) -> tuple[bytes, dict[str, str]]:
+        """An OIP infer request's answer (its body and headers), counted; Problem or
+        BadRequest for a request it refuses."""
+        decoded = protocol.decode_infer(body, header_length)
         if len(decoded.inputs) != 1 or model.input.name not in decoded.inputs:
             given = ", ".join(repr(n) for n in decoded.inputs)
             raise Problem(400, f"the request gives input(s) {given}; the model takes one"
@@ -235,12 +271,52 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
         request_id = decoded.id or uuid.uuid4().hex
         payload, headers = protocol.encode_infer(name, version, request_id,
                                                  [(model.output.name, outputs)], decoded)
-        response = Response(payload, headers={**headers,
-                                              **_answer_headers(version, timings, request_id)})
         if observe is not None:
             observe(request_id, rows, outputs)
         metrics.answered(200, timings, time.perf_counter() - started)
-        return response
+        return payload, {**headers, **_answer_headers(version, timings, request_id)}
+
+    @guarded(counted=True)
+    async def infer(request: Request) -> Response:
+        started = time.perf_counter()
+        check_model(request)
+        body = await read_body(request, max_body_bytes)
+        payload, headers = await answer_infer(
+            body, request.headers.get(protocol.HEADER_LENGTH), started)
+        return Response(payload, headers=headers)
+
+    async def infer_fast(scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /v2/models/{name}/infer``, the hot path, straight on ASGI: what
+        :func:`infer` answers, without Starlette's request, routing and response objects."""
+        started = time.perf_counter()
+        metrics.started()
+        declared = header_length = None
+        for key, value in scope["headers"]:  # ASGI gives names in lower case
+            if key == b"content-length":
+                declared = value
+            elif key == HEADER_LENGTH_KEY:
+                header_length = value.decode("latin-1")
+        try:
+            check_names(scope["path"].split("/")[3], None)
+            body = await receive_body(receive, declared, max_body_bytes)
+            payload, headers = await answer_infer(body, header_length, started)
+            status = 200
+        except (Problem, BadRequest) as e:
+            status = e.status if isinstance(e, Problem) else 400
+            payload, headers = error_body(e.message if isinstance(e, Problem) else str(e),
+                                           e.headers if isinstance(e, Problem) else None)
+        except Exception:
+            log.exception("replica route %s failed", scope["path"])
+            status = 500
+            payload, headers = error_body("the replica failed to answer this request; see"
+                                           " the worker's log.")
+        if status >= 400:
+            metrics.answered(status)
+        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+               if k.lower() != "content-length"]
+        raw.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": payload})
 
     @guarded(counted=True)
     async def predict_v1(request: Request) -> Response:
@@ -305,4 +381,12 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found})
-    return BearerAuth(app, token)
+
+    async def replica_app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" \
+                and INFER_PATH.match(scope["path"]):
+            await infer_fast(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return BearerAuth(replica_app, token)

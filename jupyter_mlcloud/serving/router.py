@@ -32,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import json
 import logging
-import re
 import ssl
 import threading
 import time
@@ -51,7 +49,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .host import Served, serve_app, stop_served
-from .replica import BATCH_HEADER, VERSION_HEADER, BearerAuth, Problem, read_body
+from .replica import (
+    BATCH_HEADER,
+    INFER_PATH,
+    VERSION_HEADER,
+    BearerAuth,
+    Problem,
+    error_body,
+    read_body,
+    receive_body,
+)
 from .security import KeyPair
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,6 @@ log = logging.getLogger(__name__)
 # Idle connections to replicas are closed before uvicorn's own 5 s keep-alive ends, so a
 # request is never sent on a connection the replica is closing.
 KEEPALIVE_S = 4.0
-_INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")  # the hot path (see build_app)
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "content-length",
@@ -301,8 +307,8 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     def failed(status: int, message: str, headers: dict[str, str] | None = None) -> _Answer:
-        return _Answer(status, {"content-type": "application/json", **(headers or {})},
-                       json.dumps({"error": message}).encode())
+        content, with_type = error_body(message, headers)
+        return _Answer(status, with_type, content)
 
     async def relay(method: str, path: str, headers: list[tuple[str, str]], body: bytes,
                     wanted: str | None) -> _Answer:
@@ -391,7 +397,7 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
             if name not in HOP_BY_HOP:
                 headers.append((name, value.decode("latin-1")))
         try:
-            body = await _receive_body(receive, declared, spec.max_body_bytes)
+            body = await receive_body(receive, declared, spec.max_body_bytes)
             query = scope.get("query_string", b"")
             path = scope["path"] + (f"?{query.decode('latin-1')}" if query else "")
             answer = await relay("POST", path, headers, body, None)
@@ -461,7 +467,7 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
 
     async def router_app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" \
-                and _INFER_PATH.match(scope["path"]):
+                and INFER_PATH.match(scope["path"]):
             await infer_fast(scope, receive, send)
         else:
             await app(scope, receive, send)
@@ -477,27 +483,6 @@ class _Answer:
     headers: dict[str, str]
     content: bytes
 
-
-async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    """An ASGI request's body, refused with 413 as soon as it is known to exceed ``limit``
-    bytes (by its Content-Length, or while it streams in), like :func:`.replica.read_body`."""
-    too_big = Problem(413, f"the request body is larger than this endpoint's limit of"
-                      f" {limit} bytes; send fewer rows per request.")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Problem(400, "the client went away before sending the whole body.")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 # ---------------------------------------------------------------- on the worker
