@@ -106,6 +106,28 @@ INFER_PATH = re.compile(r"^/v2/models/[^/]+/infer$")
 HEADER_LENGTH_KEY = protocol.HEADER_LENGTH.lower().encode("latin-1")
 
 
+def with_fast_infer(app: ASGIApp, infer: ASGIApp) -> ASGIApp:
+    """``app``, but ``POST /v2/models/{name}/infer`` (:data:`INFER_PATH`) goes to ``infer``."""
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" \
+                and INFER_PATH.match(scope["path"]):
+            await infer(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return dispatch
+
+
+async def send_answer(send: Send, status: int, headers: dict[str, str], body: bytes) -> None:
+    """Send a whole HTTP answer on ASGI (its Content-Length from ``body``)."""
+    raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+           if k.lower() != "content-length"]
+    raw.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 def error_body(message: str, headers: dict[str, str] | None = None
                 ) -> tuple[bytes, dict[str, str]]:
     """An error answer's JSON body and headers (what :func:`_error` sends)."""
@@ -312,11 +334,7 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
                                            " the worker's log.")
         if status >= 400:
             metrics.answered(status)
-        raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
-               if k.lower() != "content-length"]
-        raw.append((b"content-length", str(len(payload)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": payload})
+        await send_answer(send, status, headers, payload)
 
     @guarded(counted=True)
     async def predict_v1(request: Request) -> Response:
@@ -381,12 +399,4 @@ def build_app(model: Model, batcher: Batcher, metrics: ReplicaMetrics, *, name: 
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found})
-
-    async def replica_app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" \
-                and INFER_PATH.match(scope["path"]):
-            await infer_fast(scope, receive, send)
-        else:
-            await app(scope, receive, send)
-
-    return BearerAuth(replica_app, token)
+    return BearerAuth(with_fast_infer(app, infer_fast), token)

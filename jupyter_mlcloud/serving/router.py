@@ -51,13 +51,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .host import Served, serve_app, stop_served
 from .replica import (
     BATCH_HEADER,
-    INFER_PATH,
     VERSION_HEADER,
     BearerAuth,
     Problem,
     error_body,
     read_body,
     receive_body,
+    send_answer,
+    with_fast_infer,
 )
 from .security import KeyPair
 
@@ -406,11 +407,7 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
         except Exception:  # as Starlette's routes do: a sentence, never a traceback
             log.exception("the router failed to answer a request")
             answer = failed(500, "the router failed to answer this request.")
-        raw = [(k.encode("latin-1"), str(v).encode("latin-1"))
-               for k, v in answer.headers.items() if k.lower() != "content-length"]
-        raw.append((b"content-length", str(len(answer.content)).encode()))
-        await send({"type": "http.response.start", "status": answer.status, "headers": raw})
-        await send({"type": "http.response.body", "body": answer.content})
+        await send_answer(send, answer.status, answer.headers, answer.content)
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -464,15 +461,7 @@ def build_app(spec: RouterSpec, state: _State) -> ASGIApp:
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found})
-
-    async def router_app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" \
-                and INFER_PATH.match(scope["path"]):
-            await infer_fast(scope, receive, send)
-        else:
-            await app(scope, receive, send)
-
-    return BearerAuth(router_app, spec.token)
+    return BearerAuth(with_fast_infer(app, infer_fast), spec.token)
 
 
 @dataclass
