@@ -217,6 +217,8 @@ def shared_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedHos
             SHARED.discard(handle)
             with runtime_dir(runtime):
                 handle.close()
+            # Nothing is left to finish gracefully: workers that ran gloo take seconds to.
+            network.stop(timeout=1.0)
 
 
 @pytest.fixture
