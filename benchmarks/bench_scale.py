@@ -6,7 +6,9 @@
 (a) Scheduler load from metrics. A ``dask scheduler`` process and two ``dask worker``
     processes (no nannies); ranks are simulated: each of the two workers runs K reporters, each
     the package's own ``EventBatcher`` (the object a rank's ``ctx.report`` feeds, flushing one
-    Dask event every 0.2 s) fed 10 points/s, so ``--ranks 16`` is 8 reporters per worker. The
+    Dask event every 0.2 s) fed 10 points/s, so ``--ranks 16`` is 8 reporters per worker;
+    their flushes are spread over the interval, so that each event travels as its own
+    message, as it would from ranks on separate hosts. The
     benchmark process subscribes to the topic, as the kernel's run does. The scheduler's CPU
     time (user + system, from /proc) over a ``--window`` of seconds, less the same window with
     no reporters, divided by the events logged, is the per-event cost; 256 ranks × 5 events/s
@@ -23,7 +25,10 @@
 (c) Rendezvous as ranks grow: N ranks as threads of this process, each connecting its own
     ``TCPStore`` client to one master and building its own gloo process group on loopback
     (the full mesh: N-1 connections per rank), then one all-reduce. Two columns: the store
-    connect, and ready (the group built and the all-reduce done), both the slowest rank's.
+    connect, and ready (the group built and the all-reduce done), both the slowest rank's;
+    then both again in a process whose resolver gives up after 1 s (``RES_OPTIONS``): c10d
+    looks a name up as a rank connects, and a machine without a reachable name server (this
+    one) waits glibc's 5 s for it, now and then.
 
 Medians of ``--repeats`` runs with min–max. Only the benchmark should run on the machine.
 """
@@ -48,6 +53,7 @@ from stats import quantile
 THREAD_VARS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 for _name, _value in THREAD_VARS.items():
     os.environ.setdefault(_name, _value)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d warns once per staggered rank
 
 REPORTS_PER_S = 10  # per rank, as the brief of the plan says
 FLUSH_S = 0.2  # EventBatcher's interval: at most 5 events per rank per second
@@ -73,9 +79,13 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 # ---------------------------------------------------------------- (a) metrics events
 
 
-def reporters(k: int, window: float, topic: str, rate: float) -> dict[str, int]:
+def reporters(k: int, window: float, topic: str, rate: float, phase: float) -> dict[str, int]:
     """On a worker: ``k`` simulated ranks reporting ``rate`` points/s each for ``window`` s,
-    each through its own EventBatcher; the events and points sent."""
+    each through its own EventBatcher; the events and points sent.
+
+    The batchers start spread over one flush interval (``phase`` of a step later on the
+    second worker), as ranks on their own hosts flush out of step: started together, their
+    events would leave in one message and hide the scheduler's cost per message."""
     from distributed import get_worker
 
     from jupyter_mlcloud.telemetry.events import EventBatcher, point
@@ -90,7 +100,12 @@ def reporters(k: int, window: float, topic: str, rate: float) -> dict[str, int]:
             sent["points"] += len(msg["items"])
         worker.log_event(topic, msg)
 
-    batchers = [EventBatcher(log_event, topic, FLUSH_S) for _ in range(k)]
+    step_s = FLUSH_S / k
+    time.sleep(phase * step_s)
+    batchers = []
+    for _ in range(k):
+        batchers.append(EventBatcher(log_event, topic, FLUSH_S))
+        time.sleep(step_s)
     # One feeder thread for all k: a rank's reports cost the scheduler nothing until flushed.
     start = time.monotonic()
     tick, step = start, 0
@@ -166,9 +181,9 @@ def one_window(client: Any, pid: int, addresses: list[str], n: int, window: floa
     before_events = received["n"]
     before = cpu_seconds(pid)
     if n:
-        futures = [client.submit(reporters, n // 2, window, TOPIC, REPORTS_PER_S,
+        futures = [client.submit(reporters, n // 2, window, TOPIC, REPORTS_PER_S, i / 2,
                                  workers=[a], pure=False, allow_other_workers=False)
-                   for a in addresses]
+                   for i, a in enumerate(addresses)]
         sent = [f.result(timeout=window + 60) for f in futures]
     else:
         time.sleep(window)  # the idle baseline: the scheduler's ticks and heartbeats
@@ -273,8 +288,14 @@ def measure_bandwidth(state_mib: int, repeats: int) -> dict[str, list[float]]:
 # ---------------------------------------------------------------- (c) rendezvous
 
 
+# A resolver that gives up after 1 s instead of glibc's 5 s: c10d looks a name up while a rank
+# connects, and where no name server answers (this machine) that lookup is what waits.
+QUICK_RESOLVER = {"RES_OPTIONS": "timeout:1 attempts:1"}
+
+
 def rendezvous(n: int) -> tuple[float, float]:
-    """``n`` ranks as threads: (the slowest store connect, the slowest rank ready), seconds."""
+    """``n`` ranks as threads: (the slowest store connect, the slowest rank ready), seconds
+    from the common start."""
     import torch
     import torch.distributed as dist
 
@@ -327,21 +348,47 @@ def main() -> None:
     parser.add_argument("--rendezvous", default="2,4,8,16,32,64")
     parser.add_argument("--state-mib", type=int, default=64)
     parser.add_argument("--target-ranks", type=int, default=256)
+    parser.add_argument("--parts", default="a,b,c", help="which of (a), (b), (c) to run")
+    parser.add_argument("--rendezvous-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     ranks = [int(r) for r in args.ranks.split(",")]
     if any(r < 2 or r % 2 for r in ranks):
         raise SystemExit(f"--ranks takes even numbers >= 2 (two workers), got {args.ranks!r}.")
+    parts = set(args.parts.split(","))
+    if args.rendezvous_child:
+        counts = [int(r) for r in args.rendezvous.split(",")]
+        print(json.dumps({n: [rendezvous(n) for _ in range(args.repeats)] for n in counts}))
+        return
     load_before = os.getloadavg()
     began = time.monotonic()
+    if "a" in parts:
+        measure_and_print_events(ranks, args)
+    if "b" in parts:
+        measure_and_print_bandwidth(args)
+    if "c" in parts:
+        measure_and_print_rendezvous(args)
+    print(f"\n{os.cpu_count()} cores; load average before"
+          f" {' '.join(f'{v:.2f}' for v in load_before)}, after"
+          f" {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.monotonic() - began:.0f} s")
 
+
+def rendezvous_child(counts: list[int], repeats: int, env: dict[str, str]) -> dict[str, Any]:
+    """(c) in a fresh process, whose resolver reads ``env`` when it first starts."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--rendezvous-child", "--repeats", str(repeats),
+         "--rendezvous", ",".join(map(str, counts))],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=1800, check=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def measure_and_print_events(ranks: list[int], args: argparse.Namespace) -> None:
     results = measure_events(ranks, args.repeats, args.window)
     idle = [r["cpu"] / r["window"] for r in results if r["ranks"] == 0]
     idle_rate = statistics.median(idle)
-    rows, costs = [], []
+    rows = []
     for n in ranks:
         runs = [r for r in results if r["ranks"] == n]
         per_event = [(r["cpu"] - idle_rate * r["window"]) / r["events"] * 1e6 for r in runs]
-        costs += per_event
         lost = sum(r["events"] - r["delivered"] for r in runs)
         if lost:
             raise SystemExit(f"{lost} events of {n} ranks never reached the subscriber")
@@ -354,17 +401,25 @@ def main() -> None:
           f" (min–max); idle scheduler {100 * idle_rate:.1f} % of a core",
           ["ranks", "events/s", "points/s", "scheduler CPU %", "µs per event (less idle)"],
           rows)
-    # The cost per event from the largest measured counts, where fixed costs weigh least.
-    top = [c for n in ranks[-2:] for r in results if r["ranks"] == n
-           for c in [(r["cpu"] - idle_rate * r["window"]) / r["events"] * 1e6]]
-    per_event_us = statistics.median(top)
-    for target in (args.target_ranks, 4 * args.target_ranks):
-        events_s = target / FLUSH_S
-        print(f"extrapolated, {target} ranks: {events_s:.0f} events/s × {per_event_us:.0f} µs"
-              f" = {events_s * per_event_us / 1e4:.0f} % of a scheduler core"
-              f" (+ idle {100 * idle_rate:.1f} %); per-event p25–p75 over {ranks[-2:]} ranks:"
-              f" {quantile(top, 0.25):.0f}–{quantile(top, 0.75):.0f} µs")
+    # The cost per event at 16 ranks (the largest count of the plan's 2-16, cautious: fixed
+    # costs still weigh), and at the two largest counts measured (the trend further on).
+    def cost(counts: list[int]) -> list[float]:
+        return [(r["cpu"] - idle_rate * r["window"]) / r["events"] * 1e6
+                for r in results if r["ranks"] in counts]
 
+    for counts in ([16] if 16 in ranks else [], ranks[-2:]):
+        if not counts:
+            continue
+        per_event_us = statistics.median(cost(counts))
+        for target in (args.target_ranks, 4 * args.target_ranks):
+            events_s = target / FLUSH_S
+            print(f"extrapolated from {counts} ranks to {target}: {events_s:.0f} events/s ×"
+                  f" {per_event_us:.0f} µs = {events_s * per_event_us / 1e4:.0f} % of a"
+                  f" scheduler core (+ idle {100 * idle_rate:.1f} %); per-event p25–p75"
+                  f" {quantile(cost(counts), 0.25):.0f}–{quantile(cost(counts), 0.75):.0f} µs")
+
+
+def measure_and_print_bandwidth(args: argparse.Namespace) -> None:
     bandwidth = measure_bandwidth(args.state_mib, args.repeats)
     labels = {"clone": "commit: in-memory copy on the rank (clone)",
               "peer-tcp": "commit: copy to the peer worker, tcp://",
@@ -375,19 +430,18 @@ def main() -> None:
           " (min–max)", ["what", "MiB/s"],
           [[text, summary(bandwidth[k], ".0f")] for k, text in labels.items()])
 
-    rows = []
-    for n in [int(r) for r in args.rendezvous.split(",")]:
-        runs = [rendezvous(n) for _ in range(args.repeats)]
-        rows.append([str(n), summary([c for c, _ in runs], ".3f"),
-                     summary([r for _, r in runs], ".3f")])
-    table(f"(c) rendezvous: ranks as threads of one process on loopback (gloo), medians of"
-          f" {args.repeats} (min–max), seconds, the slowest rank",
-          ["ranks", "TCPStore connect", "group ready + 1 all-reduce"], rows)
 
-    print(f"\n{os.cpu_count()} cores; load average before"
-          f" {' '.join(f'{v:.2f}' for v in load_before)}, after"
-          f" {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {time.monotonic() - began:.0f} s")
-    print(json.dumps({"per_event_us": per_event_us, "idle_core": idle_rate}))
+def measure_and_print_rendezvous(args: argparse.Namespace) -> None:
+    counts = [int(r) for r in args.rendezvous.split(",")]
+    plain = rendezvous_child(counts, args.repeats, {})
+    quick = rendezvous_child(counts, args.repeats, QUICK_RESOLVER)
+    rows = [[str(n), *(summary([x[i] for x in runs[str(n)]], ".3f")
+                       for runs in (plain, quick) for i in (0, 1))] for n in counts]
+    table(f"(c) rendezvous: ranks as threads of one process on loopback (gloo), medians of"
+          f" {args.repeats} (min–max), seconds, the slowest rank; then the same with the"
+          f" resolver's timeout at 1 s ({QUICK_RESOLVER['RES_OPTIONS']})",
+          ["ranks", "TCPStore connect", "group ready + 1 all-reduce", "connect, 1 s resolver",
+           "ready, 1 s resolver"], rows)
 
 
 if __name__ == "__main__":
