@@ -171,10 +171,24 @@ class SharedHosts:
 
         return len(info.workers(self.handle.client))
 
+    def revive(self) -> list[netns.Host]:
+        """Start ``dask worker`` again on each host whose worker process has exited, as a
+        host's supervisor (systemd, Kubernetes) would; the hosts where it did."""
+        revived = []
+        for host in self.dask.workers:
+            started = [p for p in self.dask.network.processes if host.namespace in p.args]
+            if started and all(p.poll() is not None for p in started):
+                self.dask.logs.append(start_worker(self.dask.network, host, self.dask.address,
+                                                   self.dask.logs[0].parent))
+                revived.append(host)
+        return revived
+
     def whole(self, timeout: float = WHOLE_S) -> Any:
-        """The handle, once every host's worker is in the cluster; fail with the logs if not."""
+        """The handle, once every host's worker is in the cluster (reviving exited ones);
+        fail with the logs if not."""
         deadline = time.monotonic() + timeout
         while self.worker_count() < len(self.dask.workers):
+            self.revive()
             if time.monotonic() > deadline:
                 pytest.fail(f"{self.worker_count()} of {len(self.dask.workers)} workers after"
                             f" {timeout:g} s\n{self.dask.log_tails()}")

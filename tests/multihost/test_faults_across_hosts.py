@@ -15,7 +15,7 @@ import jupyter_mlcloud as mlc
 from jupyter_mlcloud.train.run import describe_recovery
 from tests.conftest import digest, make_fit, wait_for
 from tests.multihost import netns
-from tests.multihost.conftest import SharedHosts, start_worker
+from tests.multihost.conftest import SharedHosts
 
 
 def _host_of(across: SharedHosts, worker: str) -> netns.Host:
@@ -123,14 +123,9 @@ def test_a_cut_link_is_detected_and_the_run_goes_on_with_one_worker(across: Shar
                                                                                losses)))
 
     # Back on the network, the host rejoins. Its old worker closed itself (the scheduler had
-    # dropped it) together with its nanny; the host's supervisor starts `dask worker` again,
-    # as systemd or Kubernetes would.
+    # dropped it) together with its nanny; the host's supervisor starts `dask worker` again.
     old = [p for p in across.dask.network.processes if host.namespace in p.args]
     wait_for(lambda: all(p.poll() is not None for p in old) or across.worker_count() == 2, 90,
              "the cut-off worker to close or come back")
-    if across.worker_count() < 2:
-        across.dask.logs.append(start_worker(across.dask.network, host, across.dask.address,
-                                             across.dask.logs[0].parent))
     across.whole()
     assert across.worker_on(host) != victim
-
