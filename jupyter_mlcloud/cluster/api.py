@@ -530,7 +530,7 @@ def _security_from(value: Any, option: str) -> Any:
     if isinstance(value, ClusterCertificates):
         value.check_key_permissions()
         return value.security()
-    if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+    if isinstance(value, (str, os.PathLike)) and os.path.isdir(os.path.expanduser(value)):
         return ClusterCertificates.from_directory(value).security()
     raise ValueError(
         f"{option}={value!r} is not understood; give a distributed.Security, a"

@@ -40,7 +40,7 @@ class ClusterCertificates:
     @classmethod
     def from_directory(cls, directory: str | os.PathLike[str]) -> ClusterCertificates:
         """The certificates already in ``directory`` (``ca.pem``, ``cert.pem``, ``key.pem``)."""
-        folder = Path(directory)
+        folder = Path(directory).expanduser()
         found = cls(folder / CA_FILE, folder / CERT_FILE, folder / KEY_FILE)
         missing = [p.name for p in found.files() if not p.is_file()]
         if missing:
@@ -109,7 +109,17 @@ def cluster_certificates(directory: str | os.PathLike[str], *, days: int = 365,
     """
     if isinstance(days, bool) or not isinstance(days, int) or days < 1:
         raise ValueError(f"days must be a whole number of days >= 1, got {days!r}.")
-    folder = Path(directory)
+    if hosts is not None and (isinstance(hosts, str) or not all(
+            isinstance(h, str) and h for h in hosts)):
+        raise ValueError(
+            f"hosts must be a list of host names or IP addresses, got {hosts!r}."
+        )
+    folder = Path(directory).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"{str(folder)!r} is a file; cluster_certificates needs a directory (new or"
+            f" holding {CA_FILE}, {CERT_FILE} and {KEY_FILE})."
+        )
     existing = [folder / n for n in (CA_FILE, CERT_FILE, KEY_FILE) if (folder / n).exists()]
     if len(existing) == 3:
         return ClusterCertificates.from_directory(folder)

@@ -52,6 +52,12 @@ def test_bad_certificate_directories_and_options_are_refused(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="days must be a whole number of days >= 1, got 0"):
         mlc.cluster_certificates(tmp_path / "other", days=0)
     assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match="hosts must be a list of host names or IP addresses,"
+                                         " got '10.0.0.5'"):
+        mlc.cluster_certificates(tmp_path / "other", hosts="10.0.0.5")  # type: ignore[arg-type]
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="is a file; cluster_certificates needs a directory"):
+        mlc.cluster_certificates(tmp_path / "a-file")
 
 
 def test_tls_addresses_without_certificates_and_bad_security_are_refused(
