@@ -303,19 +303,7 @@ def run_graph(run_id: str) -> dict[str, Any]:
     """One pipeline run (as :func:`runs` lists it) with its step graph laid out: each step's
     ``deps`` and ``depth`` (the longest chain of steps it reads from), and the ``edges``
     ``[from, to]``. ValueError for a malformed id, LookupError for one of no pipeline run."""
-    if not (isinstance(run_id, str) and 1 <= len(run_id) <= 32
-            and all(c in "0123456789abcdef" for c in run_id)):
-        raise ValueError(f"pipeline run {run_id!r} is not an MLflow run id (up to 32 hex"
-                         " digits).")
-    _, client = store.open_client()
-    try:
-        parent = client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MLflow's "not found" is a generic exception
-        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-            raise LookupError(f"no pipeline run with MLflow run id {run_id!r}.") from None
-        raise
-    if parent.data.tags.get("mlcloud.kind") != "pipeline":
-        raise LookupError(f"MLflow run {run_id!r} is not a pipeline run.")
+    client, parent = store.run_of_kind(run_id, "pipeline", "pipeline run")
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{run_id}' and"
                                   " tags.`mlcloud.kind` = 'pipeline-step'",

@@ -116,3 +116,23 @@ def experiment_id(mlflow_client: Any, name: str) -> str:
             name, artifact_location=artifact_root(mlflow_client.tracking_uri)))
     except mlflow_exceptions.MlflowException:
         return str(mlflow_client.get_experiment_by_name(name).experiment_id)
+
+
+def run_of_kind(run_id: str, kind: str, what: str) -> tuple[Any, Any]:
+    """An ``MlflowClient`` on the store in force and its run ``run_id``, which must be tagged
+    ``mlcloud.kind`` = ``kind`` (``what`` names such a run in the sentences): ValueError for
+    a malformed id, LookupError for an unknown one or a run of another kind, ConnectionError
+    for a server that does not answer."""
+    if not (isinstance(run_id, str) and 1 <= len(run_id) <= 32
+            and all(c in "0123456789abcdef" for c in run_id)):
+        raise ValueError(f"{what} {run_id!r} is not an MLflow run id (up to 32 hex digits).")
+    _, mlflow_client = open_client()
+    try:
+        run = mlflow_client.get_run(run_id)
+    except Exception as e:  # noqa: BLE001 - MLflow's "not found" is a generic exception
+        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise LookupError(f"no {what} with MLflow run id {run_id!r}.") from None
+        raise
+    if run.data.tags.get("mlcloud.kind") != kind:
+        raise LookupError(f"MLflow run {run_id!r} is not a {what}.")
+    return mlflow_client, run

@@ -144,14 +144,6 @@ TRIAL_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
 MAX_TRIALS = 1000  # trials read per listing; a study with more shows its newest
 
 
-def _run_id(run_id: str) -> str:
-    """``run_id`` if it looks like an MLflow run id, else ValueError naming it."""
-    if not (isinstance(run_id, str) and 1 <= len(run_id) <= 32
-            and all(c in "0123456789abcdef" for c in run_id)):
-        raise ValueError(f"study {run_id!r} is not an MLflow run id (up to 32 hex digits).")
-    return run_id
-
-
 def _trial_state(run: Any) -> str:
     """complete, pruned or failed as the study tagged the trial's run; running while
     untagged and open; failed when the run ended before the study could tag it."""
@@ -252,16 +244,7 @@ def study(run_id: str) -> dict[str, Any]:
     """One study (as :func:`studies` lists it) by its MLflow run id, with ``trials``: each
     trial's number, MLflow run id, training run id, params, value and state, by number.
     ValueError for a malformed id, LookupError for an id that is no study."""
-    _run_id(run_id)
-    _, client = store.open_client()
-    try:
-        parent = client.get_run(run_id)
-    except Exception as e:  # noqa: BLE001 - MLflow's "not found" is a generic exception
-        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
-            raise LookupError(f"no study with MLflow run id {run_id!r}.") from None
-        raise
-    if parent.data.tags.get("mlcloud.kind") != "study":
-        raise LookupError(f"MLflow run {run_id!r} is not a study.")
+    client, parent = store.run_of_kind(run_id, "study", "study")
     space, metric = _space(parent), parent.data.params.get("metric", "loss")
     runs = _children(client, parent.info.experiment_id, [run_id])[run_id]
     trials = sorted((_trial(run, space, metric) for run in runs), key=lambda t: t["number"])
