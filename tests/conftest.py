@@ -194,6 +194,17 @@ class ModuleCluster:
             self.handle.close()
 
 
+@pytest.fixture
+def shell() -> Iterator[Any]:
+    """An IPython shell with the extension loaded (a module may define its own)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "jupyter_mlcloud")
+    yield ip
+    InteractiveShell.clear_instance()
+
+
 @pytest.fixture(scope="module")
 def module_cluster(request: pytest.FixtureRequest,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleCluster]:

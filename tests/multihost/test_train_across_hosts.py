@@ -8,10 +8,8 @@ rank binds gloo to its worker's own address, it advertises loopback and the rend
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 from tests.conftest import digest
@@ -47,14 +45,6 @@ here = {"worker": get_worker().address, "gloo": gloo, "gloo_addresses": owned,
 ranks = [None] * ctx.world_size
 dist.all_gather_object(ranks, here)
 """
-
-
-@pytest.fixture
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    yield ip
-    InteractiveShell.clear_instance()
 
 
 def _train(shell: InteractiveShell, cluster: str) -> tuple[Any, list[dict[str, Any]]]:

@@ -6,7 +6,6 @@ pruned trial runs until it is cancelled, so only a cancel can end it in time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,14 +183,6 @@ def test_the_first_trials_all_failing_stop_the_study_with_their_error(cluster: A
     with pytest.raises(TrainingError, match="no data here"):
         mlc.tune(broken, space="x=int(0,3)", n_trials=4, concurrency=1, cluster=cluster,
                  track=False)
-
-
-@pytest.fixture
-def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    yield ip
-    InteractiveShell.clear_instance()
 
 
 def test_tune_cell_magic(cluster: Any, shell: InteractiveShell,
