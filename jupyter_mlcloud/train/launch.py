@@ -148,8 +148,10 @@ class RankStarter:
         return free_workers(self.client, run)[0]
 
     def __call__(self, chosen: list[str], resume: tuple[Meta, ring.Source] | None,
-                 attempt: int) -> list[Any]:
-        info = cluster_info.workers(self.client)
+                 attempt: int, info: dict[str, Any] | None = None) -> list[Any]:
+        """Start attempt ``attempt``'s ranks on ``chosen``; ``info``: the workers' info
+        when the caller just read it (else read now)."""
+        info = cluster_info.workers(self.client) if info is None else info
         buddies = pick_buddies(chosen, {w: str(i["host"]) for w, i in info.items()},
                                [w for w in sorted(info) if w not in chosen])
         self.buddies = [b for b in buddies if b is not None]
@@ -314,7 +316,7 @@ def launch(
         first = None
         if snap is not None and directory is not None:  # --resume: the ranks read the files
             first = (snap, ring.Source(snap.step, -1, snap.world_size, directory=directory.url))
-        futures = starter(chosen, first, 0)
+        futures = starter(chosen, first, 0, info)
     except BaseException as e:
         run._abandon(e)  # releases what was shipped and forgets the run
         if directory is not None:
@@ -324,7 +326,7 @@ def launch(
         run.note_resume(snap)
     client.log_event(events.RUNS_TOPIC, {"run": run.id, "state": "started",
                                           "workers": chosen, "pid": os.getpid()})
-    run.start(futures)
+    run.start(futures, info)
     # The scheduler and nannies of an mlc.up cluster share the notebook's process and the
     # ranks' cores: their system monitors slow down until the run ends.
     restore = timers.quiet_local_cluster(client)

@@ -170,10 +170,11 @@ class Run:
         self.client.subscribe_topic(events.logs_topic(self.id), self._on_logs)
         self.client.subscribe_topic(events.control_topic(self.id), self._on_control)
 
-    def start(self, futures: list[Any]) -> None:
-        """Watch the rank futures (in a thread) until every rank is done."""
+    def start(self, futures: list[Any], info: dict[str, Any] | None = None) -> None:
+        """Watch the rank futures (in a thread) until every rank is done; ``info``: the
+        workers' info the launch just read (else read now)."""
         self._futures = futures
-        self._open_span(self.workers)
+        self._open_span(self.workers, info)
         self._transition("running")  # refused if cancelled meanwhile: the watcher stops them
         threading.Thread(target=self._watch, name=f"watch-{self.id}", daemon=True).start()
 
@@ -373,12 +374,13 @@ class Run:
 
     # ------------------------------------------------------------ cost and budget
 
-    def _open_span(self, workers: list[str]) -> None:
+    def _open_span(self, workers: list[str], info: dict[str, Any] | None = None) -> None:
         """From now on, ``workers`` count towards the run's cost (an attempt started)."""
-        try:
-            info = cluster_info.workers(self.client)
-        except Exception:
-            info = {}
+        if info is None:
+            try:
+                info = cluster_info.workers(self.client)
+            except Exception:
+                info = {}
         self._meter.open(self._meter.kinds_of(workers, info))
 
     def _over_budget(self) -> bool:
