@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -194,15 +195,29 @@ class ModuleCluster:
             self.handle.close()
 
 
-@pytest.fixture
-def shell() -> Iterator[Any]:
-    """An IPython shell with the extension loaded (a module may define its own)."""
+@contextlib.contextmanager
+def ipython_shell() -> Iterator[Any]:
+    """An IPython shell with the extension loaded, dropped on the way out.
+
+    Its exit hook is dropped too: left registered, every shell the suite made ran it at
+    interpreter exit, each one collecting the by-then large heap (minutes before pytest exits).
+    """
     from IPython.core.interactiveshell import InteractiveShell
 
     ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    yield ip
-    InteractiveShell.clear_instance()
+    try:
+        ip.run_line_magic("load_ext", "jupyter_mlcloud")
+        yield ip
+    finally:
+        atexit.unregister(ip.atexit_operations)
+        InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def shell() -> Iterator[Any]:
+    """An IPython shell with the extension loaded (a module may define its own)."""
+    with ipython_shell() as ip:
+        yield ip
 
 
 @pytest.fixture(scope="module")

@@ -18,21 +18,20 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
+from tests.conftest import ipython_shell
 
 CLI = [sys.executable, "-m", "jupyter_mlcloud.cli"]
 
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    ip.run_cell("import numpy as np, torch\n"
-                "torch.manual_seed(0)\n"
-                "model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),\n"
-                "                            torch.nn.Linear(8, 2))\n"
-                "rows = np.random.default_rng(1).normal(size=(3, 5)).astype('float32')")
-    yield ip
-    InteractiveShell.clear_instance()
+    with ipython_shell() as ip:
+        ip.run_cell("import numpy as np, torch\n"
+                    "torch.manual_seed(0)\n"
+                    "model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(),\n"
+                    "                            torch.nn.Linear(8, 2))\n"
+                    "rows = np.random.default_rng(1).normal(size=(3, 5)).astype('float32')")
+        yield ip
 
 
 def test_magic_exports_a_notebook_model(shell: InteractiveShell, tmp_path: Path) -> None:

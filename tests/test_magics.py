@@ -11,15 +11,13 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import api as clusters
-from tests.conftest import discovery_files, wait_for
+from tests.conftest import discovery_files, ipython_shell, wait_for
 
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    yield ip
-    InteractiveShell.clear_instance()
+    with ipython_shell() as ip:
+        yield ip
 
 
 def test_up_status_scale_adapt_down(shell: InteractiveShell, capsys: pytest.CaptureFixture) -> None:

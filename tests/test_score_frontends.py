@@ -15,21 +15,21 @@ import xarray as xr
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
+from tests.conftest import ipython_shell
+
 CLI = [sys.executable, "-m", "jupyter_mlcloud.cli"]
 
 
 @pytest.fixture(scope="module")
 def shell() -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    ip.run_line_magic("mlcloud", "up --workers 2 --name score-magics")
-    ip.run_cell("import numpy as np, torch\n"
-                "torch.manual_seed(0)\n"
-                "model = torch.nn.Linear(3, 1).double()\n"
-                "rows = np.random.default_rng(1).normal(size=(200, 3))")
-    yield ip
-    ip.run_line_magic("mlcloud", "down --all")
-    InteractiveShell.clear_instance()
+    with ipython_shell() as ip:
+        ip.run_line_magic("mlcloud", "up --workers 2 --name score-magics")
+        ip.run_cell("import numpy as np, torch\n"
+                    "torch.manual_seed(0)\n"
+                    "model = torch.nn.Linear(3, 1).double()\n"
+                    "rows = np.random.default_rng(1).normal(size=(200, 3))")
+        yield ip
+        ip.run_line_magic("mlcloud", "down --all")
 
 
 def test_line_and_cell_magics(shell: InteractiveShell, tmp_path: Path) -> None:

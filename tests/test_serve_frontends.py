@@ -24,7 +24,7 @@ from IPython.core.interactiveshell import InteractiveShell
 
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.serving import control
-from tests.conftest import ModuleCluster
+from tests.conftest import ModuleCluster, ipython_shell
 from tests.serving.conftest import refused
 
 CLUSTER = {"name": "serve-frontends", "workers": 2}
@@ -34,13 +34,11 @@ X = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
 
 @pytest.fixture(scope="module")
 def shell(module_cluster: ModuleCluster) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    ip.run_cell("import torch\n"
-                "torch.manual_seed(0)\n"
-                "lin = torch.nn.Linear(3, 2)")
-    yield ip
-    InteractiveShell.clear_instance()
+    with ipython_shell() as ip:
+        ip.run_cell("import torch\n"
+                    "torch.manual_seed(0)\n"
+                    "lin = torch.nn.Linear(3, 2)")
+        yield ip
 
 
 def _served() -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -72,14 +73,12 @@ def test_tls_addresses_without_certificates_and_bad_security_are_refused(
     assert discovery_files() == []
 
 
-def test_magics_start_and_attach_with_a_certificate_directory(tmp_path: Path) -> None:
+def test_magics_start_and_attach_with_a_certificate_directory(tmp_path: Path,
+                                                              shell: Any) -> None:
     from IPython.core.error import UsageError
-    from IPython.core.interactiveshell import InteractiveShell
 
     folder = tmp_path / "certs"
     mlc.cluster_certificates(folder)
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "jupyter_mlcloud")
     try:
         shell.run_line_magic("mlcloud", f"up --workers 1 --cpu --name tls-dir --tls {folder}")
         owner = mlc.current()
@@ -92,5 +91,4 @@ def test_magics_start_and_attach_with_a_certificate_directory(tmp_path: Path) ->
         assert viewer.client.submit(lambda: 6 * 7, pure=False).result(timeout=30) == 42
     finally:
         mlc.down(all=True)
-        InteractiveShell.clear_instance()
     assert discovery_files() == []

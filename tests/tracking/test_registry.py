@@ -99,7 +99,7 @@ def test_an_untracked_run_cannot_be_registered(cluster: mlc.ClusterHandle, uri: 
 
 
 def test_models_uris_score_in_the_api_the_magic_and_the_cli(
-        cluster: mlc.ClusterHandle, uri: str, tmp_path: Path,
+        cluster: mlc.ClusterHandle, uri: str, tmp_path: Path, shell: InteractiveShell,
         capsys: pytest.CaptureFixture[str]) -> None:
     model = net(0)
     mlc.register(model, "scorer", alias="champion")
@@ -109,8 +109,6 @@ def test_models_uris_score_in_the_api_the_magic_and_the_cli(
     scores = mlc.score("models:/scorer@champion", rows, cluster=cluster).compute()
     np.testing.assert_array_equal(scores, expected)
 
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "jupyter_mlcloud")
     shell.user_ns["rows"] = rows
     shell.run_line_magic("batch_score", f"models:/scorer/1 rows --out got --cluster"
                                         f" {cluster.name}")

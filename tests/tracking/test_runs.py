@@ -158,11 +158,8 @@ def test_params_and_model_lookup_rules() -> None:
     assert find_model({"loss": 0.1}) is None and find_model(3) is None
 
 
-def test_the_cell_magic_tracks_unless_told_not_to(cluster: mlc.ClusterHandle, uri: str) -> None:
-    from IPython.core.interactiveshell import InteractiveShell
-
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "jupyter_mlcloud")
+def test_the_cell_magic_tracks_unless_told_not_to(cluster: mlc.ClusterHandle, uri: str,
+                                                  shell: Any) -> None:
     cell = "result = ctx.rank\n"
     runs = {flags: shell.run_cell_magic("distributed_train",
                                         f"--cluster {cluster.name} --workers 1 --noblock {flags}",

@@ -22,7 +22,7 @@ from IPython.core.interactiveshell import InteractiveShell
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.cluster import api as clusters
 from jupyter_mlcloud.cluster.timers import RANK_WORKER as QUIET_TIMERS
-from tests.conftest import wait_for
+from tests.conftest import ipython_shell, wait_for
 
 SCRIPT = textwrap.dedent(
     """
@@ -64,10 +64,8 @@ CLUSTER = {"name": "train-tests", "workers": 2}
 
 @pytest.fixture
 def shell(cluster: mlc.ClusterHandle) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    yield ip
-    InteractiveShell.clear_instance()
+    with ipython_shell() as ip:
+        yield ip
 
 
 def _worker_state(cluster: mlc.ClusterHandle) -> dict[str, Any]:

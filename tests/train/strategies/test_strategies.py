@@ -19,7 +19,7 @@ from jupyter_mlcloud.cluster import info as cluster_info
 from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.train.strategies.param_server import assign_shards
 from jupyter_mlcloud.train.strategies.pipeline import stage_bounds
-from tests.conftest import digest, keep_rank1_worker_dead, make_fit
+from tests.conftest import digest, ipython_shell, keep_rank1_worker_dead, make_fit
 
 CLUSTER = {"name": "strategies", "workers": 2}
 
@@ -184,10 +184,8 @@ def test_parameter_server_checkpoint_goes_through_dcp_and_resumes(
 
 @pytest.fixture
 def shell(cluster: mlc.ClusterHandle) -> Iterator[InteractiveShell]:
-    ip = InteractiveShell.instance()
-    ip.run_line_magic("load_ext", "jupyter_mlcloud")
-    yield ip
-    InteractiveShell.clear_instance()
+    with ipython_shell() as ip:
+        yield ip
 
 
 @pytest.mark.parametrize(
