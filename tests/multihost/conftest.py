@@ -73,7 +73,8 @@ def start_worker(network: netns.Network, host: netns.Host, address: str, logs: P
     log = logs / f"worker-{host.address}.log"
     network.start(host, dask_command(
         "worker", address, "--host", host.address, "--nthreads", "1", "--nworkers", "1",
-        "--no-dashboard", "--name", host.address, "--death-timeout", "120", *tls_args),
+        "--no-dashboard", "--name", host.address, "--death-timeout", "120",
+        "--preload-nanny", "jupyter_mlcloud.cluster.rejoin", *tls_args),
         log=log, env=_env())
     return log
 

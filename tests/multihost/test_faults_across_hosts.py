@@ -122,10 +122,11 @@ def test_a_cut_link_is_detected_and_the_run_goes_on_with_one_worker(across: Shar
     assert isinstance(model, torch.nn.Module) and all(map(torch.isfinite, map(torch.tensor,
                                                                                losses)))
 
-    # Back on the network, the host rejoins. Its old worker closed itself (the scheduler had
-    # dropped it) together with its nanny; the host's supervisor starts `dask worker` again.
+    # Back on the network, the host rejoins: the scheduler had dropped its worker for silence,
+    # so its nanny (the rejoin preload) starts a fresh worker in the same `dask worker` process.
     old = [p for p in across.dask.network.processes if host.namespace in p.args]
-    wait_for(lambda: all(p.poll() is not None for p in old) or across.worker_count() == 2, 90,
-             "the cut-off worker to close or come back")
-    across.whole()
+    wait_for(lambda: across.worker_count() == 2, 120, "the cut-off host's worker to rejoin")
+    assert all(p.poll() is None for p in old), across.dask.log_tails()
+    (log,) = [log for log in across.dask.logs if log.name == f"worker-{host.address}.log"]
+    assert "starting a fresh worker to rejoin the cluster" in log.read_text()
     assert across.worker_on(host) != victim
