@@ -2,7 +2,8 @@
 
 Each ``mlcloud.cluster.factory`` mapping the notebook shows (as Python or as YAML) names a
 module, a class and keyword arguments; a keyword the class does not take would fail only on a
-user's cluster. A package that is not installed skips its case; nothing else does.
+user's cluster. The packages are in the test extra, so ``make test`` checks every case; a
+package that is not installed (another environment) skips its case; nothing else does.
 """
 
 from __future__ import annotations
