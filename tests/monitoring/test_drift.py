@@ -63,3 +63,18 @@ def test_the_figures_are_scipys_two_sample_ks_test_and_wasserstein_distance() ->
         assert frame.loc[name, "p_value"] == pytest.approx(test.pvalue, rel=1e-9, abs=1e-300)
         distance = wasserstein_distance(reference[:, j], current[:, j])
         assert frame.loc[name, "effect"] == pytest.approx(distance / reference[:, j].std())
+
+
+def test_features_with_missing_values_get_the_figures_of_their_finite_values_alone() -> None:
+    rng = np.random.default_rng(11)
+    reference = rng.normal(size=(600, 4))
+    current = rng.normal(0.2, 1.0, size=(800, 4))
+    reference[::5, 1] = np.nan  # computed apart from the whole columns, each on its own
+    current[::3, 2] = np.inf
+    frame = compare(reference, current, ["a", "b", "c", "d"])
+    for j, name in enumerate("abcd"):
+        ref, cur = reference[:, j], current[:, j]
+        alone = compare(ref[np.isfinite(ref)][:, None], cur[np.isfinite(cur)][:, None], [name])
+        for column in ("psi", "ks_stat", "p_value", "effect", "n_reference", "n_current"):
+            assert frame.loc[name, column] == pytest.approx(alone.loc[name, column], rel=1e-12)
+    assert frame.loc["b", "n_reference"] == 480 and frame.loc["c", "n_current"] == 533
