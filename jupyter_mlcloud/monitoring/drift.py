@@ -18,6 +18,7 @@ Pure numpy, pandas and scipy: the kernel, the scheduler and the workers can all 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,22 +84,43 @@ def _ks_and_distance(ref: np.ndarray, cur: np.ndarray) -> tuple[np.ndarray, np.n
     return ks, np.sum(gap[:, :-1] * np.diff(values, axis=1), axis=1)
 
 
+@functools.lru_cache(maxsize=8192)
+def _ks_p_value(stat: float, size: float) -> float:
+    """The asymptotic two-sided p-value of KS statistic ``stat`` at effective sample size
+    ``size``, as ks_2samp(method="asymp") gives it. Memoized: scipy evaluates a series in
+    Python for each value (about half of a window's drift check, before), and a statistic of
+    samples of fixed sizes n and m is a multiple of 1/lcm(n, m), so a watched endpoint's
+    checks see the same few hundred values again and again."""
+    from scipy.stats import kstwo
+
+    return min(max(float(kstwo.sf(stat, size)), 0.0), 1.0)
+
+
 def _figures(ref: np.ndarray, cur: np.ndarray) -> dict[str, np.ndarray]:
     """``psi``, ``ks_stat``, ``p_value`` and ``effect`` of each column of two finite 2-D
     samples with at least 2 rows each, all columns at once."""
-    from scipy.stats import kstwo
-
-    ref, cur = np.sort(ref.T, axis=1), np.sort(cur.T, axis=1)
+    # Features as rows, each contiguous, for the sorts, merges and sums along them.
+    ref = np.sort(np.ascontiguousarray(ref.T), axis=1)
+    cur = np.sort(np.ascontiguousarray(cur.T), axis=1)
     stat, distance = _ks_and_distance(ref, cur)
     scale = np.std(ref, axis=1)
     n, m = ref.shape[1], cur.shape[1]
-    # The asymptotic two-sided p-value, as ks_2samp(method="asymp") gives it.
-    p_value = np.clip(kstwo.sf(stat, np.round(n * m / (n + m))), 0.0, 1.0)
+    size = float(np.round(n * m / (n + m)))
+    p_value = np.array([_ks_p_value(float(s), size) for s in stat])
     quantiles = np.quantile(ref, np.linspace(0, 1, BINS + 1), axis=1).T
     psis = [_psi_sorted(r, c, q) for r, c, q in zip(ref, cur, quantiles, strict=True)]
     return {"psi": np.array(psis),
             "ks_stat": stat, "p_value": p_value,
             "effect": np.divide(distance, scale, out=distance.copy(), where=scale > 0)}
+
+
+def _finite_rows(sample: np.ndarray, finite: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """The columns ``group`` of ``sample``, without its rows that miss one of them (no copy
+    when it is the whole sample, the usual case: the window is large)."""
+    if len(group) != sample.shape[1]:
+        sample, finite = sample[:, group], finite[:, group]
+    keep = finite.all(1)
+    return sample if keep.all() else sample[keep]
 
 
 def compare(reference: np.ndarray, current: np.ndarray, names: Sequence[str], *,
@@ -126,9 +148,8 @@ def compare(reference: np.ndarray, current: np.ndarray, names: Sequence[str], *,
     for group in groups:
         if not len(group):
             continue
-        keep_ref = finite_ref[:, group].all(1)
-        keep_cur = finite_cur[:, group].all(1)
-        ref, cur = reference[keep_ref][:, group], current[keep_cur][:, group]
+        ref, cur = _finite_rows(reference, finite_ref, group), \
+            _finite_rows(current, finite_cur, group)
         if len(cur) < 2 or len(ref) < 2:
             continue
         for key, values in _figures(ref, cur).items():
