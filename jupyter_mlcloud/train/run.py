@@ -160,6 +160,9 @@ class Run:
         self.budget = budget
         #: Why the run stopped when it was a planned stop (its budget reached); else None.
         self.stop_reason: str | None = None
+        #: True when the run ended in error because workers retired (preempted) and no
+        #: replacement came: the cluster's doing, not the training code's or its values'.
+        self.preempted = False
         self._meter = Meter()
 
     # ------------------------------------------------------------ wiring (launcher)
@@ -298,6 +301,7 @@ class Run:
                         continue
                     except TrainingError as e:
                         self._cancel_ranks()
+                        self.preempted = planned
                         self._end("error", e)  # cancelled, if that was asked meanwhile
                         break
                 self._conclude(outcome, detail)
@@ -487,7 +491,7 @@ class Run:
         self._cancel_ranks()
         self._meter.close()  # the lost attempt's span ends; waiting for workers is not counted
         phases["cancelled"] = time.time()
-        workers = self._wait_for_workers(gone)
+        workers = self._wait_for_workers(gone, planned)
         phases["workers ready"] = time.time()
         resume = self._resume_source()
         self.attempt += 1
@@ -509,9 +513,9 @@ class Run:
         self._transition("running")  # refused if cancelled meanwhile: the watcher stops them
         self._notify("recovery", [record])
 
-    def _wait_for_workers(self, gone: list[str]) -> list[str]:
+    def _wait_for_workers(self, gone: list[str], planned: bool = False) -> list[str]:
         """The same number of free workers as before, or at least ``min_workers`` after the
-        replace timeout."""
+        replace timeout (``planned``: those ``gone`` retired rather than died)."""
         import dask
 
         need = len(self.workers)
@@ -532,7 +536,8 @@ class Run:
                 least = f" (at least {self.min_workers} with --min-workers)" \
                     if self.min_workers else ""
                 raise TrainingError(
-                    f"worker(s) {', '.join(gone)} died and only {len(free)} free worker(s)"
+                    f"worker(s) {', '.join(gone)} {'retired' if planned else 'died'} and only"
+                    f" {len(free)} free worker(s)"
                     f" were there {timeout:g} s later; the run needs {need}{least}. Scale the"
                     " cluster up and start again (with --resume if it has a --checkpoint-dir)."
                 )

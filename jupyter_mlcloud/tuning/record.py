@@ -90,9 +90,9 @@ class StudyRecord:
             self._warn(f"MLflow refused part of study run {self.run_id} ({e}).")
 
     def tag_trial(self, run: Any, number: int, state: str, value: float | None = None) -> None:
-        """Tag a trial's MLflow run with how the study saw it end (COMPLETE, PRUNED, FAIL)
-        and its value, and as the parent's child again (:func:`link_trial` queued that on the
-        run's recorder, which a trial that ended at once may have closed first)."""
+        """Tag a trial's MLflow run with how the study saw it end (COMPLETE, PRUNED, FAIL,
+        PREEMPTED) and its value, and as the parent's child again (:func:`link_trial` queued
+        that on the run's recorder, which a trial that ended at once may have closed first)."""
         record = getattr(run, "tracking", None)
         child = record.recorder.run_id if record is not None else None
         if self.run_id is None or child is None:
@@ -140,12 +140,13 @@ def link_trial(run: Any, parent: StudyRecord, study_name: str, number: int,
 
 
 #: A trial's MLflow record -> its state as the sidebar shows it.
-TRIAL_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+TRIAL_STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed",
+                "PREEMPTED": "preempted"}
 MAX_TRIALS = 1000  # trials read per listing; a study with more shows its newest
 
 
 def _trial_state(run: Any) -> str:
-    """complete, pruned or failed as the study tagged the trial's run; running while
+    """complete, pruned, failed or preempted as the study tagged the trial's run; running while
     untagged and open; failed when the run ended before the study could tag it."""
     tagged = run.data.tags.get("mlcloud.trial_state")
     if tagged in TRIAL_STATES:
@@ -196,7 +197,7 @@ def _summary(parent: Any, trials: list[dict[str, Any]]) -> dict[str, Any]:
     params = parent.data.params
     direction = params.get("direction", "minimize")
     metric = params.get("metric", "loss")
-    counts = dict.fromkeys(("complete", "pruned", "failed", "running"), 0)
+    counts = dict.fromkeys(("complete", "pruned", "failed", "preempted", "running"), 0)
     for trial in trials:
         counts[trial["state"]] += 1
     values = [t["value"] for t in trials if t["state"] == "complete" and t["value"] is not None]
@@ -220,8 +221,8 @@ def _summary(parent: Any, trials: list[dict[str, Any]]) -> dict[str, Any]:
 def studies(max_studies: int = 20) -> list[dict[str, Any]]:
     """The newest ``max_studies`` studies of the store in force, newest first: name, state
     (running, finished, failed, killed), direction, metric, ``counts`` of trials by state
-    (complete, pruned, failed, running), the best value so far, and cost where the trials
-    recorded it. ConnectionError when the store does not answer."""
+    (complete, pruned, failed, preempted, running), the best value so far, and cost where the
+    trials recorded it. ConnectionError when the store does not answer."""
     if isinstance(max_studies, bool) or not isinstance(max_studies, int) or max_studies < 1:
         raise ValueError(f"max_studies must be a whole number >= 1, got {max_studies!r}.")
     _, client = store.open_client()

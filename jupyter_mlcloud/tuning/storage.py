@@ -10,6 +10,8 @@ from typing import Any
 REQUEUED = "mlcloud.requeued"  # a trial left running by an earlier kernel: asked again
 RETRY_OF = "mlcloud.retry_of"  # on the trial that asks it again: the stale trial's number
 CHECKPOINTS = "mlcloud.checkpoint_dir"  # a trial's own checkpoint folder, kept by its retry
+PREEMPTED = "mlcloud.preempted"  # its workers retired and none replaced them: asked again
+MOVES = "mlcloud.preemptions"  # how many times its workers retired and it moved on
 
 
 def _storage(storage: Any) -> Any:

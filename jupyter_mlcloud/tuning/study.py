@@ -232,6 +232,9 @@ class _Loop:
         run, trial = slot.run, slot.trial
         trial.set_user_attr("mlcloud.run_status", run.status)
         self._note_cost(trial, run)
+        moves = sum(1 for event in run.events if event.get("planned"))
+        if moves:
+            trial.set_user_attr(stored.MOVES, moves)
         # Waits (10 s at most) only where the store is slower than the whole trial was.
         child = run.mlflow_run_id
         if run.tracking is not None:
@@ -253,18 +256,29 @@ class _Loop:
                 error = TrainingError(
                     f"the trial reported no {self.metric!r} (ctx.report({self.metric}=...)) and"
                     " returned no number; tune needs one of the two.")
-            if error is not None:
+            if error is not None and run.preempted:
+                # The cluster took its workers away: not the values' fault, nor the code's.
+                # Recorded apart and asked again (it does not count towards n_trials).
+                trial.set_user_attr("mlcloud.error", str(error)[-ERROR_CHARS:])
+                trial.set_user_attr(stored.PREEMPTED, True)
+                stored.requeue(self.study, trial)
+                frozen = self.study.trials[trial.number]
+                error = None
+            elif error is not None:
                 trial.set_user_attr("mlcloud.error", str(error)[-ERROR_CHARS:])
                 frozen = self.study.tell(trial, state=state.FAIL)
             else:
                 assert value is not None
                 frozen = self.study.tell(trial, value)
-        self.ended_here += 1
-        self._note_failure(frozen, error)
+        preempted = bool(frozen.user_attrs.get(stored.PREEMPTED))
+        if not preempted:
+            self.ended_here += 1
+            self._note_failure(frozen, error)
         if self.record is not None:
-            self.record.tag_trial(run, trial.number, frozen.state.name, frozen.value)
+            self.record.tag_trial(run, trial.number,
+                                  "PREEMPTED" if preempted else frozen.state.name, frozen.value)
             self.record.trial_ended(self._counts(), self._best())
-        self._show(frozen)
+        self._show(frozen, preempted)
 
     def _note_failure(self, frozen: Any, error: TrainingError | None) -> None:
         """Stop the study once the first ``concurrency`` trials to end here all failed: the
@@ -285,11 +299,13 @@ class _Loop:
         import optuna
 
         state = optuna.trial.TrialState
-        trials = [t for t in self.study.get_trials(deepcopy=False)
-                  if not t.user_attrs.get(stored.REQUEUED)]
-        return {name.lower(): sum(1 for t in trials if t.state == s)
-                for name, s in (("COMPLETE", state.COMPLETE), ("PRUNED", state.PRUNED),
-                                ("FAIL", state.FAIL))}
+        everyone = self.study.get_trials(deepcopy=False)
+        trials = [t for t in everyone if not t.user_attrs.get(stored.REQUEUED)]
+        counts = {name.lower(): sum(1 for t in trials if t.state == s)
+                  for name, s in (("COMPLETE", state.COMPLETE), ("PRUNED", state.PRUNED),
+                                  ("FAIL", state.FAIL))}
+        counts["preempted"] = sum(1 for t in everyone if t.user_attrs.get(stored.PREEMPTED))
+        return counts
 
     def _best(self) -> Any:
         try:
@@ -297,14 +313,16 @@ class _Loop:
         except ValueError:  # no trial completed yet
             return None
 
-    def _show(self, frozen: Any) -> None:
+    def _show(self, frozen: Any, preempted: bool = False) -> None:
         counts = self._counts()
         best = self._best()
         self.progress.set_postfix(
-            last=f"#{frozen.number} {frozen.state.name.lower()}",
+            last=f"#{frozen.number} {'preempted' if preempted else frozen.state.name.lower()}",
             best=f"{best.value:.4g} (#{best.number})" if best is not None else "-",
-            pruned=counts["pruned"], failed=counts["fail"], refresh=False)
-        self.progress.update(1)
+            pruned=counts["pruned"], failed=counts["fail"], refresh=False,
+            **({"preempted": counts["preempted"]} if counts["preempted"] else {}))
+        if not preempted:  # asked again: it counts when its retry ends
+            self.progress.update(1)
 
     def _abandon(self) -> None:
         """Ctrl-C or an error: stop every running trial and queue its values again, so a
@@ -459,8 +477,11 @@ def describe(study: Any) -> str:
               if not t.user_attrs.get(stored.REQUEUED)]
     counts = {s: sum(1 for t in trials if t.state == s)
               for s in (state.COMPLETE, state.PRUNED, state.FAIL)}
+    preempted = sum(1 for t in study.get_trials(deepcopy=False)
+                    if t.user_attrs.get(stored.PREEMPTED))
     text = (f"Study {study.study_name}: {len(trials)} trial(s), {counts[state.COMPLETE]}"
-            f" complete, {counts[state.PRUNED]} pruned, {counts[state.FAIL]} failed")
+            f" complete, {counts[state.PRUNED]} pruned, {counts[state.FAIL]} failed"
+            + (f" ({preempted} preempted and asked again)" if preempted else ""))
     try:
         best = study.best_trial
     except ValueError:

@@ -382,7 +382,14 @@ export interface IStudy {
   direction: string;
   metric: string;
   n_trials: number | null;
-  counts: { complete: number; pruned: number; failed: number; running: number };
+  /** preempted: trials whose workers were taken away, asked again (absent from older servers). */
+  counts: {
+    complete: number;
+    pruned: number;
+    failed: number;
+    preempted?: number;
+    running: number;
+  };
   best_value: number | null;
   best_trial: string | null;
   cost: number | null;
@@ -397,7 +404,7 @@ export interface ITrial {
   mlflow_run_id: string;
   /** The training run's id (what loss panels show), when it was tracked. */
   run_id: string | null;
-  /** complete, pruned, failed or running. */
+  /** complete, pruned, failed, preempted or running. */
   state: string;
   value: number | null;
   params: { [name: string]: string };

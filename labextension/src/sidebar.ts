@@ -165,11 +165,12 @@ function formatEndpointFigures(figures: {
 
 /** "3 complete · 1 pruned · 0 failed · 1 running · best loss 0.2500 (minimize) · cost 0.75". */
 export function formatStudy(study: IStudy): string {
-  const { complete, pruned, failed, running } = study.counts;
+  const { complete, pruned, failed, preempted, running } = study.counts;
   const parts = [
     `${complete}${study.n_trials ? `/${study.n_trials}` : ''} complete`,
     `${pruned} pruned`,
     `${failed} failed`,
+    ...(preempted ? [`${preempted} preempted`] : []),
     `${running} running`
   ];
   if (study.best_value !== null) {

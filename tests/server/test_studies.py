@@ -45,7 +45,8 @@ async def test_studies_and_a_study_with_its_trials(jp_fetch: Any, client: Any) -
     code, body = await get(jp_fetch, "studies")
     [study] = body["studies"]
     assert code == 200 and (study["name"], study["mlflow_run_id"]) == ("lr-search", parent)
-    assert study["counts"] == {"complete": 1, "pruned": 1, "failed": 0, "running": 1}
+    assert study["counts"] == {"complete": 1, "pruned": 1, "failed": 0, "preempted": 0,
+                               "running": 1}
     assert (study["best_value"], study["state"], study["metric"]) == (0.5, "running", "loss")
 
     code, body = await get(jp_fetch, "studies", parent)

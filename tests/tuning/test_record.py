@@ -22,7 +22,8 @@ def test_studies_count_trials_by_state_with_the_best_value_so_far(client: Any) -
     ])
     live, finished = record.studies()  # newest first
     assert (live["name"], live["mlflow_run_id"], live["state"]) == ("live", parent, "running")
-    assert live["counts"] == {"complete": 2, "pruned": 1, "failed": 1, "running": 1}
+    assert live["counts"] == {"complete": 2, "pruned": 1, "failed": 1, "preempted": 0,
+                              "running": 1}
     assert (live["best_value"], live["direction"], live["metric"]) == (1.25, "minimize", "loss")
     assert live["cost"] == pytest.approx(0.75) and live["n_trials"] == 5
     assert (finished["mlflow_run_id"], finished["state"]) == (old, "finished")

@@ -18,6 +18,7 @@ from optuna.storages.journal import JournalFileBackend
 import jupyter_mlcloud as mlc
 from jupyter_mlcloud.train import TrainingError
 from jupyter_mlcloud.tuning.storage import CHECKPOINTS, REQUEUED, RETRY_OF
+from jupyter_mlcloud.tuning.study import describe
 from tests.conftest import wait_for
 
 CLUSTER = {"name": "tuning", "workers": 2}
@@ -95,7 +96,8 @@ def test_best_params_of_a_toy_problem_with_each_trial_a_child_run(
 
     [listed] = record.studies()
     assert (listed["mlflow_run_id"], listed["state"]) == (parent_id, "finished")
-    assert listed["counts"] == {"complete": 5, "pruned": 0, "failed": 0, "running": 0}
+    assert listed["counts"] == {"complete": 5, "pruned": 0, "failed": 0, "preempted": 0,
+                                "running": 0}
     assert listed["best_value"] == pytest.approx(1 / 3)
     trials = record.study(parent_id)["trials"]
     assert [(t["number"], t["params"], t["state"]) for t in trials] == [
@@ -210,3 +212,59 @@ def test_tune_cell_magic_refuses_bad_lines_in_one_sentence(shell: InteractiveShe
     with pytest.raises(UsageError) as caught:
         shell.run_cell_magic("tune", line, "ctx.report(loss=1.0)\n")
     assert named in str(caught.value)
+
+
+def test_a_trial_whose_workers_retire_is_recorded_as_preempted_and_asked_again(
+        cluster: Any, tmp_path: Path) -> None:
+    import threading
+
+    import dask
+
+    from jupyter_mlcloud.cluster import info as cluster_info
+    from jupyter_mlcloud.tuning.storage import PREEMPTED
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    journal = str(tmp_path / "study.log")
+
+    def held(ctx: Any) -> float:
+        """Reports until the test releases it (bounded), then returns its value."""
+        import os
+        import time
+
+        if ctx.rank == 0:
+            open(started, "w").close()
+        deadline = time.monotonic() + 120
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            ctx.report(loss=ctx.params["x"])
+            time.sleep(0.02)
+        return float(ctx.params["x"])
+
+    def preempt_then_replace() -> None:
+        wait_for(started.exists, 120, "the trial to start")
+        client = cluster.client
+        client.retire_workers([sorted(cluster_info.workers(client))[1]], close_workers=True)
+
+        def preempted() -> bool:
+            study = optuna.load_study(study_name="preempt",
+                                      storage=optuna.storages.JournalStorage(
+                                          JournalFileBackend(journal)))
+            return any(t.user_attrs.get(PREEMPTED) for t in study.trials)
+
+        wait_for(preempted, 120, "the trial to be recorded as preempted")
+        release.touch()
+        cluster.scale(2)  # a replacement: the trial is asked again on two workers
+
+    helper = threading.Thread(target=preempt_then_replace, daemon=True)
+    helper.start()
+    with dask.config.set({"mlcloud.train.replace-timeout": 2}):
+        study = mlc.tune(held, space="x=choice(3)", n_trials=1, workers_per_trial=2,
+                         cluster=cluster, storage=journal, study_name="preempt", track=False)
+    helper.join(timeout=120)
+    first, retry = study.trials
+    assert first.user_attrs[PREEMPTED] and first.user_attrs[REQUEUED]
+    assert "retired and only 1 free worker(s) were there 2 s later" in \
+        first.user_attrs["mlcloud.error"]
+    assert retry.state == State.COMPLETE and retry.value == 3.0
+    assert retry.user_attrs[RETRY_OF] == first.number and retry.params == first.params
+    assert describe(study).startswith(
+        "Study preempt: 1 trial(s), 1 complete, 0 pruned, 0 failed (1 preempted and asked again)")
