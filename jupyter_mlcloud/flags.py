@@ -69,6 +69,8 @@ def serve_options(integer: Callable[[str], int] = int,
                                    " made for the endpoint)"}),
         (("--keyfile",), {"help": "TLS private key that goes with --certfile"}),
         (("--device",), {"default": "auto", "help": "auto, cpu or cuda (auto)"}),
+        (("--no-track",), {"dest": "track", "action": "store_false",
+                           "help": "do not record the endpoint (its alerts, its cost) in MLflow"}),
     ]
 
 
@@ -87,7 +89,8 @@ def add_serve_options(p: argparse.ArgumentParser, integer: Callable[[str], int] 
 
 def serve_keywords(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of `mlc.serve` that the parsed ``args`` hold."""
-    return {_dest(flags): getattr(args, _dest(flags)) for flags, _ in serve_options()}
+    names = [kwargs.get("dest") or _dest(flags) for flags, kwargs in serve_options()]
+    return {name: getattr(args, name) for name in names}
 
 
 def export_options(integer: Callable[[str], int] = int) -> list[OptionSpec]:

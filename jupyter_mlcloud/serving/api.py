@@ -445,7 +445,7 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
           max_wait_ms: float = 5.0, max_queue: int = 256, slo_ms: float | None = None,
           host: str | None = None, certfile: str | None = None, keyfile: str | None = None,
           device: str = "auto", canary: float = 1.0, reference: Any = None,
-          monitor: dict[str, Any] | None = None) -> Endpoint:
+          monitor: dict[str, Any] | None = None, track: bool = True) -> Endpoint:
     """Serve ``model`` (anything :func:`mlc.score` takes, ``models:/name@alias`` included)
     as ``name`` from ``replicas`` replicas on ``cluster``'s workers, behind one router URL
     with TLS and a bearer token.
@@ -468,6 +468,10 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
     is used when none is given.
     ``monitor``: how (see :class:`.watch.MonitorOptions`: ``rows``, ``seconds``, ``alpha``,
     ``min_effect``, ``min_accuracy``, ``max_rmse``, ``every_s``).
+
+    ``track``: record the endpoint in MLflow (a run ``serve-<name>`` in the store in force):
+    its alerts as they come, and what its replicas held (``worker_seconds``, ``gpu_seconds``,
+    ``cost``) when it closes.
     """
     from .autoscale import AutoscalePolicy
     from .controller import ensure_controller
@@ -509,8 +513,10 @@ def serve(model: Any, *, name: str, cluster: Any = None, replicas: int = 1,
                          " a registered model that keeps one).")
     if sample is not None and watching is None:
         watching = MonitorOptions()
+    if not isinstance(track, bool):
+        raise ValueError(f"track must be True or False, got {track!r}.")
     tracking = None
-    if watching is not None:  # alerts are recorded in MLflow, where the runs are
+    if track:  # alerts and the final cost are recorded in MLflow, where the runs are
         from ..tracking import store
 
         tracking = {"uri": store.tracking_uri(), "experiment": store.experiment_name()}

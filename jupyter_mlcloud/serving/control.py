@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -407,3 +408,20 @@ def close(client: Any, state: dict[str, Any]) -> None:
         for replica in all_replicas(state):
             stop_replica(client, replica)
         state["closed"] = True
+        _record_cost(state)
+
+
+def _record_cost(state: dict[str, Any]) -> None:
+    """What the closed endpoint's replicas held, in its MLflow run (when it is tracked); a
+    store that refuses it costs a warning, never the close."""
+    tracking = state.get("tracking")
+    if not tracking:
+        return
+    from ..tracking.alerts import log_cost
+
+    try:
+        log_cost(tracking["uri"], tracking["experiment"], state["name"],
+                 usage.cost(state).as_dict())
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"the cost of endpoint {state['name']!r} could not be recorded in"
+                      f" MLflow ({e}).", stacklevel=3)

@@ -35,7 +35,8 @@ def test_stopped_replicas_move_their_seconds_into_usage_and_live_ones_count_so_f
     assert usage.cost(state, {}, at=150.0).cost is None  # no price table, no cost
 
 
-def test_an_endpoints_cost_follows_its_replicas_through_a_scale_down(cluster: Any) -> None:
+def test_an_endpoints_cost_follows_its_replicas_through_a_scale_down(
+        cluster: Any, tracking_store: str) -> None:
     with dask.config.set({"mlcloud.cost.prices": PRICES}):
         opened = time.time()
         ep = mlc.serve(make_model(), name="metered", cluster=cluster, replicas=2)
@@ -56,3 +57,28 @@ def test_an_endpoints_cost_follows_its_replicas_through_a_scale_down(cluster: An
     assert cost.gpu_seconds == 0.0
     assert cost.cost == pytest.approx(cost.worker_seconds * 0.0001)
     assert stats_cost["worker_seconds"] >= cost.worker_seconds
+
+    # Closed, the endpoint's MLflow run holds what its replicas held, priced.
+    recorded = _endpoint_runs(tracking_store, "metered")
+    assert len(recorded) == 1
+    metrics = recorded[0].data.metrics
+    assert cost.worker_seconds <= metrics["worker_seconds"] <= high + (time.time() - opened)
+    assert metrics["gpu_seconds"] == 0.0
+    assert metrics["cost"] == pytest.approx(metrics["worker_seconds"] * 0.0001)
+
+
+def test_an_untracked_endpoint_records_nothing_in_mlflow(cluster: Any,
+                                                         tracking_store: str) -> None:
+    with pytest.raises(ValueError, match="track must be True or False, got 'no'"):
+        mlc.serve(make_model(), name="unmetered", cluster=cluster, track="no")  # type: ignore[arg-type]
+    with mlc.serve(make_model(), name="unmetered", cluster=cluster, track=False) as ep:
+        assert ep.predict([[1.0, 2.0, 3.0, 4.0]]).shape == (1, 3)
+    assert _endpoint_runs(tracking_store, "unmetered") == []
+
+
+def _endpoint_runs(uri: str, name: str) -> list[Any]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return list(client.search_runs(ids, f"tags.`mlcloud.endpoint` = '{name}'"))
