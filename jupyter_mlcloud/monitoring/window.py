@@ -4,9 +4,10 @@
   most ``rows`` rows) and by time (none older than ``seconds``); the windows of a version's
   replicas are merged into the version's ``rows`` newest rows (:func:`newest`). A request's
   rows are copied into a ring of ``rows`` rows, so keeping them costs the request path next to
-  nothing and a look at the window is one copy, not a join of thousands of small arrays (the
-  controller looks every ``every_s`` seconds, on the worker that serves); the statistics are
-  computed elsewhere, on demand.
+  nothing and a look at the window is one copy, not a join of thousands of small arrays; the
+  controller, which looks every ``every_s`` seconds on the worker that serves, asks only for
+  the rows written since its last look (:meth:`Window.since`) and keeps the window itself.
+  The statistics are computed elsewhere, on demand.
 - :class:`Predictions`: each answered request's outputs by request id, for the labels that
   arrive later (:meth:`Predictions.feedback`); joined ones become quality figures over the
   same kind of window: accuracy for classification, RMSE and MAE for regression.
@@ -56,7 +57,8 @@ class Window:
         self._times = np.empty(0)
         self._inputs = np.empty((0, 0))
         self._outputs = np.empty((0, 0))
-        self._written = 0  # rows written so far; the ring holds the newest of them
+        self._written = 0  # rows written so far (a cursor for since()); never reset
+        self._start = 0  # the count when the ring last started over: it holds rows after it
         self._lock = threading.Lock()
 
     def add(self, inputs: np.ndarray, outputs: np.ndarray) -> None:
@@ -64,18 +66,18 @@ class Window:
         rows_in, rows_out = _flat(inputs), _flat(outputs)
         now = time.time()
         with self._lock:
-            if (not self._written or rows_in.shape[1] != self._inputs.shape[1]
+            if (not len(self._times) or rows_in.shape[1] != self._inputs.shape[1]
                     or rows_out.shape[1] != self._outputs.shape[1]):
                 # The first request, or rows of other widths: the ring starts over with them.
                 size = self.options.rows
                 self._times = np.zeros(size)
                 self._inputs = np.zeros((size, rows_in.shape[1]))
                 self._outputs = np.zeros((size, rows_out.shape[1]))
-                self._written = 0
+                self._start = self._written
             size = len(self._times)
             n = min(len(rows_in), size)
             rows_in, rows_out = rows_in[len(rows_in) - n:], rows_out[len(rows_out) - n:]
-            start = self._written % size
+            start = (self._written - self._start) % size
             for at, part in ((start, slice(0, size - start)), (0, slice(size - start, n))):
                 count = len(rows_in[part])
                 if count:
@@ -88,13 +90,22 @@ class Window:
         """Each row in the window now, oldest first: its request's time, its inputs and its
         outputs (1-D, then two 2-D float64 arrays)."""
         oldest = time.time() - self.options.seconds
-        with self._lock:
-            size = len(self._times)
-            count = min(self._written, size)
-            order = (self._written - count + np.arange(count)) % max(size, 1)
-            times, inputs, outputs = self._times[order], self._inputs[order], self._outputs[order]
+        times, inputs, outputs, _ = self.since(0)
         recent = times >= oldest
         return times[recent], inputs[recent], outputs[recent]
+
+    def since(self, written: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """The rows written after the first ``written`` that the ring still holds, oldest
+        first (as :meth:`snapshot`, but of any age), and how many rows were written so far:
+        the cursor for the next call. A watcher that keeps what it saw asks only for the new
+        rows, instead of the whole window at each look; rows of other widths than before
+        mean the ring started over (the watcher drops what it kept)."""
+        with self._lock:
+            size = len(self._times)
+            first = max(written, self._start, self._written - size)
+            slots = (np.arange(first, self._written) - self._start) % max(size, 1)
+            return (self._times[slots], self._inputs[slots], self._outputs[slots],
+                    self._written)
 
 
 def newest(times: np.ndarray, inputs: np.ndarray, outputs: np.ndarray, rows: int

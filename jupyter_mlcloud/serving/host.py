@@ -290,18 +290,25 @@ def _find(replica_id: str) -> _Running:
     return running
 
 
-def traffic(replica_id: str) -> dict[str, Any] | None:
+def traffic(replica_id: str, since: int | None = None) -> dict[str, Any] | None:
     """On a worker: replica ``replica_id``'s window of recent traffic (``times``, ``inputs``,
     ``outputs``), its model's ``reference_outputs`` and its delayed-label ``quality`` parts;
-    None if it no longer runs here (stopped meanwhile)."""
+    None if it no longer runs here (stopped meanwhile). With ``since`` (0, or an earlier
+    answer's ``written``): only the rows written after it, of any age (see
+    :meth:`..monitoring.window.Window.since`), for a caller that keeps the window itself and
+    drops the rows older than its ``seconds`` by ``now``, this worker's clock."""
     with _lock:
         running = _running.get(replica_id)
     if running is None:
         return None
-    times, inputs, outputs = running.window.snapshot()
+    written = None
+    if since is None:
+        times, inputs, outputs = running.window.snapshot()
+    else:
+        times, inputs, outputs, written = running.window.since(since)
     return {"version": running.info.version, "times": times, "inputs": inputs,
             "outputs": outputs, "reference_outputs": running.reference_outputs,
-            "quality": running.predictions.parts()}
+            "quality": running.predictions.parts(), "written": written, "now": time.time()}
 
 
 def quality_parts(replica_id: str) -> dict[str, Any] | None:

@@ -102,6 +102,41 @@ def traffic(client: Any, state: dict[str, Any], version: dict[str, Any]
     return _ask(client, version, worker_side.traffic)
 
 
+def follow(client: Any, state: dict[str, Any], version: dict[str, Any],
+           kept: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """As :func:`traffic`, from only the rows each replica wrote since the last look:
+    ``kept`` (replica id: its newest rows seen, and its cursor) is updated, and forgets the
+    replicas that did not answer. A replica's whole window travelled at every check
+    (megabytes a second, serialized on the worker that serves), for mostly the same rows."""
+    window = MonitorOptions.from_dict(state["monitor"]).window
+    out = []
+    alive = set(control.workers(client))
+    answered = set()
+    for replica in version["replicas"]:
+        if replica["worker"] not in alive:
+            continue
+        before = kept.get(replica["id"])
+        try:
+            answer = launch.call(client, worker_side.traffic, replica["id"],
+                                 before["written"] if before else 0, worker=replica["worker"])
+        except Exception:
+            continue
+        if answer is None:
+            continue
+        rows = {k: answer[k] for k in ("times", "inputs", "outputs")}
+        if before is not None and all(before[k].shape[1:] == rows[k].shape[1:] for k in rows):
+            # The same widths: the ring did not start over; its newest rows, as it holds them.
+            rows = {k: np.concatenate([before[k], rows[k]])[-window.rows:] for k in rows}
+        kept[replica["id"]] = {**rows, "written": answer["written"]}
+        answered.add(replica["id"])
+        recent = rows["times"] >= answer["now"] - window.seconds
+        out.append({**answer, **{k: v[recent] for k, v in rows.items()},
+                    "replica": replica["id"]})
+    for gone in set(kept) - answered:
+        del kept[gone]
+    return out
+
+
 def drift(client: Any, state: dict[str, Any], version: int | None = None) -> Any:
     """The drift of ``version``'s (default: the main one's) recent inputs and outputs from
     the reference, one row per feature (see :func:`..monitoring.drift.compare`)."""
@@ -178,11 +213,18 @@ def check(client: Any, state: dict[str, Any], seen: dict[str, Any]) -> list[dict
     main = control.primary(state)
     now = time.time()
     base = {"endpoint": state["name"], "version": main["version"], "time": now}
-    gathered = traffic(client, state, main)  # once, for drift and quality
-    try:
-        frame = _compare(client, state, gathered)
-    except Exception:
-        frame = None
+    gathered = follow(client, state, main, seen.setdefault("windows", {}))  # drift, quality
+    # The traffic each replica's window holds now: when no row came or aged out since the
+    # last look, the drift is the same (an idle endpoint costs no statistics).
+    holds = (main["version"],
+             tuple((w["replica"], w["written"], len(w["times"])) for w in gathered))
+    frame = seen.get("frame") if holds == seen.get("holds") else None
+    if frame is None:
+        try:
+            frame = _compare(client, state, gathered)
+        except Exception:
+            frame = None
+        seen["holds"], seen["frame"] = (holds, frame) if frame is not None else (None, None)
     if frame is not None:
         drifted = sorted(str(f) for f in frame.index[frame["drifted"]])
         top = frame.dropna(subset=["effect"]).sort_values("effect", ascending=False).head(5)

@@ -37,6 +37,28 @@ def test_the_window_keeps_the_newest_rows_across_its_wrap_in_order() -> None:
     assert window.snapshot()[1].tolist() == np.arange(20.0).reshape(10, 2)[-7:].tolist()
 
 
+def test_since_gives_only_the_rows_written_after_a_cursor_even_across_the_wrap() -> None:
+    window = Window(WindowOptions(rows=5))
+    times, inputs, outputs, cursor = window.since(0)
+    assert inputs.shape[0] == 0 and cursor == 0
+    window.add(np.array([[0.0], [1.0]]), np.array([[0.0], [-1.0]]))
+    times, inputs, outputs, cursor = window.since(0)
+    assert inputs[:, 0].tolist() == [0, 1] and outputs[:, 0].tolist() == [0, -1] and cursor == 2
+    window.add(np.array([[2.0], [3.0], [4.0]]), np.zeros((3, 1)))
+    window.add(np.array([[5.0]]), np.zeros((1, 1)))  # the ring wrapped: slot 0 holds row 5
+    times, inputs, _, cursor = window.since(cursor)
+    assert inputs[:, 0].tolist() == [2, 3, 4, 5] and cursor == 6 and len(times) == 4
+    assert window.since(cursor)[1].shape[0] == 0  # nothing new
+    for value in range(6, 14):  # more rows than the ring holds since the last look
+        window.add(np.array([[float(value)]]), np.zeros((1, 1)))
+    _, inputs, _, cursor = window.since(cursor)
+    assert inputs[:, 0].tolist() == [9, 10, 11, 12, 13] and cursor == 14  # the newest five
+    assert window.since(0)[1][:, 0].tolist() == window.snapshot()[1][:, 0].tolist()
+    window.add(np.array([[1.0, 2.0]]), np.zeros((1, 1)))  # other widths: it starts over
+    _, inputs, _, cursor = window.since(12)
+    assert inputs.tolist() == [[1.0, 2.0]] and cursor == 15
+
+
 def test_labels_join_their_requests_into_accuracy() -> None:
     predictions = Predictions(WindowOptions())
     scores = np.eye(3)  # request i predicts class i

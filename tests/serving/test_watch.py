@@ -105,6 +105,63 @@ def test_labels_sent_back_later_become_the_versions_accuracy(endpoint: Endpoint)
     assert endpoint.feedback(ids[:5], labels[:5].tolist()) == 0  # joined once only
 
 
+def test_the_watcher_keeps_each_window_from_the_rows_added_since_its_last_look(
+        endpoint: Endpoint, module_cluster: ModuleCluster) -> None:
+    from jupyter_mlcloud.serving import control, watch
+
+    client = module_cluster.whole().client
+    state = control.read(client, "watched")
+    version = control.primary(state)
+    kept: dict[str, dict[str, Any]] = {}
+
+    def same_as_whole_windows(followed: list[dict[str, Any]]) -> None:
+        whole = watch.traffic(client, state, version)  # each replica's whole window
+        assert len(followed) == len(whole) == 2
+        for mine, theirs in zip(followed, whole, strict=True):
+            for key in ("times", "inputs", "outputs"):
+                np.testing.assert_array_equal(mine[key], theirs[key])
+
+    first = watch.follow(client, state, version, kept)
+    same_as_whole_windows(first)
+    assert sum(len(w["inputs"]) for w in first) > 400  # earlier tests filled both windows
+    cursors = {replica: k["written"] for replica, k in kept.items()}
+    sent = RNG.normal(size=(30, 4)).astype(np.float32)
+    send(endpoint, sent, per_request=3)
+    again = watch.follow(client, state, version, kept)
+    same_as_whole_windows(again)  # the kept rows, plus the new ones, slid to 400 rows each
+    assert sum(kept[r]["written"] - cursors[r] for r in kept) == 30
+    added = [w["inputs"][len(w["inputs"]) - (kept[w["replica"]]["written"]
+                                              - cursors[w["replica"]]):] for w in again]
+    assert sorted(map(tuple, np.concatenate(added).tolist())) == sorted(
+        map(tuple, sent.tolist()))
+    assert all(len(w["inputs"]) <= 400 for w in again)
+
+    # Rows older than the window's seconds (by the replica's clock) are left out, though kept
+    # by count: were the limit raised again, they would count.
+    brief = {**state, "monitor": {**state["monitor"],
+                                  "window": {**state["monitor"]["window"], "seconds": 1e-9}}}
+    assert [len(w["inputs"]) for w in watch.follow(client, brief, version, kept)] == [0, 0]
+    assert [len(k["inputs"]) for k in kept.values()] == [len(w["inputs"]) for w in again]
+
+
+def test_a_check_without_new_traffic_reuses_the_last_drift(endpoint: Endpoint,
+                                                            module_cluster: ModuleCluster
+                                                            ) -> None:
+    from jupyter_mlcloud.serving import control, watch
+
+    client = module_cluster.whole().client
+    state = control.read(client, "watched")
+    seen: dict[str, Any] = {}
+    watch.check(client, state, seen)
+    first = seen["frame"]
+    watch.check(client, state, seen)
+    assert seen["frame"] is first  # nothing came or aged out: not computed again
+    send(endpoint, RNG.normal(size=(4, 4)).astype(np.float32))
+    watch.check(client, state, seen)
+    assert seen["frame"] is not first
+    assert seen["summary"]["version"] == 1
+
+
 def test_monitoring_options_are_checked_in_one_sentence(cluster: Any) -> None:
     with pytest.raises(ValueError, match="monitor= needs a reference= sample"):
         mlc.serve(classifier(), name="unwatched", cluster=cluster, monitor={"rows": 10})
