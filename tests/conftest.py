@@ -334,3 +334,75 @@ def busy_core() -> Iterator[None]:
     finally:
         spinner.kill()
         spinner.wait(10)
+
+
+class MetadataServer:
+    """A cloud metadata service on 127.0.0.1, as the preemption notice asks it: GCP's
+    ``preempted`` flag (``/gcp``), Azure's scheduled events (``/azure``), AWS's spot
+    instance-action behind an IMDSv2 token (``/latest/...``), and ``/notice/<name>`` (404
+    until ``name`` is in ``preempted``). Each answer checks the headers the real one needs."""
+
+    TOKEN = "imds-token"
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.preempted: set[str] = set()  # "gcp", "azure", "aws", or worker names
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet test output
+                pass
+
+            def _answer(self, code: int, body: bytes = b"") -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_PUT(self) -> None:  # noqa: N802 - http.server's name
+                ok = self.path == "/latest/api/token" and \
+                    self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+                self._answer(200, server.TOKEN.encode()) if ok else self._answer(400)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                import json
+
+                path, notice = self.path, server.preempted
+                if path == "/gcp":
+                    if self.headers.get("Metadata-Flavor") != "Google":
+                        return self._answer(403)
+                    return self._answer(200, b"TRUE" if "gcp" in notice else b"FALSE")
+                if path == "/azure":
+                    if self.headers.get("Metadata") != "true":
+                        return self._answer(400)
+                    events = [{"EventType": "Preempt"}] if "azure" in notice else \
+                        [{"EventType": "Freeze"}]
+                    return self._answer(200, json.dumps({"Events": events}).encode())
+                if path == "/latest/meta-data/spot/instance-action":
+                    if self.headers.get("X-aws-ec2-metadata-token") != server.TOKEN:
+                        return self._answer(401)
+                    return self._answer(200, b'{"action": "terminate"}') if "aws" in notice \
+                        else self._answer(404)
+                if path.startswith("/notice/"):
+                    return self._answer(200 if path[len("/notice/"):] in notice else 404)
+                return self._answer(404)
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def metadata_server() -> Iterator[MetadataServer]:
+    """A :class:`MetadataServer` on loopback, shut down after the test."""
+    server = MetadataServer()
+    yield server
+    server.close()

@@ -266,9 +266,10 @@ def launch(
     spec = _check_options(strategy, compression, backend, seed, timeout, epochs)
     faults.check(workers)
     limit = parse_budget(budget)
+    notice = preemption.notice_settings()
     client, kind = clusters.resolve(cluster)
-    try:  # a worker told to go (SIGTERM) retires: the run moves as planned, not as a failure
-        preemption.install(client)
+    try:  # a worker told to go (SIGTERM, a notice) retires: the run moves as planned
+        preemption.install(client, notice)
     except Exception:
         pass
     directory, snap = _open_checkpoints(faults)
