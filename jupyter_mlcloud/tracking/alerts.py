@@ -14,7 +14,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..lazy import LazyModule
 from . import store
+
+entities = LazyModule("mlflow.entities")  # loaded by the first write, not at import
 
 
 def log_alert(uri: str, experiment: str, endpoint: str, alert: dict[str, Any]) -> str:
@@ -33,8 +36,6 @@ def log_alert(uri: str, experiment: str, endpoint: str, alert: dict[str, Any]) -
 def log_cost(uri: str, experiment: str, endpoint: str, figures: dict[str, Any]) -> str:
     """Record the final ``figures`` of ``endpoint`` (``Cost.as_dict()``: ``worker_seconds``,
     ``gpu_seconds``, ``cost`` or None) as metrics of its MLflow run; the run's id."""
-    from mlflow import entities
-
     client = store.client(uri)
     run_id = _endpoint_run(client, experiment, endpoint)
     now = int(time.time() * 1000)
