@@ -17,6 +17,12 @@ def workers(client: Any) -> dict[str, Any]:
     return dict(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
 
 
+def addresses(client: Any) -> set[str]:
+    """The address of every worker the scheduler knows now: what :func:`workers` lists,
+    without each worker's figures (a run's watcher asks several times a second)."""
+    return set(client.sync(client.scheduler.ncores))
+
+
 class Summary(TypedDict):
     """Totals over a scheduler's workers."""
 

@@ -277,7 +277,7 @@ class Run:
 
     def _missing_workers(self) -> list[str]:
         try:
-            alive = set(cluster_info.workers(self.client))
+            alive = cluster_info.addresses(self.client)
         except Exception:
             return []
         return [w for w in self.workers if w not in alive]
