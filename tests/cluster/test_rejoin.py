@@ -33,17 +33,19 @@ def _drop(client: Client, worker: str, as_timed_out: bool) -> None:
     client.run_on_scheduler(drop)
 
 
-def _nanny_of(lc: LocalCluster, worker: str) -> Any:
-    (nanny,) = [n for n in lc.workers.values() if n.worker_address == worker]
-    return nanny
+def _drop_first(cluster: tuple[LocalCluster, Client], as_timed_out: bool) -> tuple[str, Any]:
+    """Drop the first worker (see :func:`_drop`); its address and its nanny."""
+    lc, client = cluster
+    victim = sorted(client.scheduler_info()["workers"])[0]
+    (nanny,) = [n for n in lc.workers.values() if n.worker_address == victim]
+    _drop(client, victim, as_timed_out)
+    return victim, nanny
 
 
 def test_a_worker_dropped_for_silence_comes_back_with_the_same_nanny(
         cluster: tuple[LocalCluster, Client]) -> None:
-    lc, client = cluster
-    victim = sorted(client.scheduler_info()["workers"])[0]
-    nanny = _nanny_of(lc, victim)
-    _drop(client, victim, as_timed_out=True)
+    client = cluster[1]
+    victim, nanny = _drop_first(cluster, as_timed_out=True)
     wait_for(lambda: nanny.worker_address not in (None, victim)
              and nanny.worker_address in client.scheduler_info(n_workers=-1)["workers"], 60,
              "a fresh worker in place of the dropped one")
@@ -54,10 +56,8 @@ def test_a_worker_dropped_for_silence_comes_back_with_the_same_nanny(
 
 def test_a_worker_removed_on_purpose_closes_with_its_nanny(
         cluster: tuple[LocalCluster, Client]) -> None:
-    lc, client = cluster
-    victim = sorted(client.scheduler_info()["workers"])[0]
-    nanny = _nanny_of(lc, victim)
-    _drop(client, victim, as_timed_out=False)
+    client = cluster[1]
+    victim, nanny = _drop_first(cluster, as_timed_out=False)
     wait_for(lambda: nanny.status.name == "closed", 60, "the nanny to close")
     assert list(client.scheduler_info(n_workers=-1)["workers"]) != [victim]
     assert len(client.scheduler_info(n_workers=-1)["workers"]) == 1
