@@ -437,3 +437,26 @@ def test_long_lived_objects_are_frozen_and_a_runs_cycles_still_collected(
 
     for frozen, collected in cluster.client.run(probe).values():
         assert frozen > 10_000 and collected
+
+
+def test_a_run_leaves_no_process_group_behind(cluster: mlc.ClusterHandle) -> None:
+    """torch._dynamo, which a worker's first optimizer imports, kept the group that existed at
+    that moment alive for good: its store, its gloo loop waking beside every later rank."""
+
+    def fn(ctx: Any) -> None:
+        import torch
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(torch.nn.Linear(4, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+
+    def group_threads() -> list[str]:
+        names = (Path(f"/proc/self/task/{t}/comm").read_text().strip()
+                 for t in os.listdir("/proc/self/task"))
+        return [n for n in names if n.startswith(("gloo", "pt_gloo", "pt_tcpstore"))]
+
+    for _ in range(2):
+        mlc.train(fn, cluster=cluster, track=False).result(timeout=120)
+        assert cluster.client.run(group_threads) == {a: [] for a in cluster.client.run(os.getpid)}

@@ -192,11 +192,17 @@ _frozen = threading.Lock()  # held for good once this process froze its long-liv
 
 
 def _freeze_long_lived() -> None:
-    """Once per worker process: collect, then move every object alive now (Dask's, torch's
-    modules) out of the collector's sight. Each rank's teardown collects its own cycles (DDP
-    reducers); without this, that collection walked ~225,000 objects: 0.14 s of every run,
-    most of a one-second trial's overhead in a study."""
+    """Once per worker process: import what torch loads lazily, collect, then move every
+    object alive now (Dask's, torch's modules) out of the collector's sight.
+
+    Each rank's teardown collects its own cycles (DDP reducers); without the freeze, that
+    collection walked ~225,000 objects: 0.14 s of every run, most of a one-second trial's
+    overhead in a study. ``torch._dynamo`` is what the first optimizer imports (~800 modules);
+    imported while a process group exists, it keeps that group alive for good: its store,
+    its gloo loop thread waking 100 times a second beside every later rank."""
     if _frozen.acquire(blocking=False):
+        import torch._dynamo  # noqa: F401
+
         gc.collect()
         gc.freeze()
 
