@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..cluster import api as clusters
+from ..cluster import handover, preemption, timers
 from ..cluster import info as cluster_info
-from ..cluster import preemption, timers
 from ..cost import parse_budget
 from ..telemetry import events
 from . import registry
@@ -129,6 +129,25 @@ def _backend(requested: str | None, kind: str, info: dict[str, Any], chosen: lis
     return requested
 
 
+RANK_KEY_PREFIX = "mlcloud-train-"  # every rank's task key: a retiring worker hands these over
+
+
+def _listen_for_retiring(client: Any) -> None:
+    """Route the scheduler's word that a worker is about to retire to the runs on it (once
+    per client): each commits one same step at once and moves as planned."""
+    if getattr(client, "_mlcloud_retiring_listener", False):
+        return
+
+    def on_retiring(event: tuple[float, Any]) -> None:
+        worker = event[1].get("worker") if isinstance(event[1], dict) else None
+        for run in active_runs():
+            if run.client is client and worker in run.workers:
+                run.retiring(worker)
+
+    client.subscribe_topic(handover.TOPIC, on_retiring)
+    client._mlcloud_retiring_listener = True
+
+
 @dataclass
 class RankStarter:
     """Starts one attempt of a run: a rendezvous port, the payload and state shipped, one task
@@ -194,7 +213,7 @@ class RankStarter:
                     send_state=not (self.strategy.replicated and buddies[rank] in chosen),
                     **self.common,
                 ),
-                key=f"mlcloud-train-{self.run_id}-a{attempt}-rank-{rank}",
+                key=f"{RANK_KEY_PREFIX}{self.run_id}-a{attempt}-rank-{rank}",
                 workers=[address],
                 allow_other_workers=False,
                 pure=False,
@@ -267,9 +286,12 @@ def launch(
     faults.check(workers)
     limit = parse_budget(budget)
     notice = preemption.notice_settings()
+    grace = handover.grace_setting()
     client, kind = clusters.resolve(cluster)
     try:  # a worker told to go (SIGTERM, a notice) retires: the run moves as planned
         preemption.install(client, notice)
+        _listen_for_retiring(client)
+        handover.install(client, (RANK_KEY_PREFIX,), grace)
     except Exception:
         pass
     directory, snap = _open_checkpoints(faults)

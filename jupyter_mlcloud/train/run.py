@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..cluster import handover
 from ..cluster import info as cluster_info
 from ..cost import Budget, Cost, Meter
 from ..telemetry import events
@@ -163,6 +164,7 @@ class Run:
         #: True when the run ended in error because workers retired (preempted) and no
         #: replacement came: the cluster's doing, not the training code's or its values'.
         self.preempted = False
+        self._retiring: set[str] = set()  # workers about to retire (see :meth:`retiring`)
         self._meter = Meter()
 
     # ------------------------------------------------------------ wiring (launcher)
@@ -290,6 +292,16 @@ class Run:
                         and self._transition("cancelling")):
                     self._stop_for_budget()
                     break
+                if self._handing_over() and self._transition("recovering"):
+                    gone = self._hand_over()
+                    try:
+                        self._recover(gone, planned=True)
+                        continue
+                    except TrainingError as e:
+                        self._cancel_ranks()
+                        self.preempted = True
+                        self._end("error", e)
+                        break
                 outcome, detail = self._outcome()
                 planned = outcome == "lost" and self._planned(detail)
                 if (outcome == "lost" and (planned or self.failures < self.max_failures)
@@ -328,7 +340,7 @@ class Run:
                 pass
             failed = any(f.status == "error" for f in self._futures)
             if (failed or self._cancel_requested or self._missing_workers()
-                    or self._over_budget()):
+                    or self._over_budget() or self._handing_over()):
                 return
             self._pull()
 
@@ -397,6 +409,21 @@ class Run:
         sentence saying so (``stop_reason``)."""
         assert self.budget is not None
         spent = self.cost
+        stop_step = self._stop_at_one_step()
+        where = f" at step {stop_step}" if stop_step is not None else ""
+        sentence = (f"the run reached its budget of {self.budget.describe()} after"
+                    f" {spent.describe()} and stopped on every rank{where}")
+        if self.store is not None and self.store.step >= 0:
+            sentence += f", with its state committed at step {self.store.step}"
+        if self.checkpoints is not None and (latest := self.checkpoints.latest()) is not None:
+            sentence += f" and checkpointed in {self.checkpoints.url} (step {latest.step})"
+        self.stop_reason = sentence + "."
+        self._end("cancelled", TrainingError(self.stop_reason))
+
+    def _stop_at_one_step(self) -> int | None:
+        """Every rank commits one same step, one past the most any rank has done, and stops
+        there; the commit (and its checkpoint) is pulled. Ranks that never reach a step
+        boundary (no ``ctx.shard``) are cancelled. Returns that step (None: no such step)."""
         alive = [w for w in self.workers if w not in set(self._missing_workers())]
         stop_step = None
         try:
@@ -413,15 +440,36 @@ class Run:
             self._wait_quietly(self._futures, CANCEL_GRACE_S, "ALL_COMPLETED")
             self._pull(final=True)  # seals the checkpoint of the stop step
         self._cancel_ranks()  # any rank that has not stopped (no step boundary reached)
-        where = f" at step {stop_step}" if stop_step is not None else ""
-        sentence = (f"the run reached its budget of {self.budget.describe()} after"
-                    f" {spent.describe()} and stopped on every rank{where}")
-        if self.store is not None and self.store.step >= 0:
-            sentence += f", with its state committed at step {self.store.step}"
-        if self.checkpoints is not None and (latest := self.checkpoints.latest()) is not None:
-            sentence += f" and checkpointed in {self.checkpoints.url} (step {latest.step})"
-        self.stop_reason = sentence + "."
-        self._end("cancelled", TrainingError(self.stop_reason))
+        return stop_step
+
+    # ------------------------------------------------------------ workers that retire
+
+    def retiring(self, worker: str) -> None:
+        """``worker`` is about to retire (``retire_workers``, SIGTERM, a preemption notice):
+        the watcher commits one same step on every rank at once, then moves the run to a
+        replacement as planned (see :mod:`jupyter_mlcloud.cluster.handover`)."""
+        with self._lock:
+            if worker in self.workers:
+                self._retiring.add(worker)
+
+    def _handing_over(self) -> bool:
+        return self._status == "running" and bool(self._retiring & set(self.workers))
+
+    def _hand_over(self) -> list[str]:
+        """Stop every rank at one committed step, then wait for the retiring workers to go
+        (the state is "recovering"); returns them."""
+        with self._lock:
+            gone = sorted(self._retiring & set(self.workers))
+            self._retiring.clear()
+        if self.store is not None:
+            self._stop_at_one_step()
+        else:
+            self._cancel_ranks()  # nothing to commit: the next attempt starts over
+        deadline = time.monotonic() + DEPARTURE_GRACE_S + handover.GRACE_S
+        while (time.monotonic() < deadline and not self._cancel_requested
+               and set(gone) - set(self._missing_workers())):
+            time.sleep(0.1)
+        return gone
 
     @property
     def cost(self) -> Cost:

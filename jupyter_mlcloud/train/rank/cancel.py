@@ -28,7 +28,7 @@ class _Active:
     cancelled: bool = False  # read by the rank at its safe points
     finishing: bool = False  # in teardown: too late to stop
     steps: int = 0  # steps done so far (set by the rank's context at each step)
-    stop_requested: bool = False  # a planned stop (a budget) was asked for
+    stop_requested: bool = False  # a planned stop (a budget, a hand-over) was asked for
     stop_at: int | None = None  # ...at this step, once the launcher has agreed on one
 
     def check(self) -> None:

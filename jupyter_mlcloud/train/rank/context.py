@@ -339,7 +339,7 @@ class TrainContext:
             self._first_step_pending = False
             self._event("first step")
         commit, durable = self._commits.due(self._steps)
-        stop = cancel.stop_due(self.run_id, self._steps)  # a planned stop (a budget)
+        stop = cancel.stop_due(self.run_id, self._steps)  # a planned stop: a budget, a hand-over
         if self._asked or (stop and (self._commits.every or self._commits.durable_every)):
             self._asked = False
             commit, durable = True, bool(self._commits.durable_every)
@@ -351,7 +351,7 @@ class TrainContext:
             ring.commit(self.run_id, self.rank, position, local, self._commit_state(), durable)
         if stop:
             raise cancel.RunCancelled(f"run {self.run_id} stopped as planned at step"
-                                      f" {self._steps} (its budget was reached).")
+                                      f" {self._steps}.")
 
     def _commit_state(self) -> dict[str, Any] | None:
         """The whole state for a commit, on the ranks that hold it: every rank where it is
