@@ -139,10 +139,10 @@ def _listen_for_retiring(client: Any) -> None:
         return
 
     def on_retiring(event: tuple[float, Any]) -> None:
-        worker = event[1].get("worker") if isinstance(event[1], dict) else None
+        said = event[1] if isinstance(event[1], dict) else {}
         for run in active_runs():
-            if run.client is client and worker in run.workers:
-                run.retiring(worker)
+            if run.client is client and said.get("worker") in run.workers:
+                run.retiring(said["worker"], float(said.get("grace", handover.GRACE_S)))
 
     client.subscribe_topic(handover.TOPIC, on_retiring)
     client._mlcloud_retiring_listener = True

@@ -164,7 +164,7 @@ class Run:
         #: True when the run ended in error because workers retired (preempted) and no
         #: replacement came: the cluster's doing, not the training code's or its values'.
         self.preempted = False
-        self._retiring: set[str] = set()  # workers about to retire (see :meth:`retiring`)
+        self._retiring: dict[str, float] = {}  # workers about to retire: their grace (s)
         self._meter = Meter()
 
     # ------------------------------------------------------------ wiring (launcher)
@@ -293,19 +293,13 @@ class Run:
                     self._stop_for_budget()
                     break
                 if self._handing_over() and self._transition("recovering"):
-                    gone = self._hand_over()
-                    try:
-                        self._recover(gone, planned=True)
-                        continue
-                    except TrainingError as e:
-                        self._cancel_ranks()
-                        self.preempted = True
-                        self._end("error", e)
-                        break
-                outcome, detail = self._outcome()
-                planned = outcome == "lost" and self._planned(detail)
-                if (outcome == "lost" and (planned or self.failures < self.max_failures)
-                        and self._transition("recovering")):
+                    outcome, detail, planned, moving = "lost", self._hand_over(), True, True
+                else:
+                    outcome, detail = self._outcome()
+                    planned = outcome == "lost" and self._planned(detail)
+                    moving = (outcome == "lost" and (planned or self.failures < self.max_failures)
+                              and self._transition("recovering"))
+                if moving:
                     if not planned:
                         self.failures += 1
                     try:
@@ -444,28 +438,30 @@ class Run:
 
     # ------------------------------------------------------------ workers that retire
 
-    def retiring(self, worker: str) -> None:
-        """``worker`` is about to retire (``retire_workers``, SIGTERM, a preemption notice):
-        the watcher commits one same step on every rank at once, then moves the run to a
-        replacement as planned (see :mod:`jupyter_mlcloud.cluster.handover`)."""
+    def retiring(self, worker: str, grace: float = handover.GRACE_S) -> None:
+        """``worker`` is about to retire (``retire_workers``, SIGTERM, a preemption notice),
+        within ``grace`` seconds: the watcher commits one same step on every rank at once, then
+        moves the run to a replacement as planned (see :mod:`jupyter_mlcloud.cluster.handover`)."""
         with self._lock:
             if worker in self.workers:
-                self._retiring.add(worker)
+                self._retiring[worker] = grace
 
     def _handing_over(self) -> bool:
-        return self._status == "running" and bool(self._retiring & set(self.workers))
+        with self._lock:  # retiring() adds from the client's event loop
+            return self._status == "running" and not set(self._retiring).isdisjoint(self.workers)
 
     def _hand_over(self) -> list[str]:
         """Stop every rank at one committed step, then wait for the retiring workers to go
         (the state is "recovering"); returns them."""
         with self._lock:
-            gone = sorted(self._retiring & set(self.workers))
+            gone = sorted(set(self._retiring) & set(self.workers))
+            grace = max(self._retiring[w] for w in gone)
             self._retiring.clear()
         if self.store is not None:
             self._stop_at_one_step()
         else:
             self._cancel_ranks()  # nothing to commit: the next attempt starts over
-        deadline = time.monotonic() + DEPARTURE_GRACE_S + handover.GRACE_S
+        deadline = time.monotonic() + DEPARTURE_GRACE_S + grace
         while (time.monotonic() < deadline and not self._cancel_requested
                and set(gone) - set(self._missing_workers())):
             time.sleep(0.1)
