@@ -43,7 +43,8 @@ def long_fit(ctx: Any) -> None:
 def steps_done(run: Any) -> int:
     """The most steps rank 0 has reported (steps resume with their count after a move)."""
     frame = run.metrics
-    return int(frame[frame["rank"] == 0]["step"].max()) if len(frame) else 0
+    steps = frame[frame["rank"] == 0]["step"] if len(frame) else frame
+    return int(steps.max()) if len(steps) else 0  # rank 1's points may come first
 
 
 def move(run: Any, attempt: int, retire: Any, what: str) -> int:
