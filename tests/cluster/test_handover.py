@@ -57,33 +57,28 @@ def test_a_retiring_worker_waits_for_its_handing_over_task_and_says_so(
         client.unsubscribe_topic(handover.TOPIC)
 
 
-def test_a_task_that_does_not_end_is_given_the_grace_and_no_more(
-        cluster: mlc.ClusterHandle) -> None:
-    client = cluster.client
-    handover.install(client, ("hand-me-",), grace=1)
+def retired_at_once(client: Any, key: str, grace: float) -> bool:
+    """Retire a worker running a task ``key`` that never ends (with ``HandOver`` on, for
+    ``hand-me-`` keys); whether the retirement was done within 30 s."""
+    handover.install(client, ("hand-me-",), grace=grace)
     try:
         worker = sorted(cluster_info.workers(client))[0]
-        task = client.submit(wait_on, "handover-never", key="hand-me-2", workers=[worker])
+        task = client.submit(wait_on, "handover-never", key=key, workers=[worker])
         wait_for(lambda: client.processing([worker])[worker], 30, "the task on its worker")
         retire_in_background(client, worker).join(30)
-        assert worker not in cluster_info.workers(client)
         task.cancel()
+        return worker not in cluster_info.workers(client)
     finally:
         client.unregister_scheduler_plugin(handover.NAME)
+
+
+def test_a_task_that_does_not_end_is_given_the_grace_and_no_more(
+        cluster: mlc.ClusterHandle) -> None:
+    assert retired_at_once(cluster.client, "hand-me-2", grace=1)
 
 
 def test_other_tasks_do_not_hold_a_retirement(cluster: mlc.ClusterHandle) -> None:
-    client = cluster.client
-    handover.install(client, ("hand-me-",), grace=60)
-    try:
-        worker = sorted(cluster_info.workers(client))[0]
-        task = client.submit(wait_on, "handover-never", key="other-1", workers=[worker])
-        wait_for(lambda: client.processing([worker])[worker], 30, "the task on its worker")
-        retire_in_background(client, worker).join(30)
-        assert worker not in cluster_info.workers(client)
-        task.cancel()
-    finally:
-        client.unregister_scheduler_plugin(handover.NAME)
+    assert retired_at_once(cluster.client, "other-1", grace=60)
 
 
 @pytest.mark.parametrize("grace", [-1, "soon", True])
