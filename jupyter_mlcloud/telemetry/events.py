@@ -49,23 +49,28 @@ def to_number(name: str, value: Any) -> float:
 class EventBatcher:
     """Collects messages on a worker and logs them as one Dask event per flush.
 
-    A background thread flushes every ``interval`` seconds, so a point reaches subscribers
-    within about that long, and the training thread never waits on the network.
+    A message that comes ``interval`` seconds or more after the last send goes out at once;
+    those that follow it sooner wait for the end of that interval and go out together. So a
+    sparse message (a point per epoch) reaches subscribers without delay, a dense stream (a
+    point per step) costs one event per interval, and the training thread never waits on the
+    network: a background thread sends.
     """
 
     def __init__(self, log_event: Any, topic: str, interval: float = 0.2) -> None:
         self._log_event = log_event
         self._topic = topic
-        self._interval = interval
+        self.interval = interval
         self._items: list[Any] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._due = threading.Event()  # something waits to be sent
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"flush-{topic}", daemon=True)
         self._thread.start()
 
     def add(self, item: Any) -> None:
         with self._lock:
             self._items.append(item)
+        self._due.set()
 
     def flush(self) -> None:
         with self._lock:
@@ -74,15 +79,19 @@ class EventBatcher:
             self._log_event(self._topic, {"items": items})
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._closed.is_set():
+            self._due.wait()
+            self._due.clear()
             try:
                 self.flush()
             except Exception:  # noqa: BLE001 - one failed send must not end the live points
                 pass
+            self._closed.wait(self.interval)  # what comes meanwhile goes out with the next send
 
     def close(self) -> None:
         """Flush what is left and stop the thread."""
-        self._stop.set()
+        self._closed.set()
+        self._due.set()
         self._thread.join()
         self.flush()
 

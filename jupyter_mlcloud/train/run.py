@@ -757,7 +757,17 @@ class Run:
         From any state that is not final the run goes to cancelling and ends as cancelled; a
         finished, failed or cancelled run stays as it is.
         """
-        self._transition("cancelling")  # refused once final: a no-op then
+        with self._lock:
+            running = self._status == "running"
+        # Refused once final: a no-op then.
+        if self._transition("cancelling") and running:
+            # The ranks hear it now, not at the watcher's next look (up to WATCH_INTERVAL_S):
+            # a pruned trial's workers are free that much sooner. The watcher then finds
+            # their tasks ended, and stops whatever is left as for any cancel.
+            try:
+                self.client.run(cancel_rank, self.id, self.attempt, workers=list(self.workers))
+            except Exception:
+                pass
         if wait:
             self._done.wait()
 

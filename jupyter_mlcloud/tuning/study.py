@@ -34,6 +34,9 @@ WAIT_S = 0.5  # how often the loop looks up from the queue (Ctrl-C, workers comi
 WORKERS_WAIT_S = 60.0  # how long a study with no trial running waits for free workers
 ERROR_CHARS = 4000  # how much of a failed trial's traceback its user attribute keeps
 RECORD_WAIT_S = 120.0  # how long tune waits, at the end, for each trial's MLflow record
+# How long a trial's reported point may wait on its worker while a pruner judges the points
+# (ctx's default, 0.2 s, is most of what a trial pruned at its first report costs).
+PRUNED_REPORT_INTERVAL_S = 0.01
 
 
 @dataclass
@@ -87,6 +90,8 @@ class _Loop:
         self.progress: Any = None
         self.recorders: list[Any] = []  # the trials' MLflow recorders, to wait for at the end
         self.budget = budget
+        pruning = type(study.pruner).__name__ != "NopPruner"
+        self.report_interval = PRUNED_REPORT_INTERVAL_S if pruning else None
 
     # ------------------------------------------------------------ the loop
 
@@ -165,7 +170,8 @@ class _Loop:
         trial = self.study.ask(self.space)
         params = dict(trial.params)
         try:
-            run = train(WithParams(self.fn, params), cluster=self.cluster,
+            run = train(WithParams(self.fn, params, self.report_interval),
+                        cluster=self.cluster,
                         workers=self.workers_per_trial, **self._options(trial))
         except BaseException:
             stored.requeue(self.study, trial)  # its values are tried when the study goes on

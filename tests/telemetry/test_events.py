@@ -56,8 +56,14 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def slow(recorder: Recorder) -> Iterator[EventBatcher]:
-    """A batcher whose timer never fires during a test: only flush() and close() log."""
+    """A batcher inside its interval for the whole test: only flush() and close() log.
+
+    Its first item went out at once (as a sparse one does) and is forgotten here.
+    """
     batcher = EventBatcher(recorder, "topic-a", interval=3600)
+    batcher.add("primer")
+    assert wait_until(lambda: recorder.count() == 1)
+    recorder.calls.clear()
     yield batcher
     batcher.close()
 
@@ -181,16 +187,16 @@ def test_nothing_is_logged_before_a_flush_and_one_event_per_flush(
     assert recorder.calls[1:] == [("topic-a", {"items": ["next"]})]
 
 
-def test_close_flushes_what_is_left_and_stops_the_thread(recorder: Recorder) -> None:
-    batcher = EventBatcher(recorder, "t", interval=3600)
-    batcher.add({"step": 1})
-    batcher.add({"step": 2})
+def test_close_flushes_what_is_left_and_stops_the_thread(
+        recorder: Recorder, slow: EventBatcher) -> None:
+    slow.add({"step": 1})
+    slow.add({"step": 2})
     started = time.monotonic()
-    batcher.close()
+    slow.close()
     assert time.monotonic() - started < 1.0  # does not wait out the interval
-    assert recorder.calls == [("t", {"items": [{"step": 1}, {"step": 2}]})]
-    assert not batcher._thread.is_alive()
-    batcher.close()  # twice is harmless and logs nothing more
+    assert recorder.calls == [("topic-a", {"items": [{"step": 1}, {"step": 2}]})]
+    assert not slow._thread.is_alive()
+    slow.close()  # twice is harmless and logs nothing more
     assert len(recorder.calls) == 1
 
 
@@ -200,21 +206,52 @@ def test_close_with_nothing_left_logs_nothing(recorder: Recorder) -> None:
     assert recorder.calls == []
 
 
-def test_the_timer_flushes_within_about_an_interval(recorder: Recorder) -> None:
-    batcher = EventBatcher(recorder, "timed", interval=0.05)
+def test_a_sparse_item_goes_out_at_once(recorder: Recorder) -> None:
+    """The first item, and one after a quiet interval, wait for no timer: a point per epoch
+    (what a pruner judges) reaches the kernel without delay."""
+    batcher = EventBatcher(recorder, "t", interval=0.05)
     try:
+        started = time.monotonic()
         batcher.add("a")
+        assert wait_until(lambda: recorder.count() == 1, timeout=2.0)
+        assert recorder.calls[0] == ("t", {"items": ["a"]})
+        assert wait_until(lambda: time.monotonic() - started > 0.1)  # a quiet interval
         batcher.add("b")
-        assert wait_until(lambda: recorder.count() >= 1, timeout=2.0)
-        assert recorder.calls[0] == ("timed", {"items": ["a", "b"]})
-        time.sleep(0.2)  # several more intervals with nothing added: no empty events
-        assert recorder.count() == 1
-        batcher.add("c")
-        assert wait_until(lambda: recorder.count() >= 2, timeout=2.0)
-        assert recorder.calls[1] == ("timed", {"items": ["c"]})
+        assert wait_until(lambda: recorder.count() == 2, timeout=2.0)
+        assert recorder.calls[1] == ("t", {"items": ["b"]})
     finally:
         batcher.close()
-    assert len(recorder.calls) == 2
+
+
+def test_a_dense_burst_goes_out_together_after_the_interval(recorder: Recorder) -> None:
+    batcher = EventBatcher(recorder, "timed", interval=1.0)
+    try:
+        batcher.add("first")
+        assert wait_until(lambda: recorder.count() == 1, timeout=2.0)
+        sent = time.monotonic()
+        for i in range(100):
+            batcher.add(i)
+        assert recorder.count() == 1  # inside the interval: held back
+        assert wait_until(lambda: recorder.count() == 2, timeout=5.0)
+        assert time.monotonic() - sent > 0.5
+        assert recorder.calls[1] == ("timed", {"items": list(range(100))})
+    finally:
+        batcher.close()
+    assert len(recorder.calls) == 2  # no empty events
+
+
+def test_the_interval_can_be_changed_while_it_runs(recorder: Recorder) -> None:
+    batcher = EventBatcher(recorder, "t", interval=3600)
+    try:
+        batcher.interval = 0.01  # what tune does while a pruner watches a trial
+        batcher.add("a")
+        assert wait_until(lambda: recorder.count() == 1, timeout=2.0)
+        batcher.add("b")  # within the old interval, long past the new one
+        batcher.add("c")
+        assert wait_until(lambda: len(items_of(recorder.events())) == 3, timeout=5.0)
+        assert items_of(recorder.events()) == ["a", "b", "c"]
+    finally:
+        batcher.close()
 
 
 def test_the_flush_thread_is_a_named_daemon(recorder: Recorder) -> None:

@@ -21,6 +21,7 @@ from tests.conftest import wait_for_workers as wait_until_workers
 
 # The module (the package exports its ``launch`` function under the same name).
 launch_module = importlib.import_module("jupyter_mlcloud.train.launch")
+run_module = importlib.import_module("jupyter_mlcloud.train.run")
 
 STATES = ["pending", "running", "recovering", "cancelling", "finished", "error", "cancelled"]
 ALLOWED = {
@@ -322,6 +323,19 @@ def test_cancel_mid_step(cluster: mlc.ClusterHandle) -> None:
         wait_for(lambda run=run: len(run.metrics) > 0, timeout=120, what="a first metric point")
         run.cancel()
         check_cancelled_and_workers_free(run, cluster)
+
+
+def test_a_cancel_reaches_the_ranks_before_the_watcher_looks(
+        cluster: mlc.ClusterHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cancel() tells the ranks itself: the watcher, which looks this time only every 300 s,
+    wakes when their tasks end (a pruned trial frees its workers that much sooner)."""
+    monkeypatch.setattr(run_module, "WATCH_INTERVAL_S", 300.0)
+    run = mlc.train(endless, cluster=cluster, timeout=600)
+    wait_for(lambda: len(run.metrics) > 0, timeout=120, what="a first metric point")
+    started = time.monotonic()
+    run.cancel()
+    assert time.monotonic() - started < 150  # not the watcher's 300 s
+    check_cancelled_and_workers_free(run, cluster)
 
 
 def blocked_in_a_collective(ctx: Any) -> None:

@@ -196,6 +196,20 @@ class TrainContext:
             self._loop = -1
             yield epoch
 
+    @property
+    def report_interval(self) -> float | None:
+        """Seconds a reported point may wait to travel with the next ones (None: not sent).
+
+        A point that comes this long after the last send goes at once. ``mlc.tune`` lowers
+        it while a pruner judges the trial, so that a hopeless one stops sooner.
+        """
+        return self._reporter.interval if self._reporter is not None else None
+
+    @report_interval.setter
+    def report_interval(self, seconds: float) -> None:
+        if self._reporter is not None:
+            self._reporter.interval = seconds
+
     def report(self, step: int | None = None, **values: Any) -> None:
         """Send metrics (numbers or one-element tensors) to the live panels and ``run.metrics``.
 
