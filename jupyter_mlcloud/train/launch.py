@@ -35,7 +35,7 @@ from .options import (
     parse_compression,
 )
 from .rank import ring
-from .rank.worker import FunctionPayload, RankSpec, free_port, run_rank
+from .rank.worker import RANK_KEY_PREFIX, FunctionPayload, RankSpec, free_port, run_rank
 from .registry import active_runs
 from .registry import lock as _lock
 from .run import Run
@@ -129,7 +129,6 @@ def _backend(requested: str | None, kind: str, info: dict[str, Any], chosen: lis
     return requested
 
 
-RANK_KEY_PREFIX = "mlcloud-train-"  # every rank's task key: a retiring worker hands these over
 
 
 def _listen_for_retiring(client: Any) -> None:

@@ -20,6 +20,7 @@ import datetime
 import gc
 import io
 import linecache
+import logging
 import os
 import random
 import socket
@@ -41,6 +42,7 @@ from .cancel import RunCancelled, before_optimizer_step
 from .network import address_ip, socket_env
 
 PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)
+RANK_KEY_PREFIX = "mlcloud-train-"  # every rank's task key: a retiring worker hands these over
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT")
 
@@ -205,6 +207,16 @@ def _freeze_long_lived() -> None:
 
         gc.collect()
         gc.freeze()
+        logging.getLogger("distributed.worker").addFilter(_quiet_stopped_ranks)
+
+
+def _quiet_stopped_ranks(record: logging.LogRecord) -> bool:
+    """Drop Dask's "Compute Failed" error for a rank that stopped because it was told to (a
+    cancel, a pruned trial, a planned stop): an outcome the launcher asked for, which would
+    otherwise print a traceback into the notebook for every pruned trial."""
+    args = record.args if isinstance(record.args, tuple) else ()
+    return not (str(record.msg).startswith("Compute Failed") and len(args) > 3
+                and str(args[0]).startswith(RANK_KEY_PREFIX) and "RunCancelled" in str(args[3]))
 
 
 @contextlib.contextmanager
