@@ -10,6 +10,9 @@ The rules:
   waits at most ``max_wait_ms`` from its arrival for the batch to fill (Triton's max queue
   delay), usually not at all, since it has already waited through the previous batch; a
   request of more rows than ``max_batch_size`` is computed alone, never split;
+- that wait ends early once requests stop coming (none for ``QUIET_GAPS`` times the recent
+  mean gap between arrivals): with fewer clients than ``max_batch_size`` rows, the batch
+  would never fill, and each would wait the whole ``max_wait_ms`` for nothing;
 - the queue is bounded: past ``max_queue`` waiting requests, or when the estimated wait of a
   new request exceeds ``slo_ms``, :class:`Overloaded` is raised with a Retry-After in seconds.
 
@@ -29,8 +32,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Weight of the newest batch in the moving average of compute time.
+#: Weight of the newest batch in the moving average of compute time (and of the newest gap
+#: in that of the gaps between arrivals).
 EWMA_ALPHA = 0.2
+#: A batch stops waiting to fill once no request came for this many mean gaps.
+QUIET_GAPS = 2.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,8 @@ class Batcher:
         self._busy = False
         self._closed = False
         self._ewma_s: float | None = None  # mean compute time of a batch
+        self._gap_s: float | None = None  # mean time between arrivals
+        self._last_arrival: float | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -194,10 +202,25 @@ class Batcher:
                                  self._retry_after())
         future: asyncio.Future[tuple[np.ndarray, Timings]] = (
             asyncio.get_running_loop().create_future())
-        self._queue.append(_Pending(rows, future, time.perf_counter(), idle))
+        now = time.perf_counter()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._gap_s = gap if self._gap_s is None else (
+                EWMA_ALPHA * gap + (1 - EWMA_ALPHA) * self._gap_s)
+        self._last_arrival = now
+        self._queue.append(_Pending(rows, future, now, idle))
         self._queued_rows += len(rows)
         self._wakeup.set()
         return await future
+
+    def _fill_wait_s(self, deadline: float) -> float:
+        """How much longer a batch may wait to fill: to ``deadline``, and no longer than
+        ``QUIET_GAPS`` mean gaps after the last arrival."""
+        now = time.perf_counter()
+        left = deadline - now
+        if self._gap_s is not None and self._last_arrival is not None:
+            left = min(left, self._last_arrival + QUIET_GAPS * self._gap_s - now)
+        return left
 
     def _take(self) -> list[_Pending]:
         """Requests for the next batch, oldest first: at least one, then up to
@@ -229,14 +252,14 @@ class Batcher:
             if not oldest.idle:
                 deadline = oldest.arrived + max_wait_s
                 while self._queued_rows < self.options.max_batch_size:
-                    left = deadline - time.perf_counter()
+                    left = self._fill_wait_s(deadline)
                     if left <= 0:
                         break
                     self._wakeup.clear()
                     try:
                         await asyncio.wait_for(self._wakeup.wait(), left)
                     except asyncio.TimeoutError:
-                        break
+                        pass  # the deadline, or a pause in arrivals: looked at again above
             batch = self._take()
             if not batch:
                 continue

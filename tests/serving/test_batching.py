@@ -106,7 +106,7 @@ def test_requests_arriving_while_busy_are_batched_up_to_max_batch_size() -> None
     assert all(t.queue_s > 0 and t.batch_wait_s < 0.05 for _, t in answers[1:])
 
 
-def test_a_busy_time_request_waits_up_to_max_wait_for_its_batch_to_fill() -> None:
+def test_a_busy_time_request_waits_for_its_batch_to_fill_while_requests_come() -> None:
     gate = threading.Event()
     model = Model(gate)
 
@@ -116,6 +116,8 @@ def test_a_busy_time_request_waits_up_to_max_wait_for_its_batch_to_fill() -> Non
         try:
             first = asyncio.ensure_future(batcher.submit(rows(1)))
             await until(lambda: batcher.busy, "the first request computing")
+            # Arrivals 1 s apart: the batch may wait 2 s (QUIET_GAPS) after the last one.
+            await asyncio.sleep(1.0)
             second = asyncio.ensure_future(batcher.submit(rows(1, 10.0)))
             await until(lambda: batcher.queued == 1, "the second request queued")
             gate.set()
@@ -133,6 +135,32 @@ def test_a_busy_time_request_waits_up_to_max_wait_for_its_batch_to_fill() -> Non
     np.testing.assert_array_equal(out2, rows(1, 10.0) * 2)
     np.testing.assert_array_equal(out3, rows(1, 20.0) * 2)
     assert t2.batch_wait_s > 0 and t2.batch_size == 2 and t3.batch_requests == 2
+
+
+def test_a_batch_stops_waiting_to_fill_once_requests_stop_coming() -> None:
+    """Three clients and room for 32 rows: the batch would never fill, so it goes as soon as
+    arrivals pause, not after max_wait_ms (20 s here)."""
+    gate = threading.Event()
+    model = Model(gate)
+
+    async def scenario() -> list[tuple[np.ndarray, Timings]]:
+        batcher = Batcher(model, BatchOptions(max_batch_size=32, max_wait_ms=20_000))
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(rows(1)))
+            await until(lambda: batcher.busy, "the first request computing")
+            rest = [asyncio.ensure_future(batcher.submit(rows(1, 10.0 * i)))
+                    for i in range(1, 4)]
+            await until(lambda: batcher.queued == 3, "three requests queued")
+            gate.set()
+            return list(await asyncio.wait_for(asyncio.gather(first, *rest), 10))
+        finally:
+            gate.set()
+            await batcher.close()
+
+    answers = run(scenario)
+    assert model.batches == [1, 3]
+    assert all(t.batch_wait_s < 10 for _, t in answers)
 
 
 def test_past_max_queue_requests_are_refused_with_a_retry_after() -> None:
