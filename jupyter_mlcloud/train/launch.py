@@ -129,8 +129,6 @@ def _backend(requested: str | None, kind: str, info: dict[str, Any], chosen: lis
     return requested
 
 
-
-
 def _listen_for_retiring(client: Any) -> None:
     """Route the scheduler's word that a worker is about to retire to the runs on it (once
     per client): each commits one same step at once and moves as planned."""

@@ -601,6 +601,12 @@ class Run:
         exc = future.exception()
         return exc if isinstance(exc, RankFailed) else RankFailed(-1, "", repr(exc))
 
+    def _tell_ranks(self, attempt: int, workers: list[str]) -> None:
+        try:
+            self.client.run(cancel_rank, self.id, attempt, workers=workers)
+        except Exception:  # the watcher's own cancel follows in any case
+            pass
+
     def _cancel_ranks(self) -> None:
 
         alive = set(self.workers) - set(self._missing_workers())
@@ -763,11 +769,10 @@ class Run:
         if self._transition("cancelling") and running:
             # The ranks hear it now, not at the watcher's next look (up to WATCH_INTERVAL_S):
             # a pruned trial's workers are free that much sooner. The watcher then finds
-            # their tasks ended, and stops whatever is left as for any cancel.
-            try:
-                self.client.run(cancel_rank, self.id, self.attempt, workers=list(self.workers))
-            except Exception:
-                pass
+            # their tasks ended, and stops whatever is left as for any cancel. From a thread,
+            # so that cancel(wait=False) never waits on the scheduler.
+            threading.Thread(target=self._tell_ranks, args=(self.attempt, list(self.workers)),
+                             name=f"mlcloud-cancel-{self.id}", daemon=True).start()
         if wait:
             self._done.wait()
 

@@ -90,7 +90,9 @@ class _Loop:
         self.progress: Any = None
         self.recorders: list[Any] = []  # the trials' MLflow recorders, to wait for at the end
         self.budget = budget
-        pruning = type(study.pruner).__name__ != "NopPruner"
+        import optuna
+
+        pruning = not isinstance(study.pruner, optuna.pruners.NopPruner)
         self.report_interval = PRUNED_REPORT_INTERVAL_S if pruning else None
 
     # ------------------------------------------------------------ the loop
