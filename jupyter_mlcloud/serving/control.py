@@ -246,7 +246,7 @@ def stop_replica(client: Any, replica: dict[str, Any]) -> bool:
     """Stop one replica on its worker; False if it (or its worker) was gone already."""
     try:
         return bool(launch.call(client, worker_side.stop_replica, replica["id"],
-                                worker=replica["worker"]))
+                                worker=replica["worker"], timeout=launch.STOP_TIMEOUT_S))
     except Exception:
         return False
 
@@ -401,7 +401,11 @@ def close(client: Any, state: dict[str, Any]) -> None:
     :func:`editing`)."""
     router = state["router"]
     try:
-        launch.call(client, router_side.stop_router, router["id"], worker=router["worker"])
+        launch.call(client, router_side.stop_router, router["id"], worker=router["worker"],
+                    timeout=launch.STOP_TIMEOUT_S)
+    except TimeoutError as e:
+        warnings.warn(f"endpoint {state['name']!r}: its router may still run: {e}",
+                      stacklevel=3)
     except Exception:
         pass  # its worker is gone: so is the router
     finally:

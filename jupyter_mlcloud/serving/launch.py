@@ -8,6 +8,7 @@ verifies the replica (``ca_file``) and the worker gets its own private copy of t
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from .batching import BatchOptions
 from .security import KeyPair, TLSFiles, new_token, self_signed, tls_files, write_private
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+CALL_TIMEOUT_S = 300.0  # no worker call waits longer: a lost reply fails, never hangs the kernel
+STOP_TIMEOUT_S = 60.0  # a stop drains for at most 30 s on the worker
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,17 @@ def _check(name: str, version: str, device: str, max_body_bytes: int) -> None:
         raise ValueError(f"max_body_bytes must be an integer >= 1024, got {max_body_bytes!r}.")
 
 
-def call(client: Any, fn: Any, *args: Any, worker: str) -> Any:
+def call(client: Any, fn: Any, *args: Any, worker: str,
+         timeout: float = CALL_TIMEOUT_S) -> Any:
     """``fn(*args)`` on ``worker``, in a thread of its own there (see
-    :func:`.host.in_thread`), its result; raises what it raised."""
-    return client.run(worker_side.in_thread, fn, *args, workers=[worker])[worker]
+    :func:`.host.in_thread`), its result; raises what it raised, or :class:`TimeoutError`
+    after ``timeout`` seconds without an answer."""
+    try:
+        return client.run(worker_side.in_thread, fn, *args, workers=[worker],
+                          callback_timeout=timeout)[worker]
+    except (TimeoutError, asyncio.TimeoutError):
+        raise TimeoutError(f"worker {worker} did not answer {fn.__name__} within"
+                           f" {timeout:g} s.") from None
 
 
 def _pick_worker(client: Any) -> str:
@@ -146,7 +156,7 @@ def stop_replica(client: Any, replica: Replica, timeout: float = 30.0) -> bool:
     copy of its certificate. False if the worker no longer ran it."""
     try:
         stopped = bool(call(client, worker_side.stop_replica, replica.id, timeout,
-                            worker=replica.worker))
+                            worker=replica.worker, timeout=timeout + STOP_TIMEOUT_S))
     finally:
         replica.tls.remove()
     return stopped

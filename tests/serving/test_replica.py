@@ -407,6 +407,20 @@ def test_bad_arguments_fail_early_in_one_sentence(cluster: mlc.ClusterHandle,
     assert set(Path(tempfile.gettempdir()).glob("mlcloud-tls-*")) == certificates
 
 
+def test_a_worker_call_without_an_answer_fails_after_its_timeout(
+        cluster: mlc.ClusterHandle) -> None:
+    import time
+
+    from jupyter_mlcloud.serving.launch import call
+
+    worker = sorted(cluster.client.scheduler_info()["workers"])[0]
+    # The sleep itself would end without an error: the TimeoutError is the call giving up.
+    with pytest.raises(TimeoutError, match=rf"^worker {worker} did not answer sleep within"
+                                           r" 0\.5 s\.$"):
+        call(cluster.client, time.sleep, 5, worker=worker, timeout=0.5)
+    assert call(cluster.client, len, "abc", worker=worker) == 3
+
+
 def test_the_kernel_side_loads_no_torch_or_mlflow() -> None:
     import subprocess
     import sys

@@ -5,7 +5,9 @@ new commit goes to the rank's *buddy*, another worker (on another host when ther
 straight over the workers' own comms: never through the scheduler or the kernel. Under DDP
 every rank holds the same model and optimizer state, so a buddy that is itself a rank gets
 only the small per-rank part (RNG and hook states); otherwise it gets the whole part. Losing
-any one worker therefore loses no commit.
+any one worker therefore loses no commit: a worker keeps its own commit at the step of the
+newest buddy copy it holds (an *anchor*, :func:`_anchor`), however far the copies lag behind
+the ring, and the per-rank part of every own commit outlives its whole state in the ring.
 
 The launcher sees only metadata (:func:`index`: which worker holds which rank's part of which
 step) and, after a loss, tells each new rank where its state lies; the rank pulls it from that
@@ -49,6 +51,9 @@ class _Ring:
     own: deque[Part] = field(default_factory=lambda: deque(maxlen=RING_PARTS))
     full: deque[Part] = field(default_factory=lambda: deque(maxlen=RING_FULL))
     copies: dict[int, deque[Part]] = field(default_factory=dict)  # rank -> buddy copies
+    # rank -> (its newest copy held here at a step this worker's own rank also holds, that
+    # own part): kept out of the deques' rotation while the copies lag behind.
+    anchors: dict[int, tuple[Part, Part]] = field(default_factory=dict)
     pinned: list[Part] = field(default_factory=list)  # being sent or written: not recycled
     spare: Part | None = None  # a dropped part whose buffers the next commit reuses
     client_step: int = -1  # the newest step the launcher has confirmed
@@ -120,7 +125,32 @@ def client_step(run_id: str) -> int:
 
 
 def _pinned(ring: _Ring, part: Part) -> bool:
-    return any(part is p for p in ring.pinned)
+    return any(part is p for p in ring.pinned) \
+        or any(part is p for pair in ring.anchors.values() for p in pair)
+
+
+def _anchored(ring: _Ring) -> list[Part]:
+    return [p for pair in ring.anchors.values() for p in pair]
+
+
+def _anchor(ring: _Ring, rank: int) -> None:
+    """Anchor the newest copy of ``rank`` held here whose step this worker's own rank also
+    holds (under the lock). Should ``rank``'s worker go, that step is one every survivor can
+    go on from, even when the sender skipped commits: without it, the own parts at the
+    copies' steps could already be gone from the ring."""
+    # A rank that commits the whole state anchors whole commits, not their per-rank parts.
+    own = {(p.position.steps, p.attempt): p
+           for p in [*(ring.full or ring.own), *(mine for _, mine in ring.anchors.values())]
+           if p.rank != rank}
+    held = [*ring.copies.get(rank, ()), *ring.anchors.get(rank, ())[:1]]
+    for copy in sorted(held, key=lambda p: (p.attempt, p.position.steps), reverse=True):
+        mine = own.get((copy.position.steps, copy.attempt))
+        if mine is not None:
+            ring.anchors[rank] = (copy, mine)
+            # Anchors of an older attempt's ranks are no longer needed once this one holds.
+            for other in [r for r, (c, _) in ring.anchors.items() if c.attempt < copy.attempt]:
+                del ring.anchors[other]
+            return
 
 
 def commit(run_id: str, rank: int, position: Position, local: dict[str, Any],
@@ -183,9 +213,16 @@ def _add(run_id: str, ring: _Ring, part: Part, blocked_s: float) -> None:
     """Put a whole commit in the ring and hand it to the buddy sender and the writer."""
     with _lock:
         target = ring.full if part.state is not None else ring.own
-        if len(target) == target.maxlen and not _pinned(ring, target[0]):
+        if target is ring.full and len(target) == target.maxlen:
+            # The whole state goes; the per-rank part stays as long as the small ones.
+            ring.own.append(dataclasses.replace(target[0], state=None))
+            if not _pinned(ring, target[0]):  # its state's buffers are free (not the local's)
+                ring.spare = dataclasses.replace(target[0], local={})
+        elif len(target) == target.maxlen and not _pinned(ring, target[0]):
             ring.spare = target[0]  # about to be dropped: its buffers are free
         target.append(part)
+        for rank in ring.copies:
+            _anchor(ring, rank)
         ring.touched = time.monotonic()
         ring.stats["commits"] += 1
         ring.stats["commit_s"] += blocked_s
@@ -276,6 +313,7 @@ def _handle_put(run_id: str, part: Part) -> dict[str, str]:
         ring = _rings.setdefault(run_id, _Ring())
         ring.copies.setdefault(part.rank, deque(maxlen=COPIES_KEPT)).append(
             Part(part.rank, part.position, local, state, part.durable, part.attempt))
+        _anchor(ring, part.rank)
         ring.touched = time.monotonic()
     return {"status": "OK"}
 
@@ -284,7 +322,7 @@ def _find(ring: _Ring, rank: int | None, step: int, attempt: int, state: bool) -
     """A held part of ``rank`` (None: of any rank) at ``step``, with the whole state if
     ``state``."""
     copies = ring.copies.values() if rank is None else [ring.copies.get(rank, ())]
-    for part in [*ring.full, *ring.own, *(p for c in copies for p in c)]:
+    for part in [*ring.full, *ring.own, *(p for c in copies for p in c), *_anchored(ring)]:
         if (part.position.steps, part.attempt) == (step, attempt) \
                 and rank in (None, part.rank) and (part.state is not None or not state):
             return part
@@ -463,9 +501,10 @@ def index(run_id: str, since: int) -> dict[str, Any]:
         if ring is None:
             return {"entries": [], "written": [], "stats": {}}
         ring.client_step = max(ring.client_step, since)
-        parts = [*ring.own, *ring.full, *(p for c in ring.copies.values() for p in c)]
-        entries = [Entry(p.rank, p.attempt, p.position, p.state is not None)
-                   for p in parts if p.position.steps > since]
+        parts = [*ring.own, *ring.full, *(p for c in ring.copies.values() for p in c),
+                 *_anchored(ring)]
+        entries = list(dict.fromkeys(Entry(p.rank, p.attempt, p.position, p.state is not None)
+                                     for p in parts if p.position.steps > since))
         written, ring.written = ring.written, []
         return {"entries": entries, "written": written, "stats": dict(ring.stats)}
 
