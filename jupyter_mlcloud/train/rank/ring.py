@@ -307,13 +307,14 @@ def install_handlers(dask_worker: Any) -> None:
     handlers.setdefault(GET, _handle_get)
 
 
-def _handle_put(run_id: str, part: Part) -> dict[str, str]:
-    local, state = from_wire(part.local), from_wire(part.state)
+def _handle_put(run_id: str, parts: list[Part]) -> dict[str, str]:
     with _lock:
         ring = _rings.setdefault(run_id, _Ring())
-        ring.copies.setdefault(part.rank, deque(maxlen=COPIES_KEPT)).append(
-            Part(part.rank, part.position, local, state, part.durable, part.attempt))
-        _anchor(ring, part.rank)
+        for part in parts:
+            ring.copies.setdefault(part.rank, deque(maxlen=COPIES_KEPT)).append(
+                Part(part.rank, part.position, from_wire(part.local), from_wire(part.state),
+                     part.durable, part.attempt))
+            _anchor(ring, part.rank)
         ring.touched = time.monotonic()
     return {"status": "OK"}
 
@@ -352,19 +353,23 @@ def _handle_get(run_id: str, step: int, attempt: int, ranks: list[int],
 
 
 class _Sender:
-    """Sends the newest commit to the buddy; a commit that is not sent before a newer one
-    comes is skipped (only the newest matters)."""
+    """Sends commits to the buddy. Commits with the whole state go newest only: one not sent
+    before a newer one comes is skipped. Small ones (the per-rank part alone, as under DDP)
+    all go, those queued meanwhile in one message, so the buddy receives the steps its own
+    ring still holds however late the message leaves (see :func:`_anchor`)."""
 
     def __init__(self) -> None:
-        self._pending: tuple[str, Part, Config] | None = None
+        self._pending: list[tuple[str, Part, Config]] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
     def offer(self, run_id: str, part: Part, config: Config) -> None:
         with self._cond:
-            if self._pending is not None:
-                _unpin(*self._pending[:2])
-            self._pending = (run_id, part, config)
+            whole = config.send_state and part.state is not None
+            dropped = self._pending if whole else self._pending[:-RING_PARTS + 1]
+            for old_run, old_part, _ in dropped:
+                _unpin(old_run, old_part)
+            self._pending = [*self._pending[len(dropped):], (run_id, part, config)]
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name="mlcloud-commit-sender")
@@ -377,21 +382,24 @@ class _Sender:
 
         while True:
             with self._cond:
-                while self._pending is None:
+                while not self._pending:
                     self._cond.wait()
-                (run_id, part, config), self._pending = self._pending, None
+                batch, self._pending = self._pending, []
+            run_id, _, config = batch[-1]  # a new attempt's config: older parts are not sent
             try:
-                wire = _wire_part(part, config.send_state)
+                wires = [_wire_part(p, config.send_state)
+                         for r, p, c in batch if r == run_id and c is config]
                 sync(config.worker.loop, getattr(config.worker.rpc(config.buddy), PUT),
-                     run_id=run_id, part=to_serialize(wire), callback_timeout=SEND_TIMEOUT_S)
+                     run_id=run_id, parts=to_serialize(wires), callback_timeout=SEND_TIMEOUT_S)
                 with _lock:
                     if run_id in _rings:
-                        _rings[run_id].stats["sent_bytes"] += _nbytes(wire.local) + _nbytes(
-                            wire.state)
+                        _rings[run_id].stats["sent_bytes"] += sum(
+                            _nbytes(w.local) + _nbytes(w.state) for w in wires)
             except Exception:  # noqa: BLE001 - a lost buddy: the launcher sees the gap
                 pass
             finally:
-                _unpin(run_id, part)
+                for r, p, _ in batch:
+                    _unpin(r, p)
 
 
 class _Writer:

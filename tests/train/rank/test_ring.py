@@ -3,6 +3,7 @@ arrive late or not at all, as a busy machine makes them."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -30,11 +31,12 @@ def own_commit(model: torch.nn.Linear, step: int) -> None:
                 {"models": [model.state_dict()]})
 
 
-def copy_arrives(step: int) -> None:
-    """Rank 1's buddy copy of ``step`` arrives: its per-rank part only (DDP replicates the
-    rest), as the peer's sender puts it."""
-    part = Part(1, Position(steps=step), {"hooks": [step]}, None, False, 0)
-    assert ring._handle_put(RUN, ring._wire_part(part, with_state=False))["status"] == "OK"
+def copy_arrives(*steps: int) -> None:
+    """Rank 1's buddy copies of ``steps`` arrive in one message: their per-rank parts only
+    (DDP replicates the rest), as the peer's sender puts them."""
+    parts = [ring._wire_part(Part(1, Position(steps=step), {"hooks": [step]}, None, False, 0),
+                             with_state=False) for step in steps]
+    assert ring._handle_put(RUN, parts)["status"] == "OK"
 
 
 def survivor_resumes_from() -> int | None:
@@ -96,3 +98,31 @@ def test_without_copies_nothing_is_anchored_and_per_rank_parts_outlive_the_state
     entries = ring.index(RUN, since=-1)["entries"]
     assert sorted((e.position.steps, e.has_state) for e in entries) == [
         (1, False), (2, False), (3, False), (4, True), (5, True)]
+
+
+def test_a_late_message_of_small_parts_brings_the_steps_this_ring_still_holds(
+        model: torch.nn.Linear) -> None:
+    for step in range(1, 6):
+        own_commit(model, step)
+    # The peer's sender was held up for 4 steps; its queued parts come together.
+    copy_arrives(1, 2, 3, 4, 5)
+    with ring.held(RUN) as held:
+        assert [p.position.steps for p in held.copies[1]] == [4, 5]
+    assert survivor_resumes_from() == 5
+
+
+def test_the_sender_queues_every_small_part_and_only_the_newest_whole_one() -> None:
+    sender = ring._Sender()
+    sender._thread = threading.current_thread()  # alive: nothing is sent, the queue is read
+    small, whole = ring.Config(send_state=False), ring.Config(send_state=True)
+
+    def offer(step: int, config: ring.Config, state: dict[str, int] | None) -> None:
+        sender.offer("queue-test", Part(0, Position(steps=step), {}, state), config)
+
+    for step in range(1, ring.RING_PARTS + 4):
+        offer(step, small, {"whole": step})  # DDP: the state stays home
+    assert [p.position.steps for _, p, _ in sender._pending] == \
+        list(range(4, ring.RING_PARTS + 4))  # the newest RING_PARTS, in order
+    offer(50, whole, {"whole": 50})
+    offer(51, whole, {"whole": 51})
+    assert [p.position.steps for _, p, _ in sender._pending] == [51]
