@@ -752,10 +752,32 @@ class Run:
     def result(self, timeout: float | None = None) -> Any:
         """Rank 0's result; raises ``TrainingError`` with the failing rank's traceback."""
         if not self._done.wait(timeout):
-            raise TimeoutError(f"run {self.id} is still {self._status} after {timeout} s.")
+            raise TimeoutError(f"run {self.id} is still {self._status} after {timeout} s"
+                               f"{self._whereabouts()}.")
         if self._error is not None:
             raise self._error
         return self._result
+
+    def _whereabouts(self) -> str:
+        """Where each rank is, for a run that takes longer than its caller expected: ': rank
+        0 has done 12 steps, rank 1 is not running on tcp://...' (empty if no worker answers)."""
+        try:
+            replies = self.client.run(rank_cancel.progress, self.id, workers=self.workers,
+                                      on_error="return", callback_timeout=10)
+        except Exception:
+            return ""
+        where = []
+        for rank, worker in enumerate(self.workers):
+            reply = replies.get(worker)
+            if isinstance(reply, tuple):
+                steps, finishing = reply
+                where.append(f"rank {rank} has done {steps} step(s)"
+                             + (" and is in its teardown" if finishing else ""))
+            elif reply is None:
+                where.append(f"rank {rank} is not running on {worker}")
+            else:
+                where.append(f"rank {rank}'s worker {worker} does not answer")
+        return ": " + ", ".join(where)
 
     def cancel(self, wait: bool = True) -> None:
         """Stop every rank and free the workers (waits for teardown unless ``wait=False``).

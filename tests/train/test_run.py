@@ -325,6 +325,19 @@ def test_cancel_mid_step(cluster: mlc.ClusterHandle) -> None:
         check_cancelled_and_workers_free(run, cluster)
 
 
+def test_a_result_that_times_out_says_where_each_rank_is(cluster: mlc.ClusterHandle) -> None:
+    run = mlc.train(endless, cluster=cluster, timeout=600)
+    try:
+        wait_for(lambda: len(run.metrics) > 0, timeout=120, what="a first metric point")
+        with pytest.raises(TimeoutError, match=r"^run \w+ is still running after 0\.1 s:"
+                                               r" rank 0 has done \d+ step\(s\), rank 1 has"
+                                               r" done \d+ step\(s\)\.$"):
+            run.result(timeout=0.1)
+    finally:
+        run.cancel()
+    check_cancelled_and_workers_free(run, cluster)
+
+
 def test_a_cancel_reaches_the_ranks_before_the_watcher_looks(
         cluster: mlc.ClusterHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     """cancel() tells the ranks itself: the watcher, which looks this time only every 300 s,

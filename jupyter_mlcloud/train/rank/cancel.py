@@ -82,6 +82,14 @@ def request_stop(run_id: str) -> int | None:
         return active.steps
 
 
+def progress(run_id: str) -> tuple[int, bool] | None:
+    """This worker's rank of ``run_id``: (steps done, in its teardown); None if none runs
+    here (called through ``Client.run``)."""
+    with _lock:
+        active = _active.get(run_id)
+        return None if active is None else (active.steps, active.finishing)
+
+
 def set_stop_at(run_id: str, step: int) -> None:
     """The step at which the rank of ``run_id`` commits and stops (see :func:`request_stop`)."""
     with _lock:
