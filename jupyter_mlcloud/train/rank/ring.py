@@ -124,13 +124,14 @@ def client_step(run_id: str) -> int:
         return ring.client_step if ring else -1
 
 
-def _pinned(ring: _Ring, part: Part) -> bool:
-    return any(part is p for p in ring.pinned) \
-        or any(part is p for pair in ring.anchors.values() for p in pair)
-
-
 def _anchored(ring: _Ring) -> list[Part]:
     return [p for pair in ring.anchors.values() for p in pair]
+
+
+def _in_use(ring: _Ring, part: Part) -> bool:
+    """Whether ``part``'s buffers are used beyond the ring's deques: being sent or written,
+    or anchored (a per-rank part a whole commit left behind shares that commit's)."""
+    return any(part is p or part.local is p.local for p in [*ring.pinned, *_anchored(ring)])
 
 
 def _anchor(ring: _Ring, rank: int) -> None:
@@ -213,13 +214,14 @@ def _add(run_id: str, ring: _Ring, part: Part, blocked_s: float) -> None:
     """Put a whole commit in the ring and hand it to the buddy sender and the writer."""
     with _lock:
         target = ring.full if part.state is not None else ring.own
-        if target is ring.full and len(target) == target.maxlen:
-            # The whole state goes; the per-rank part stays as long as the small ones.
-            ring.own.append(dataclasses.replace(target[0], state=None))
-            if not _pinned(ring, target[0]):  # its state's buffers are free (not the local's)
-                ring.spare = dataclasses.replace(target[0], local={})
-        elif len(target) == target.maxlen and not _pinned(ring, target[0]):
-            ring.spare = target[0]  # about to be dropped: its buffers are free
+        if len(target) == target.maxlen:  # target[0] is about to be dropped
+            dropped = target[0]
+            if target is ring.full:
+                # Its whole state goes; its per-rank part stays as long as the small ones.
+                ring.own.append(dataclasses.replace(dropped, state=None))
+                dropped = dataclasses.replace(dropped, local={})
+            if not _in_use(ring, target[0]):
+                ring.spare = dropped  # its buffers are free: the next commit reuses them
         target.append(part)
         for rank in ring.copies:
             _anchor(ring, rank)
