@@ -120,14 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--bind-cores", action="store_true",
+                        help="bind each of our ranks' training thread to a core of its own"
+                             " (the Dask config mlcloud.train.bind-cores; torchrun unbound)")
     parser.add_argument("--track", action="store_true",
                         help="record our runs in MLflow (off by default: torchrun records"
                              " nothing; bench_tracking.py measures what recording costs)")
     args = parser.parse_args()
 
+    import dask
     from IPython.core.interactiveshell import InteractiveShell
 
     import jupyter_mlcloud as mlc
+
+    dask.config.set({"mlcloud.train.bind-cores": args.bind_cores})
 
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "jupyter_mlcloud")
@@ -143,7 +149,8 @@ def main() -> None:
     load_after = os.getloadavg()
 
     print(f"\n2 CPU ranks, gloo, {args.steps} steps ({WARMUP} warm-up), {args.repeats}"
-          f" interleaved repeats, our runs {'' if args.track else 'not '}tracked;"
+          f" interleaved repeats, our runs {'' if args.track else 'not '}tracked,"
+          f" our ranks {'' if args.bind_cores else 'not '}bound to cores;"
           f" load average (1/5/15 min) before"
           f" {' '.join(f'{v:.2f}' for v in load_before)}, after"
           f" {' '.join(f'{v:.2f}' for v in load_after)}")

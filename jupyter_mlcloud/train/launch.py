@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
+
 from ..cluster import api as clusters
 from ..cluster import handover, preemption, timers
 from ..cluster import info as cluster_info
@@ -309,6 +311,7 @@ def launch(
                 commit_every=faults.commits.every, checkpoint_every=faults.commits.durable_every,
                 compression=str(spec), elastic=faults.elastic, base_world=base_world,
                 checkpoint_url=directory.url if directory is not None else None,
+                bind_cores=bool(dask.config.get("mlcloud.train.bind-cores", False)),
             ))
             store = (CommitIndex(run_id, len(chosen), base_world, strategy.replicated, snap)
                      if faults.commits.every or directory else None)

@@ -37,7 +37,7 @@ from ...telemetry import events
 from .. import checkpoint
 from ..options import StrategyOptions, parse_compression
 from ..returned import Returned
-from . import cancel, ring
+from . import binding, cancel, ring
 from .cancel import RunCancelled, before_optimizer_step
 from .network import address_ip, socket_env
 
@@ -75,6 +75,7 @@ class RankSpec:
     checkpoint_url: str | None = None  # ranks write their durable commits there
     strategy: Any = None  # options.StrategyOptions (None: ddp)
     servers: list[tuple[str, str]] = field(default_factory=list)  # (worker, key) of PS actors
+    bind_cores: bool = False  # the training thread on a core of its own (see .binding)
 
 
 class RankFailed(Exception):
@@ -388,6 +389,8 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     ctx = None
     failure: str | None = None
     step_hook = register_optimizer_step_pre_hook(before_optimizer_step)
+    bound: binding.CoreBinding | None = None
+
     # The newest commit's background copies must end before the weights change.
     settle_hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: ring.settle(spec.run_id))
@@ -421,6 +424,8 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
         with _torchrun_env(spec), _socket_env(worker.address), _owned_process_group(spec):
             # Cancelled during the rendezvous: every rank joined it, so every rank can leave.
             still_wanted()
+            if spec.bind_cores:  # after the group started its threads: they stay free
+                bound = binding.CoreBinding(spec.local_rank, spec.local_world_size)
             result = payload.run(ctx, spec.out)
             ctx.check_resumed()
             ctx.finish()
@@ -435,6 +440,8 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
         cancel.finishing(active)
         step_hook.remove()
         settle_hook.remove()
+        if bound is not None:
+            bound.release()
         restore_timers()
         _sinks.pop(threading.get_ident(), None)
         sink.close()
