@@ -1,8 +1,8 @@
 """A rank's training thread on a core of its own (opt-in: ``mlcloud.train.bind-cores``).
 
 Unbound, the kernel moves a rank's thread between cores as the worker's other threads wake;
-on 2 quiet cores, 2 ranks of small steps ran 4-45 % slower than torchrun's. Bound to a core
-each, they ran at 0.92-0.95 of torchrun's step time. A bound thread cannot leave a core that
+on 2 quiet cores, 2 ranks of small steps ran 0-35 % slower than torchrun's. Bound to a core
+each, they ran at 0.92-0.97 of torchrun's step time. A bound thread cannot leave a core that
 something else keeps busy, though: beside a busy loop, bound ranks of small steps ran 3.1
 times slower than torchrun's, the rank whose core is shared holding back the other at every
 collective. Neither the thread's own run-queue wait nor the machine's CPU pressure told the
