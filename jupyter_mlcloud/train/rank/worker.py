@@ -387,10 +387,9 @@ def run_rank(payload: Any, spec: RankSpec) -> Any:
     _install_routers()
     _sinks[threading.get_ident()] = sink
     ctx = None
+    bound: binding.CoreBinding | None = None
     failure: str | None = None
     step_hook = register_optimizer_step_pre_hook(before_optimizer_step)
-    bound: binding.CoreBinding | None = None
-
     # The newest commit's background copies must end before the weights change.
     settle_hook = register_optimizer_step_pre_hook(
         lambda optimizer, args, kwargs: ring.settle(spec.run_id))
